@@ -1,0 +1,74 @@
+"""The lab's convolutional networks (Network2, Network3) as one configurable class."""
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cnn_exp.errors import UserError
+
+
+def _per_layer(value: int | Sequence[int], layers: int, name: str) -> list[int]:
+    """One int for every conv layer, or a list with one value per layer."""
+    values = [value] * layers if isinstance(value, int) else list(value)
+    if len(values) != layers:
+        raise UserError(
+            f"model.{name}={list(values)} has {len(values)} values but the network has {layers} conv layers: "
+            f"give one int or a list of {layers}"
+        )
+    return values
+
+
+class ConvNet(nn.Sequential):
+    """Conv → ReLU → 2×2 max-pool blocks, a flatten, Linear → ReLU layers, and a linear output layer.
+
+    Layers are named as in the notebook (conv1, conv2, …, fc1, fc2, out), so its parameter names and shapes
+    carry over. fc1's input size is measured by passing one blank image through the conv blocks rather than
+    hard-coded as in the notebook, so padding, kernel sizes and widths can be overridden and swept freely.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (6, 12),
+        kernel_size: int | Sequence[int] = 5,
+        padding: int | Sequence[int] = 0,
+        hidden: Sequence[int] = (120, 60),
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+    ) -> None:
+        kernels = _per_layer(kernel_size, len(channels), "kernel_size")
+        paddings = _per_layer(padding, len(channels), "padding")
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        width = in_channels
+        for i, (out, kernel, pad) in enumerate(zip(channels, kernels, paddings, strict=True), start=1):
+            layers[f"conv{i}"] = nn.Conv2d(width, out, kernel, padding=pad)
+            layers[f"conv{i}_relu"] = nn.ReLU()
+            layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
+            width = out
+        layers["flatten"] = nn.Flatten()
+        features = _output_size(layers, (in_channels, image_size, image_size))
+        for j, size in enumerate(hidden, start=1):
+            layers[f"fc{j}"] = nn.Linear(features, size)
+            layers[f"fc{j}_relu"] = nn.ReLU()
+            features = size
+        layers["out"] = nn.Linear(features, num_classes)
+        super().__init__(layers)
+        self.input_shape = (in_channels, image_size, image_size)
+
+
+@torch.no_grad()
+def _output_size(layers: OrderedDict[str, nn.Module], input_shape: tuple[int, int, int]) -> int:
+    """Pass one blank image through `layers`; name the layer whose feature map vanishes, if one does."""
+    x = torch.zeros(1, *input_shape)
+    for name, layer in layers.items():
+        try:
+            x = layer(x)
+        except RuntimeError as err:
+            raise UserError(
+                f"model: the feature map vanishes at {name} ({layer}): its input is "
+                f"{'x'.join(map(str, x.shape[1:]))} per image. Use a smaller kernel_size or more padding. "
+                f"({str(err).splitlines()[0]})"
+            ) from None
+    return x.shape[1]
