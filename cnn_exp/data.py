@@ -1,0 +1,146 @@
+"""MNIST and Fashion-MNIST as one LightningDataModule, held in memory as normalized tensors."""
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets import MNIST, FashionMNIST
+from torchvision.datasets.utils import extract_archive
+
+from cnn_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# torchvision's classes know each dataset's folder name and files; the two differ in data only.
+DATASETS: dict[str, type[MNIST]] = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}
+
+
+class InMemoryDataset(TensorDataset):
+    """A TensorDataset that hands the DataLoader a whole batch from one indexing operation."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, device=self.tensors[0].device)
+        return tuple(tensor[index] for tensor in self.tensors)
+
+
+def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Collate function: `InMemoryDataset.__getitems__` already returns a finished batch."""
+    return batch
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """Decodes the IDX files once (with torchvision) into normalized float tensors and serves batches by indexing.
+
+    The validation split is drawn from the training images with a seeded generator; the official test images
+    are only ever the test split. With `val_size=0` every training image is trained on, as in the notebook.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "MNIST",
+        data_dir: str = "data",
+        mirror: str | None = None,
+        download: bool = True,
+        mean: float = 0.0,
+        std: float = 1.0,
+        batch_size: int = 100,
+        val_size: int = 5000,
+        classes: list[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise UserError(f"data.dataset={dataset!r} is not one of {sorted(DATASETS)}")
+        if batch_size <= 0:
+            raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
+        if val_size < 0:
+            raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
+        if std <= 0:
+            raise UserError(f"data.std={std} must be positive")
+        self.save_hyperparameters()
+        self.classes = classes or list(DATASETS[dataset].classes)
+        self.train_set: InMemoryDataset | None = None
+        self.val_set: InMemoryDataset | None = None
+        self.test_set: InMemoryDataset | None = None
+
+    @property
+    def raw_dir(self) -> Path:
+        return Path(self.hparams.data_dir) / self.hparams.dataset / "raw"
+
+    def prepare_data(self) -> None:
+        """Make sure the four IDX files are in `data_dir`: from the mirror, else from torchvision's download."""
+        if not self._missing_files():
+            return
+        dataset, mirror, download_error = self.hparams.dataset, self.hparams.mirror, "off (data.download=false)"
+        if mirror:
+            self._copy_from_mirror(Path(mirror) / dataset / "raw")
+        if self._missing_files() and self.hparams.download:
+            try:
+                DATASETS[dataset](self.hparams.data_dir, train=False, download=True)
+            except Exception as err:  # no network, a proxy, a bad archive: each ends in the message below
+                download_error = "failed: " + str(err).strip().splitlines()[-1]
+        if missing := self._missing_files():
+            raise UserError(
+                f"{dataset} files missing from {self.raw_dir}: {', '.join(missing)}\n"
+                f"  paths.data_mirror: "
+                + (f"{Path(mirror) / dataset / 'raw'} does not hold them (plain or .gz)" if mirror else "not set")
+                + f"\n  download: {download_error}\n"
+                "Set paths.data_mirror (or the CNN_EXP_DATA_MIRROR variable) to a folder laid out as "
+                f"<dir>/{dataset}/raw/*.gz, or paths.data_dir to a folder that already holds the files."
+            )
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and self.train_set is None:
+            images, labels = self._load(train=True)
+            val_size = self.hparams.val_size
+            if val_size >= len(labels):
+                raise UserError(f"data.val_size={val_size} leaves no training images (the set has {len(labels)})")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.seed))
+            val, train = order[:val_size], order[val_size:]
+            self.train_set = InMemoryDataset(images[train], labels[train])
+            if val_size:
+                self.val_set = InMemoryDataset(images[val], labels[val])
+        if stage in ("test", "predict") and self.test_set is None:
+            self.test_set = InMemoryDataset(*self._load(train=False))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def _loader(self, dataset: InMemoryDataset, shuffle: bool = False) -> DataLoader:
+        # No worker processes: batches are slices of tensors already in memory, workers would only add copies.
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=_as_batch)
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read one split with torchvision and normalize it once: N×1×28×28 float images, N int64 labels."""
+        split = DATASETS[self.hparams.dataset](self.hparams.data_dir, train=train)
+        images = split.data.unsqueeze(1).float().div_(255).sub_(self.hparams.mean).div_(self.hparams.std)
+        return images, split.targets
+
+    def _missing_files(self) -> list[str]:
+        names = [Path(url).name.removesuffix(".gz") for url, _ in DATASETS[self.hparams.dataset].resources]
+        return [name for name in names if not (self.raw_dir / name).is_file()]
+
+    def _copy_from_mirror(self, source: Path) -> None:
+        """Copy (or decompress) each missing file from a read-only mirror; a file appears whole or not at all."""
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        for name in self._missing_files():
+            with tempfile.TemporaryDirectory(dir=self.raw_dir) as tmp:
+                if (source / f"{name}.gz").is_file():
+                    extract_archive(source / f"{name}.gz", tmp)
+                elif (source / name).is_file():
+                    shutil.copyfile(source / name, Path(tmp) / name)
+                else:
+                    continue
+                os.replace(Path(tmp) / name, self.raw_dir / name)
+                log.info("copied %s from %s", name, source)
