@@ -1,0 +1,182 @@
+"""What train.py and test.py run: build what the config describes, fit or test it, write metrics.json."""
+
+import functools
+import json
+import logging
+import os
+import pickle
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import rich
+import rich.syntax
+import rich.tree
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
+from cnn_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The names under which Classifier logs its epoch metrics, in the order metrics.json lists them.
+METRICS = [f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "acc")]
+
+# Batches are slices of in-memory tensors: worker processes would only add copies.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# With data.val_size=0 there is deliberately no validation set.
+warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
+# Lightning 2.6 calls a torch API that torch 2.14 deprecates; nothing for a user to act on.
+warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Lightning advertises its cloud logger at every start.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
+
+
+def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Turn a UserError, however deeply wrapped (Hydra wraps errors raised while instantiating), into one message.
+
+    A single run exits with status 1 and the message alone; in a sweep the error is re-raised so Hydra records
+    the job as failed and runs the others.
+    """
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            sys.exit(f"error: {cause}")
+
+    return wrapper
+
+
+@reports_user_errors
+def train(cfg: DictConfig) -> float | None:
+    """Fit the configured model, test it unless `test=false`, and write metrics.json; return `optimized_metric`."""
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    print_config(cfg, output_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True)
+
+    # The model first: a network that cannot be built fails before any data is read.
+    model = Classifier(net=_plain(cfg.model), optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler))
+    datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_each(cfg.callbacks), logger=_instantiate_each(cfg.logger) or False
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = _epoch_metrics(trainer)
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint else ""
+    if cfg.test:
+        # The best checkpoint on val/acc when there is one; else the weights training ended with.
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics |= _epoch_metrics(trainer)
+
+    choices = HydraConfig.get().runtime.choices
+    write_json(
+        output_dir / "metrics.json",
+        {
+            "metrics": metrics,
+            "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
+            "tested": (best or "final weights") if cfg.test else None,
+            "epochs": trainer.current_epoch,
+            "wall_time_s": round(time.perf_counter() - start, 2),
+            "settings": {
+                **{group: choices.get(group) for group in ("experiment", "data", "model", "optimizer", "scheduler")},
+                "seed": cfg.seed,
+                "lr": cfg.optimizer.lr,
+                "batch_size": cfg.data.batch_size,
+                "val_size": cfg.data.val_size,
+                "max_epochs": cfg.trainer.max_epochs,
+                "padding": _plain(cfg.model.padding),
+                "parameters": sum(p.numel() for p in model.net.parameters()),
+                "overrides": list(HydraConfig.get().overrides.task),
+            },
+            "run_dir": str(output_dir),
+        },
+    )
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+@reports_user_errors
+def test(cfg: DictConfig) -> float:
+    """Rebuild model and data from a checkpoint alone, test on the official test split, write metrics.json."""
+    start = time.perf_counter()
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such file (give the path of a .ckpt written by train.py)")
+    # Data lives where this machine keeps it, not where the checkpoint was trained.
+    data_overrides = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
+    if cfg.batch_size:
+        data_overrides["batch_size"] = cfg.batch_size
+    try:
+        model = Classifier.load_from_checkpoint(path, map_location="cpu")
+        datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", **data_overrides)
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
+
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()])
+    trainer.test(model, datamodule=datamodule)
+    metrics = _epoch_metrics(trainer)
+    log.info("test/acc %.4f  test/loss %.4f", metrics["test/acc"], metrics["test/loss"])
+    write_json(
+        Path(cfg.paths.output_dir) / "metrics.json",
+        {
+            "metrics": metrics,
+            "tested": str(path),
+            "wall_time_s": round(time.perf_counter() - start, 2),
+            "settings": {"data": dict(datamodule.hparams), "model": dict(model.hparams)},
+            "run_dir": cfg.paths.output_dir,
+        },
+    )
+    return metrics["test/acc"]
+
+
+def print_config(cfg: DictConfig, save_to: Path) -> None:
+    """Print the composed config as a tree, one branch per group, and save it resolved with the run."""
+    tree = rich.tree.Tree("config", guide_style="dim")
+    for key, node in cfg.items():
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else f"{node}\n"
+        tree.add(str(key)).add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+    save_to.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, save_to, resolve=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader (or a kill mid-write) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {name: float(trainer.callback_metrics[name]) for name in METRICS if name in trainer.callback_metrics}
+
+
+def _instantiate_each(group: DictConfig | None) -> list[Any]:
+    """Build every entry of a group that holds several objects by name (callbacks, loggers)."""
+    return [instantiate(node) for node in (group or {}).values() if node]
+
+
+def _plain(node: Any) -> Any:
+    """Plain Python values for hyperparameters: checkpoints then hold no OmegaConf objects."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
