@@ -1,0 +1,135 @@
+"""train.py and test.py as a user runs them: outputs of a run, learning, reproducibility, sweeps, clear errors."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MIRROR, QUICK, read_metrics, run
+
+METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
+
+
+def test_a_run_writes_metrics_checkpoints_events_config_and_log(trained: Path) -> None:
+    result = read_metrics(trained)
+    assert set(result["metrics"]) == METRICS
+    assert all(0 <= result["metrics"][f"{split}/acc"] <= 1 for split in ("train", "val", "test"))
+    assert result["epochs"] == 3 and result["wall_time_s"] > 0
+    settings = result["settings"]
+    assert (settings["data"], settings["model"], settings["optimizer"], settings["seed"]) == ("mnist", "net2", "sgd", 7)
+    assert settings["parameters"] == 32998 and settings["val_size"] == 200
+    checkpoints = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and "last.ckpt" in checkpoints and checkpoints[0].startswith("best-epoch")
+    assert result["tested"] == result["best"]["checkpoint"] == str(trained / "checkpoints" / checkpoints[0])
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    assert (trained / "config.yaml").read_text().count("seed: 7") == 2  # top level and data.seed
+    assert (trained / "train.log").exists()
+
+
+def test_test_py_rebuilds_everything_from_the_checkpoint_and_reproduces_the_accuracy(
+    trained: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    best = read_metrics(trained)["tested"]
+    proc = run("test.py", f"ckpt_path={best}", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}")
+    tested = read_metrics(tmp_path)
+    assert tested["metrics"]["test/acc"] == pytest.approx(read_metrics(trained)["metrics"]["test/acc"], abs=1e-6)
+    assert tested["metrics"]["test/loss"] == pytest.approx(read_metrics(trained)["metrics"]["test/loss"], rel=1e-5)
+    assert tested["settings"]["data"]["dataset"] == "MNIST" and tested["settings"]["model"]["net"]["channels"] == [
+        6,
+        12,
+    ]
+    assert f"test/acc {tested['metrics']['test/acc']:.4f}" in proc.stdout + proc.stderr
+
+
+def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(
+    trained: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    paths = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", "data.val_size=200", "trainer.max_epochs=3"]
+    run("train.py", *paths, "seed=7", f"hydra.run.dir={tmp_path / 'again'}")
+    assert read_metrics(tmp_path / "again")["metrics"] == read_metrics(trained)["metrics"]
+    run("train.py", *paths, "seed=8", f"hydra.run.dir={tmp_path / 'other'}")
+    assert read_metrics(tmp_path / "other")["metrics"]["train/loss"] != read_metrics(trained)["metrics"]["train/loss"]
+
+
+@pytest.mark.parametrize(
+    ("model", "data"), [("net2", "mnist"), ("net3", "mnist"), ("net2", "fashion"), ("net3", "fashion")]
+)
+def test_each_network_learns_each_dataset(model: str, data: str, paths: list[str], tmp_path: Path) -> None:
+    run(
+        "train.py",
+        *paths,
+        f"model={model}",
+        f"data={data}",
+        "data.val_size=200",
+        "data.batch_size=20",
+        "optimizer=adam",
+        "optimizer.lr=0.003",
+        "trainer.max_epochs=3",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        epoch_losses = [float(row["train/loss_epoch"]) for row in csv.DictReader(f) if row.get("train/loss_epoch")]
+    assert len(epoch_losses) == 3 and epoch_losses[-1] < 0.6 * epoch_losses[0]
+    assert read_metrics(tmp_path / "run")["metrics"]["test/acc"] > 0.5  # chance is 0.1
+
+
+def test_an_experiment_without_validation_keeps_last_and_tests_the_final_weights(
+    paths: list[str], tmp_path: Path
+) -> None:
+    run("train.py", *paths, "experiment=seed_mnist", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    result = read_metrics(tmp_path / "run")
+    assert set(result["metrics"]) == METRICS - {"val/loss", "val/acc"}
+    assert result["tested"] == "final weights" and result["best"] is None
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert result["settings"]["experiment"] == "seed_mnist" and result["settings"]["val_size"] == 0
+
+
+def test_a_sweep_writes_one_run_directory_per_job(paths: list[str], tmp_path: Path) -> None:
+    run("train.py", "-m", *paths, *QUICK, "model=net3", "data=fashion", "model.padding=0,2")
+    jobs = sorted((tmp_path / "outputs" / "train" / "multiruns").glob("*/*/metrics.json"))
+    assert len(jobs) == 2
+    results = [read_metrics(job.parent) for job in jobs]
+    assert [r["settings"]["padding"] for r in results] == [0, 2]
+    assert results[0]["settings"]["parameters"] < results[1]["settings"]["parameters"]
+    assert all(set(r["metrics"]) == METRICS for r in results)
+
+
+def test_an_unknown_option_lists_the_available_ones(paths: list[str]) -> None:
+    proc = run("train.py", *paths, "model=net9", check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'model/net9'" in proc.stderr and "net2" in proc.stderr and "net3" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"paths.data_dir": "{tmp}/empty", "paths.data_mirror": "null", "data.download": "false"},
+            "error: MNIST files missing from",
+        ),
+        (
+            {"model": "net3", "model.kernel_size": "5", "model.padding": "0"},
+            "error: model: the feature map vanishes at conv3",
+        ),
+        ({"data.batch_size": "0"}, "error: data.batch_size=0 must be a positive number of images"),
+    ],
+)
+def test_user_errors_are_one_clear_message(overrides: dict, message: str, tmp_path: Path, data_dir: Path) -> None:
+    settings = {"paths.data_dir": data_dir, "paths.data_mirror": MIRROR, "hydra.run.dir": tmp_path / "run", **overrides}
+    proc = run(
+        "train.py", *(f"{key}={str(value).format(tmp=tmp_path)}" for key, value in settings.items()), check=False
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_test_py_refuses_a_missing_or_broken_checkpoint(tmp_path: Path) -> None:
+    proc = run("test.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "error: ckpt_path=" in proc.stderr and "no such file" in proc.stderr
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    proc = run("test.py", f"ckpt_path={broken}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "is not a checkpoint written by train.py" in proc.stderr
+    assert "Traceback" not in proc.stderr

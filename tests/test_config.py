@@ -1,0 +1,97 @@
+"""Every option of every config group composes and builds what it names; the experiments hold the notebook's recipes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
+from cnn_exp.net import ConvNet
+from cnn_exp.run import _instantiate_each, _plain
+from tests.conftest import ROOT
+
+CONF = ROOT / "conf"
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    def compose_train(*overrides: str, name: str = "train") -> DictConfig:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+    return compose_train
+
+
+def test_the_groups_offer_the_documented_options() -> None:
+    assert {"mnist", "fashion"} <= set(options("data"))
+    assert {"net2", "net3"} <= set(options("model"))
+    assert {"sgd", "adam", "adamw"} <= set(options("optimizer"))
+    assert "none" in options("scheduler") and len(options("scheduler")) >= 2
+    assert {"default", "cpu", "gpu"} <= set(options("trainer"))
+    assert {"tensorboard", "csv"} <= set(options("logger"))
+    assert {"seed_mnist", "seed_fashion"} <= set(options("experiment"))
+    assert (CONF / "callbacks" / "default.yaml").exists() and (CONF / "paths" / "default.yaml").exists()
+
+
+def classifier(cfg: DictConfig) -> Classifier:
+    return Classifier(net=_plain(cfg.model), optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_builds(config, group: str, option: str) -> None:
+    cfg = config(f"{group}={option}")
+    data = instantiate(cfg.data, _convert_="all")
+    assert isinstance(data, MNISTDataModule) and len(data.classes) == cfg.model.num_classes
+    model = classifier(cfg)
+    assert isinstance(model.net, ConvNet) and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    optimizers = model.configure_optimizers()
+    optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
+    assert isinstance(optimizer, get_class(cfg.optimizer._target_))
+    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    if cfg.scheduler:
+        assert isinstance(optimizers["lr_scheduler"], get_class(cfg.scheduler._target_))
+    assert all(callable(getattr(c, "on_fit_start", None)) for c in _instantiate_each(cfg.callbacks))
+    assert [type(logger).__name__ for logger in _instantiate_each(cfg.logger)]
+    if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_test_config_needs_only_a_checkpoint(config) -> None:
+    cfg = config("ckpt_path=some.ckpt", name="test")
+    assert cfg.ckpt_path == "some.ckpt" and cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_seed_mnist_is_the_notebooks_recipe(config) -> None:
+    cfg = config("experiment=seed_mnist")
+    assert cfg.model.channels == [6, 12] and cfg.model.padding == 0
+    assert (cfg.data.dataset, cfg.data.mean, cfg.data.std, cfg.data.batch_size) == ("MNIST", 0.1307, 0.3081, 100)
+    assert cfg.data.val_size == 0, "trained on all 60,000 training images"
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.1 and cfg.optimizer.momentum == 0
+    assert not cfg.scheduler and cfg.trainer.max_epochs == 10
+
+
+def test_seed_fashion_is_the_notebooks_recipe(config) -> None:
+    cfg = config("experiment=seed_fashion")
+    assert cfg.model.channels == [6, 12, 24] and cfg.model.padding == [0, 0, 1] and cfg.model.kernel_size == [5, 5, 2]
+    assert (cfg.data.dataset, cfg.data.mean, cfg.data.std, cfg.data.batch_size) == ("FashionMNIST", 0.0, 1.0, 40)
+    assert cfg.data.val_size == 0
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.1 and cfg.optimizer.momentum == 0
+    assert not cfg.scheduler
+
+
+def test_command_line_overrides_reach_the_objects(config) -> None:
+    cfg = config("model=net3", "data=fashion", "model.padding=[2,2,1]", "optimizer=adam", "optimizer.lr=0.003")
+    model = classifier(cfg)
+    assert model.net.conv1.padding == (2, 2) and model.net.conv3.padding == (1, 1)
+    assert model.configure_optimizers().param_groups[0]["lr"] == 0.003
+    assert instantiate(cfg.data).hparams.dataset == "FashionMNIST"

@@ -1,0 +1,86 @@
+"""The networks: the notebook's exact layers at the default configs, and any padding/kernel/width override."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cnn_exp.errors import UserError
+from cnn_exp.net import ConvNet
+from tests.conftest import ROOT
+
+# Parameter names and shapes as the notebook prints them (network.named_parameters()).
+NETWORK2 = {
+    "conv1.weight": (6, 1, 5, 5),
+    "conv1.bias": (6,),
+    "conv2.weight": (12, 6, 5, 5),
+    "conv2.bias": (12,),
+    "fc1.weight": (120, 192),
+    "fc1.bias": (120,),
+    "fc2.weight": (60, 120),
+    "fc2.bias": (60,),
+    "out.weight": (10, 60),
+    "out.bias": (10,),
+}
+NETWORK3 = {
+    **NETWORK2,
+    "conv3.weight": (24, 12, 2, 2),
+    "conv3.bias": (24,),
+    "fc1.weight": (120, 96),
+}
+
+
+def config(name: str, **overrides: object) -> dict:
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), overrides)
+    return OmegaConf.to_container(cfg)
+
+
+def build(name: str, **overrides: object) -> ConvNet:
+    cfg = config(name, **overrides)
+    assert cfg.pop("_target_") == "cnn_exp.net.ConvNet"
+    return ConvNet(**cfg)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("net2", NETWORK2), ("net3", NETWORK3)])
+def test_default_configs_are_the_notebooks_networks(name: str, expected: dict) -> None:
+    net = instantiate(config(name))
+    assert {key: tuple(p.shape) for key, p in net.named_parameters()} == expected
+    assert [key for key, _ in net.named_parameters()] == [key for key in net.state_dict()]
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def _side(size: int, kernel: int, padding: int) -> int:
+    """Side of the feature map after a conv (stride 1) and a 2x2 max-pool."""
+    return (size + 2 * padding - kernel + 1) // 2
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("name", ["net2", "net3"])
+def test_fc1_follows_any_padding(name: str, padding: int) -> None:
+    net = build(name, padding=padding)
+    cfg = config(name)
+    kernels = cfg["kernel_size"] if isinstance(cfg["kernel_size"], list) else [cfg["kernel_size"]] * 3
+    side = 28
+    for kernel in kernels[: len(cfg["channels"])]:
+        side = _side(side, kernel, padding)
+    assert net.fc1.in_features == cfg["channels"][-1] * side * side
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_per_layer_lists_and_widths() -> None:
+    net = build("net3", padding=[2, 2, 1], channels=[8, 16, 32], kernel_size=[3, 3, 3], hidden=[64])
+    assert net.conv1.padding == (2, 2) and net.conv3.padding == (1, 1)
+    assert [net.conv1.out_channels, net.conv2.out_channels, net.conv3.out_channels] == [8, 16, 32]
+    assert not hasattr(net, "fc2") and net.out.in_features == 64
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_vanishing_feature_map_names_the_layer() -> None:
+    # 28 -> 24 -> 12 -> 8 -> 4: a 5x5 kernel on conv3's 4x4 input leaves nothing.
+    with pytest.raises(UserError, match=r"conv3 .*12x4x4"):
+        build("net3", kernel_size=5, padding=0)
+
+
+def test_a_per_layer_list_of_the_wrong_length_is_refused() -> None:
+    with pytest.raises(UserError, match=r"model.padding=\[1, 1\] has 2 values but the network has 3 conv layers"):
+        build("net3", padding=[1, 1])
