@@ -52,7 +52,16 @@ class Classifier(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         accuracy(logits, labels)
-        # Training loss also per step, for the curve; every epoch value is the mean over its images.
-        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # Training loss also per step, for the curve; every epoch value is the mean over its images, and over all
+        # ranks under DDP (sync_dist; torchmetrics syncs the accuracy itself).
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=split == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
         self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp.classifier import Classifier
@@ -89,6 +90,8 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics |= _epoch_metrics(trainer)
 
+    if not trainer.is_global_zero:  # under DDP every rank runs this function; one writes the results
+        return None
     choices = HydraConfig.get().runtime.choices
     write_json(
         output_dir / "metrics.json",
@@ -150,6 +153,7 @@ def test(cfg: DictConfig) -> float:
     return metrics["test/acc"]
 
 
+@rank_zero_only
 def print_config(cfg: DictConfig, save_to: Path) -> None:
     """Print the composed config as a tree, one branch per group, and save it resolved with the run."""
     tree = rich.tree.Tree("config", guide_style="dim")
