@@ -45,17 +45,13 @@ def paths(tmp_path: Path, data_dir: Path) -> list[str]:
     return [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"paths.log_dir={tmp_path / 'outputs'}"]
 
 
+# The `trained` run: Network2 on the MNIST subset, 3 epochs, with a validation split.
+TRAINED = ["data.val_size=200", "trainer.max_epochs=3", "trainer.log_every_n_steps=4", "seed=7"]
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """One finished `train.py` run of Network2 on the MNIST subset (3 epochs, with a validation split)."""
+    """One finished `train.py` run, shared by the tests that inspect a run's outputs."""
     run_dir = tmp_path_factory.mktemp("trained")
-    run(
-        "train.py",
-        f"paths.data_dir={data_dir}",
-        f"paths.data_mirror={MIRROR}",
-        f"hydra.run.dir={run_dir}",
-        "data.val_size=200",
-        "trainer.max_epochs=3",
-        "seed=7",
-    )
+    run("train.py", f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"hydra.run.dir={run_dir}", *TRAINED)
     return run_dir

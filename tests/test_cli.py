@@ -1,11 +1,13 @@
 """train.py and test.py as a user runs them: outputs of a run, learning, reproducibility, sweeps, clear errors."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import MIRROR, QUICK, read_metrics, run
+from tests.conftest import MIRROR, QUICK, TRAINED, read_metrics, run
 
 METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
 
@@ -21,7 +23,11 @@ def test_a_run_writes_metrics_checkpoints_events_config_and_log(trained: Path) -
     checkpoints = sorted(p.name for p in (trained / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and "last.ckpt" in checkpoints and checkpoints[0].startswith("best-epoch")
     assert result["tested"] == result["best"]["checkpoint"] == str(trained / "checkpoints" / checkpoints[0])
-    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    tags = set()
+    for events in (trained / "tensorboard").glob("events.out.tfevents.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= tags
+    assert "lr-SGD" in tags
     assert (trained / "config.yaml").read_text().count("seed: 7") == 2  # top level and data.seed
     assert (trained / "train.log").exists()
 
@@ -44,10 +50,11 @@ def test_test_py_rebuilds_everything_from_the_checkpoint_and_reproduces_the_accu
 def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(
     trained: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    paths = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", "data.val_size=200", "trainer.max_epochs=3"]
-    run("train.py", *paths, "seed=7", f"hydra.run.dir={tmp_path / 'again'}")
+    paths = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}"]
+    run("train.py", *paths, *TRAINED, f"hydra.run.dir={tmp_path / 'again'}")
     assert read_metrics(tmp_path / "again")["metrics"] == read_metrics(trained)["metrics"]
-    run("train.py", *paths, "seed=8", f"hydra.run.dir={tmp_path / 'other'}")
+    other_seed = [override for override in TRAINED if not override.startswith("seed=")] + ["seed=8"]
+    run("train.py", *paths, *other_seed, f"hydra.run.dir={tmp_path / 'other'}")
     assert read_metrics(tmp_path / "other")["metrics"]["train/loss"] != read_metrics(trained)["metrics"]["train/loss"]
 
 
@@ -133,3 +140,24 @@ def test_test_py_refuses_a_missing_or_broken_checkpoint(tmp_path: Path) -> None:
     proc = run("test.py", f"ckpt_path={broken}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 1 and "is not a checkpoint written by train.py" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_under_ddp_each_rank_trains_on_its_own_shard_and_one_rank_writes_results(
+    paths: list[str], tmp_path: Path
+) -> None:
+    shards = tmp_path / "shards"
+    run(
+        "train.py",
+        *paths,
+        *QUICK,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "+callbacks.shards._target_=tests.shard_recorder.ShardRecorder",
+        f"+callbacks.shards.out_dir={shards}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    rank0, rank1 = (set(json.loads((shards / f"rank{r}.json").read_text())) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 400 and not rank0 & rank1  # 800 training images, split in two
+    assert set(read_metrics(tmp_path / "run")["metrics"]) == METRICS
+    assert not (tmp_path / "outputs").exists(), "the second process must not start a run directory of its own"
