@@ -100,6 +100,7 @@ def train(cfg: DictConfig) -> float | None:
             "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
             "tested": (best or "final weights") if cfg.test else None,
             "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
             "wall_time_s": round(time.perf_counter() - start, 2),
             "settings": {
                 **{group: choices.get(group) for group in ("experiment", "data", "model", "optimizer", "scheduler")},

@@ -16,7 +16,7 @@ def test_a_run_writes_metrics_checkpoints_events_config_and_log(trained: Path) -
     result = read_metrics(trained)
     assert set(result["metrics"]) == METRICS
     assert all(0 <= result["metrics"][f"{split}/acc"] <= 1 for split in ("train", "val", "test"))
-    assert result["epochs"] == 3 and result["wall_time_s"] > 0
+    assert result["epochs"] == 3 and result["steps"] == 3 * 8 and result["wall_time_s"] > 0
     settings = result["settings"]
     assert (settings["data"], settings["model"], settings["optimizer"], settings["seed"]) == ("mnist", "net2", "sgd", 7)
     assert settings["parameters"] == 32998 and settings["val_size"] == 200
@@ -53,9 +53,11 @@ def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(
     paths = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}"]
     run("train.py", *paths, *TRAINED, f"hydra.run.dir={tmp_path / 'again'}")
     assert read_metrics(tmp_path / "again")["metrics"] == read_metrics(trained)["metrics"]
-    other_seed = [override for override in TRAINED if not override.startswith("seed=")] + ["seed=8"]
+    other_seed = [override for override in TRAINED if not override.startswith("seed=")] + ["seed=8", "test=false"]
     run("train.py", *paths, *other_seed, f"hydra.run.dir={tmp_path / 'other'}")
-    assert read_metrics(tmp_path / "other")["metrics"]["train/loss"] != read_metrics(trained)["metrics"]["train/loss"]
+    other = read_metrics(tmp_path / "other")
+    assert other["metrics"]["train/loss"] != read_metrics(trained)["metrics"]["train/loss"]
+    assert "test/acc" not in other["metrics"] and other["tested"] is None  # test=false skips the test
 
 
 @pytest.mark.parametrize(
@@ -84,12 +86,20 @@ def test_each_network_learns_each_dataset(model: str, data: str, paths: list[str
 def test_an_experiment_without_validation_keeps_last_and_tests_the_final_weights(
     paths: list[str], tmp_path: Path
 ) -> None:
-    run("train.py", *paths, "experiment=seed_mnist", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    run(
+        "train.py",
+        *paths,
+        "experiment=seed_mnist",
+        "trainer.max_epochs=1",
+        "++trainer.limit_train_batches=0.5",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     result = read_metrics(tmp_path / "run")
     assert set(result["metrics"]) == METRICS - {"val/loss", "val/acc"}
     assert result["tested"] == "final weights" and result["best"] is None
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
     assert result["settings"]["experiment"] == "seed_mnist" and result["settings"]["val_size"] == 0
+    assert result["steps"] == 5  # half of the 10 batches of 100 images
 
 
 def test_a_sweep_writes_one_run_directory_per_job(paths: list[str], tmp_path: Path) -> None:
