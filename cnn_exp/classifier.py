@@ -6,7 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 
 class Classifier(L.LightningModule):
@@ -28,18 +28,27 @@ class Classifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(classes, average="micro")
         self.val_acc = MulticlassAccuracy(classes, average="micro")
         self.test_acc = MulticlassAccuracy(classes, average="micro")
+        # Confusion matrices of the current validation and test epoch, for per-class accuracy and the reports
+        # that callbacks draw from them (cnn_exp/callbacks.py).
+        self.val_confusion = MulticlassConfusionMatrix(classes)
+        self.test_confusion = MulticlassConfusionMatrix(classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_acc)
+        loss, _ = self._step(batch, "train", self.train_acc)
+        return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        _, logits = self._step(batch, "val", self.val_acc)
+        self.val_confusion.update(logits.argmax(dim=1), batch[1])
+        return logits
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        _, logits = self._step(batch, "test", self.test_acc)
+        self.test_confusion.update(logits.argmax(dim=1), batch[1])
+        return logits
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
@@ -47,7 +56,15 @@ class Classifier(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": instantiate(self.hparams.scheduler)(optimizer)}
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+    def on_validation_epoch_start(self) -> None:
+        self.val_confusion.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], split: str, accuracy: MulticlassAccuracy
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
@@ -64,4 +81,4 @@ class Classifier(L.LightningModule):
             sync_dist=True,
         )
         self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits.detach()
