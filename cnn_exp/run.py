@@ -19,7 +19,6 @@ import rich.tree
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +37,8 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
 # Lightning 2.6 calls a torch API that torch 2.14 deprecates; nothing for a user to act on.
 warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# TensorBoard draws the model graph from a torch.jit trace, which torch 2.14 deprecates; there is no other way yet.
+warnings.filterwarnings("ignore", ".*torch.jit.trace.* is deprecated.*", FutureWarning)
 # Lightning advertises its cloud logger at every start.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
@@ -84,7 +85,7 @@ def train(cfg: DictConfig) -> float | None:
     metrics = _epoch_metrics(trainer)
 
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint else ""
+    best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
     if cfg.test:
         # The best checkpoint on val/acc when there is one; else the weights training ended with.
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
@@ -137,7 +138,7 @@ def test(cfg: DictConfig) -> float:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
 
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()])
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_instantiate_each(cfg.callbacks))
     trainer.test(model, datamodule=datamodule)
     metrics = _epoch_metrics(trainer)
     log.info("test/acc %.4f  test/loss %.4f", metrics["test/acc"], metrics["test/loss"])

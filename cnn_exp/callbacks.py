@@ -1,0 +1,242 @@
+"""Callbacks that show what happens inside a run: layer table, step-0 scores, confusion matrices, test report."""
+
+import csv
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from cnn_exp.plots import confusion_figure, image_grid
+
+log = logging.getLogger(__name__)
+
+
+def _shape(size: list[int] | torch.Size) -> str:
+    return "×".join(map(str, size))
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return f"Conv2d {_shape(module.kernel_size)}, padding {module.padding[0]}"
+    if isinstance(module, nn.MaxPool2d):
+        return f"MaxPool2d {module.kernel_size}×{module.kernel_size}"
+    return type(module).__name__
+
+
+def layer_rows(model: L.LightningModule) -> list[dict[str, str | int]]:
+    """One row per layer of `model.net`, with shapes for one image recorded during a real forward pass.
+
+    Lightning's ModelSummary runs `example_input_array` through the model with hooks on every module, so the
+    shapes are those the code produces, for any padding, kernel or width.
+    """
+    summary = Summary(model, max_depth=-1)
+    modules = dict(model.named_modules())
+    rows = []
+    for name, inputs, outputs, params in zip(
+        summary.layer_names, summary.in_sizes, summary.out_sizes, summary.param_nums, strict=True
+    ):
+        module = modules[name]
+        if not name.startswith("net.") or next(module.children(), None) is not None:
+            continue
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        rows.append(
+            {
+                "layer": name.removeprefix("net."),
+                "type": _kind(module),
+                "input": _shape(inputs[1:]),  # without the batch dimension
+                "output": _shape(outputs[1:]),
+                "weight": _shape(weight.shape) if weight is not None else "",
+                "bias": _shape(bias.shape) if bias is not None else "",
+                "parameters": params,
+            }
+        )
+    return rows
+
+
+def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+
+
+def _log_per_class(trainer: L.Trainer, split: str, classes: list[str], accuracy: torch.Tensor) -> None:
+    """Straight to the loggers: as `self.log` values they would crowd the progress bar and the results table."""
+    tags = [f"{split}/class_acc/{name.replace('/', '-').replace(' ', '_')}" for name in classes]
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(zip(tags, accuracy.tolist(), strict=True)), step=trainer.global_step)
+
+
+class LayerTable(ModelSummary):
+    """Prints the network layer by layer (shapes for one image, weight and bias shapes, parameters) and saves it
+    as `architecture.md`, before training or testing. It is a ModelSummary, so the Trainer adds no other summary.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self._shown = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._show(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._show(trainer, pl_module)
+
+    def _show(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._shown or not trainer.is_global_zero:
+            return
+        self._shown = True
+        rows = layer_rows(pl_module)
+        total = sum(int(row["parameters"]) for row in rows)
+        title = f"{type(pl_module.net).__name__}, one {_shape(pl_module.example_input_array.shape[1:])} image"
+        table = Table(*rows[0], title=title)
+        for row in rows:
+            table.add_row(*map(str, row.values()))
+        table.add_row("total", *[""] * 5, f"{total:,}", style="bold")
+        Console().print(table)
+        lines = [f"# {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(map(str, row.values())) + " |" for row in rows]
+        lines.append("| total |" + " |" * 5 + f" {total:,} |")
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / "architecture.md").write_text("\n".join(lines) + "\n")
+
+
+class UntrainedScores(L.Callback):
+    """Logs, at step 0, how unsure the untrained network is on its first training batch: the mean of each image's
+    highest softmax score (about 1/classes, the notebook's "why are all the scores about 0.1?") and the loss
+    (about ln(classes)).
+    """
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> None:
+        if trainer.global_step != 0 or batch_idx != 0:
+            return
+        images, labels = batch
+        pl_module.eval()  # layers such as batch norm must not learn from this look
+        with torch.no_grad():
+            logits = pl_module(images)
+        pl_module.train()
+        scores = {
+            "untrained/mean_max_softmax": logits.softmax(dim=1).max(dim=1).values.mean().item(),
+            "untrained/loss": F.cross_entropy(logits, labels).item(),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(scores, step=0)
+        if trainer.is_global_zero:
+            log.info(
+                "untrained network, %d images: mean highest softmax score %.3f (1/%d classes = %.3f), loss %.3f",
+                len(labels),
+                scores["untrained/mean_max_softmax"],
+                logits.shape[1],
+                1 / logits.shape[1],
+                scores["untrained/loss"],
+            )
+
+
+class ConfusionMatrix(L.Callback):
+    """After each validation: per-class accuracy as scalars, and every `every_n_epochs` the confusion matrix as
+    a TensorBoard image with the class names on its axes.
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = every_n_epochs
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        matrix = pl_module.val_confusion.compute()  # synced over ranks under DDP, so every rank calls it
+        classes = trainer.datamodule.classes
+        accuracy = matrix.diag() / matrix.sum(dim=1).clamp(min=1)
+        _log_per_class(trainer, "val", classes, accuracy)
+        tensorboard = _tensorboard(trainer)
+        if tensorboard and trainer.is_global_zero and trainer.current_epoch % self.every_n_epochs == 0:
+            figure = confusion_figure(matrix, classes, f"validation, epoch {trainer.current_epoch}")
+            tensorboard.experiment.add_figure("val/confusion_matrix", figure, global_step=trainer.global_step)
+
+
+class TestReport(L.Callback):
+    """After testing: a per-class accuracy table and the most confused class pairs on the console;
+    `per_class.csv`, `confusion_matrix.png` and `misclassified.png` in `dirpath`; the confusion matrix, per-class
+    accuracy and a grid of sample predictions in TensorBoard.
+    """
+
+    def __init__(self, dirpath: str, samples: int = 32, misclassified: int = 32, confused_pairs: int = 5) -> None:
+        self.dirpath = Path(dirpath)
+        self.samples, self.misclassified, self.confused_pairs = samples, misclassified, confused_pairs
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._samples: list[torch.Tensor] = []
+        self._wrong: list[torch.Tensor] = []
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: torch.Tensor,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        images, labels = batch
+        predictions = outputs.argmax(dim=1)
+        # Keep (image, label, prediction) triples: the first images, and the first wrong ones.
+        if sum(len(s[1]) for s in self._samples) < self.samples:
+            self._samples.append((images.cpu(), labels.cpu(), predictions.cpu()))
+        if sum(len(w[1]) for w in self._wrong) < self.misclassified:
+            wrong = predictions != labels
+            self._wrong.append((images[wrong].cpu(), labels[wrong].cpu(), predictions[wrong].cpu()))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        matrix = pl_module.test_confusion.compute().cpu()
+        classes = trainer.datamodule.classes
+        images = matrix.sum(dim=1)
+        accuracy = matrix.diag() / images.clamp(min=1)
+        _log_per_class(trainer, "test", classes, accuracy)
+        if not trainer.is_global_zero:
+            return
+        self._print(matrix, classes)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        with open(self.dirpath / "per_class.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class", "images", "correct", "accuracy"])
+            for row in zip(classes, images.tolist(), matrix.diag().tolist(), accuracy.tolist(), strict=True):
+                writer.writerow([*row[:3], f"{row[3]:.4f}"])
+        wrong = self._take(self._wrong, self.misclassified)
+        samples = self._take(self._samples, self.samples)
+        figures = {
+            "confusion_matrix": confusion_figure(matrix, classes, "test set"),
+            "misclassified": image_grid(*wrong, classes, "misclassified test images: true → predicted"),
+            "predictions": image_grid(*samples, classes, "test images: true → predicted"),
+        }
+        figures["confusion_matrix"].savefig(self.dirpath / "confusion_matrix.png", dpi=100)
+        figures["misclassified"].savefig(self.dirpath / "misclassified.png", dpi=100)
+        if tensorboard := _tensorboard(trainer):
+            for name, figure in figures.items():
+                tensorboard.experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step)
+
+    @staticmethod
+    def _take(parts: list[tuple[torch.Tensor, ...]], count: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.cat(column)[:count] for column in zip(*parts, strict=True))
+
+    def _print(self, matrix: torch.Tensor, classes: list[str]) -> None:
+        images, correct = matrix.sum(dim=1), matrix.diag()
+        table = Table("class", "images", "correct", "accuracy", title="test accuracy per class")
+        for name, n, c in zip(classes, images.tolist(), correct.tolist(), strict=True):
+            table.add_row(name, str(n), str(c), f"{c / max(n, 1):.2%}")
+        table.add_row("all", str(int(images.sum())), str(int(correct.sum())), f"{correct.sum() / images.sum():.2%}")
+        confused = matrix.clone()
+        confused.fill_diagonal_(0)
+        pairs = Table("true", "predicted as", "images", "of the class", title="most confused pairs")
+        counts, indices = confused.flatten().topk(self.confused_pairs)
+        for count, index in zip(counts.tolist(), indices.tolist(), strict=True):
+            if count:
+                true, predicted = divmod(index, len(classes))
+                pairs.add_row(classes[true], classes[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
+        Console().print(table, pairs)
