@@ -171,3 +171,10 @@ def test_under_ddp_each_rank_trains_on_its_own_shard_and_one_rank_writes_results
     assert len(rank0) == len(rank1) == 400 and not rank0 & rank1  # 800 training images, split in two
     assert set(read_metrics(tmp_path / "run")["metrics"]) == METRICS
     assert not (tmp_path / "outputs").exists(), "the second process must not start a run directory of its own"
+
+
+def test_a_run_without_our_callbacks_tests_the_final_weights(paths: list[str], tmp_path: Path) -> None:
+    run("train.py", *paths, *QUICK, "callbacks=none", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
+    result = read_metrics(tmp_path / "run")
+    assert result["tested"] == "final weights" and result["best"] is None and "test/acc" in result["metrics"]
+    assert not (tmp_path / "run" / "architecture.md").exists()
