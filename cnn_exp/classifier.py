@@ -6,6 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 
@@ -21,34 +22,41 @@ class Classifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = instantiate(net)
+        self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
         # One blank image: the model summary then shows every layer's input and output shape.
         self.example_input_array = torch.zeros(1, *self.net.input_shape)
         classes = self.net.out.out_features
-        # One metric object per split, so their running states never mix.
-        self.train_acc = MulticlassAccuracy(classes, average="micro")
-        self.val_acc = MulticlassAccuracy(classes, average="micro")
-        self.test_acc = MulticlassAccuracy(classes, average="micro")
-        # Confusion matrices of the current validation and test epoch, for per-class accuracy and the reports
-        # that callbacks draw from them (cnn_exp/callbacks.py).
-        self.val_confusion = MulticlassConfusionMatrix(classes)
-        self.test_confusion = MulticlassConfusionMatrix(classes)
+        # One set of metrics per split, so their running states never mix. The confusion matrices feed per-class
+        # accuracy and the reports that callbacks draw (cnn_exp/callbacks.py). Inputs come from our own network
+        # and data, so the metrics skip their per-call checks, which cost time and, on a GPU, a sync every step;
+        # a NaN loss then shows as a NaN mean instead of being dropped from it.
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(classes, average="micro", validate_args=False) for _ in range(3)
+        )
+        self.val_confusion = MulticlassConfusionMatrix(classes, validate_args=False)
+        self.test_confusion = MulticlassConfusionMatrix(classes, validate_args=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch, "train", self.train_acc)
+        images, labels = batch
+        logits = self._train_forward(images)
+        loss = F.cross_entropy(logits, labels)
+        # Every step only updates metric states: a `self.log` call costs about as much as this small network's
+        # forward pass, so the step loss is logged only on the steps the loggers write (log_every_n_steps).
+        self.train_loss.update(loss.detach(), len(labels))
+        self.train_acc.update(logits.detach(), labels)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        _, logits = self._step(batch, "val", self.val_acc)
-        self.val_confusion.update(logits.argmax(dim=1), batch[1])
-        return logits
+        return self._evaluate(batch, self.val_loss, self.val_acc, self.val_confusion)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        _, logits = self._step(batch, "test", self.test_acc)
-        self.test_confusion.update(logits.argmax(dim=1), batch[1])
-        return logits
+        return self._evaluate(batch, self.test_loss, self.test_acc, self.test_confusion)
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
@@ -56,29 +64,40 @@ class Classifier(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": instantiate(self.hparams.scheduler)(optimizer)}
 
+    def on_train_start(self) -> None:
+        # Only the training steps' forward is compiled, and only now: the layer table and the TensorBoard graph
+        # trace the eager network (they cannot trace through dynamo), and evaluation is too short to repay it.
+        # The network itself stays as it is, so its parameter names, and so checkpoints, do not change.
+        if getattr(self.net, "compile_for_training", False):
+            self._train_forward = torch.compile(self.net.forward)
+
+    def on_train_epoch_end(self) -> None:
+        # Logged metric objects are computed (over all ranks under DDP) and reset by Lightning.
+        self.log_dict({"train/loss": self.train_loss, "train/acc": self.train_acc}, prog_bar=True)
+
     def on_validation_epoch_start(self) -> None:
         self.val_confusion.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({"val/loss": self.val_loss, "val/acc": self.val_acc}, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
 
-    def _step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], split: str, accuracy: MulticlassAccuracy
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({"test/loss": self.test_loss, "test/acc": self.test_acc})
+
+    def _evaluate(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        loss: MeanMetric,
+        accuracy: MulticlassAccuracy,
+        confusion: MulticlassConfusionMatrix,
+    ) -> torch.Tensor:
+        """Update one split's metrics; the logits go on to callbacks as the step's outputs."""
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        accuracy(logits, labels)
-        # Training loss also per step, for the curve; every epoch value is the mean over its images, and over all
-        # ranks under DDP (sync_dist; torchmetrics syncs the accuracy itself).
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=split == "train",
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(labels),
-            sync_dist=True,
-        )
-        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss, logits.detach()
+        loss.update(F.cross_entropy(logits, labels), len(labels))
+        accuracy.update(logits, labels)
+        confusion.update(logits.argmax(dim=1), labels)
+        return logits

@@ -26,7 +26,7 @@ def test_a_run_writes_metrics_checkpoints_events_config_and_log(trained: Path) -
     tags = set()
     for events in (trained / "tensorboard").glob("events.out.tfevents.*"):
         tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
-    assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= tags
+    assert {"train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= tags
     assert "lr-SGD" in tags
     assert (trained / "config.yaml").read_text().count("seed: 7") == 2  # top level and data.seed
     assert (trained / "train.log").exists()
@@ -78,7 +78,7 @@ def test_each_network_learns_each_dataset(model: str, data: str, paths: list[str
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
-        epoch_losses = [float(row["train/loss_epoch"]) for row in csv.DictReader(f) if row.get("train/loss_epoch")]
+        epoch_losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert len(epoch_losses) == 3 and epoch_losses[-1] < 0.6 * epoch_losses[0]
     assert read_metrics(tmp_path / "run")["metrics"]["test/acc"] > 0.5  # chance is 0.1
 
