@@ -21,10 +21,16 @@ DATASETS: dict[str, type[MNIST]] = {"MNIST": MNIST, "FashionMNIST": FashionMNIST
 
 
 class InMemoryDataset(TensorDataset):
-    """A TensorDataset that hands the DataLoader a whole batch from one indexing operation."""
+    """A TensorDataset that hands the DataLoader a whole batch from one indexing operation.
+
+    Its tensors may live on the GPU: then only the batch's indices (a few hundred bytes, from pinned memory,
+    without waiting) travel to it each step, and the images are gathered there.
+    """
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(indices, device=self.tensors[0].device)
+        index = torch.as_tensor(indices)
+        if self.tensors[0].is_cuda:
+            index = index.pin_memory().to(self.tensors[0].device, non_blocking=True)
         return tuple(tensor[index] for tensor in self.tensors)
 
 
@@ -95,18 +101,21 @@ class MNISTDataModule(L.LightningDataModule):
             )
 
     def setup(self, stage: str) -> None:
+        # The images go once to the device the Trainer trains on (the GPU with trainer=gpu), not batch by batch.
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if stage in ("fit", "validate") and self.train_set is None:
-            images, labels = self._load(train=True)
+            images, labels = (tensor.to(device) for tensor in self._load(train=True))
             val_size = self.hparams.val_size
             if val_size >= len(labels):
                 raise UserError(f"data.val_size={val_size} leaves no training images (the set has {len(labels)})")
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.seed))
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            order = torch.randperm(len(labels), generator=generator).to(device)
             val, train = order[:val_size], order[val_size:]
             self.train_set = InMemoryDataset(images[train], labels[train])
             if val_size:
                 self.val_set = InMemoryDataset(images[val], labels[val])
         if stage in ("test", "predict") and self.test_set is None:
-            self.test_set = InMemoryDataset(*self._load(train=False))
+            self.test_set = InMemoryDataset(*(tensor.to(device) for tensor in self._load(train=False)))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
