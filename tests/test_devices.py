@@ -1,0 +1,69 @@
+"""The GPU options on the CPU: bf16 mixed precision, channels-last, torch.compile, and data placed on the device."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
+from tests.conftest import MIRROR
+from tests.test_classifier import SGD, net
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory: pytest.TempPathFactory) -> MNISTDataModule:
+    data = MNISTDataModule("MNIST", str(tmp_path_factory.mktemp("data")), str(MIRROR), batch_size=50, val_size=100)
+    data.prepare_data()
+    return data
+
+
+def test_channels_last_changes_the_layout_not_the_results() -> None:
+    plain = Classifier(net=net("net3", channels_last=False), optimizer=SGD)
+    nhwc = Classifier(net=net("net3", channels_last=True), optimizer=SGD)
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(8, 1, 28, 28)
+    torch.testing.assert_close(nhwc(images), plain(images), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(mnist: MNISTDataModule, tmp_path: Path) -> None:
+    model = Classifier(net=net("net2"), optimizer=SGD)
+    trainer = L.Trainer(
+        fast_dev_run=2,
+        precision="bf16-mixed",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=mnist)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert model.net.conv1.weight.dtype == torch.float32  # mixed: the weights stay fp32
+
+
+def test_compile_builds_and_trains_a_step(mnist: MNISTDataModule, tmp_path: Path) -> None:
+    model = Classifier(net=net("net2", compile=True), optimizer=SGD)
+    assert model.hparams.net["compile"] is True and model._train_forward == model.forward
+    trainer = L.Trainer(
+        fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
+    trainer.fit(model, datamodule=mnist)
+    assert model._train_forward != model.forward  # compiled when training started
+    assert [name for name, _ in model.net.named_parameters()][:2] == ["conv1.weight", "conv1.bias"]
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_the_data_goes_once_to_the_device_the_trainer_trains_on(tmp_path: Path) -> None:
+    # No GPU here: the meta device stands in for one; setup must place every split where the strategy says.
+    data = MNISTDataModule("MNIST", str(tmp_path), str(MIRROR), val_size=100)
+    data.prepare_data()
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    data.setup("fit")
+    data.setup("test")
+    for split in (data.train_set, data.val_set, data.test_set):
+        assert all(tensor.device.type == "meta" for tensor in split.tensors)
+    assert data.train_set.tensors[0].shape == (900, 1, 28, 28)
