@@ -1,0 +1,122 @@
+"""Epoch time of our train.py path against the notebook's loop and a bare in-memory loop, on this machine.
+
+    python -m benchmarks.compare --mirror ../shared/datasets               # the three paths, side by side
+    python -m benchmarks.compare --mirror ../shared/datasets --table scaling   # vs batch size, network width
+    python -m benchmarks.compare --device cuda --override trainer=gpu --table options   # bf16, compile, NHWC
+
+Every measurement is its own process. Rounds interleave the variants, rotating their order, so drift in the
+machine's speed reaches all of them alike. A process reports the median of its epochs after the first (warm-up);
+the tables show the median over rounds, and each ratio is the median of the per-round ratios. "start → step 1" is
+the time from launching the process to its first training step.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cnn_exp.data import DATASETS, MNISTDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "Network2 / MNIST": {"model": "net2", "data": "mnist", "experiment": "seed_mnist", "batch": 100},
+    "Network3 / Fashion": {"model": "net3", "data": "fashion", "experiment": "seed_fashion", "batch": 40},
+}
+VARIANTS = ["notebook", "bare", "bare NHWC", "train.py"]
+TRAIN_IMAGES = 60_000
+
+
+def command(variant: str, case: dict, args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:
+    if variant != "train.py":
+        loop = ["--model", case["model"], "--data", case["data"], "--batch-size", str(case["batch"])]
+        loop += ["--channels-last"] if variant.endswith("NHWC") else []
+        return [sys.executable, "-m", "benchmarks.loops", variant.split()[0], *loop, "--epochs", str(args.epochs),
+                "--data-dir", args.data_dir, "--device", args.device]  # fmt: skip
+    # As users run it: the experiment's Trainer, DataModule, logger, checkpoints and callbacks, plus a timer.
+    return [sys.executable, "train.py", f"experiment={case['experiment']}", f"trainer.max_epochs={args.epochs}",
+            "test=false", f"paths.data_dir={args.data_dir}", f"hydra.run.dir={out.parent / 'run'}",
+            "+callbacks.epoch_timer._target_=benchmarks.epoch_timer.EpochTimer",
+            f"+callbacks.epoch_timer.path={out}", *extra]  # fmt: skip
+
+
+def measure(cmd: list[str], out: Path, device: str) -> dict:
+    launched = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text() if out.exists() else proc.stdout.strip().splitlines()[-1])
+    return {
+        "epoch": statistics.median(result["epochs"][1:]),
+        "startup": result["first_step"] - launched,
+        "device": result.get("data_device", device),  # the loops hold their data where they train
+    }
+
+
+def compare(args: argparse.Namespace) -> None:
+    for name, case in CASES.items():
+        results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+        for r in range(args.rounds):
+            for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "times.json"
+                    results[variant].append(measure(command(variant, case, args, out, args.override), out, args.device))
+        print(f"\n{name}, batch {case['batch']}, {args.rounds} rounds of {args.epochs} epochs ({args.device})\n")
+        print("| path | epoch time | images/s | start → step 1 | data on |\n|---|---|---|---|---|")
+        for variant, runs in results.items():
+            epoch = statistics.median(r["epoch"] for r in runs)
+            startup = statistics.median(r["startup"] for r in runs)
+            print(
+                f"| {variant} | {epoch:.2f} s | {TRAIN_IMAGES / epoch:,.0f} | {startup:.1f} s | {runs[0]['device']} |"
+            )
+        for a, b in (("train.py", "notebook"), ("train.py", "bare"), ("train.py", "bare NHWC")):
+            ratio = statistics.median(x["epoch"] / y["epoch"] for x, y in zip(results[a], results[b], strict=True))
+            print(f"\n{a} / {b}: {ratio:.2f}", end="")
+        print()
+
+
+TABLES = {
+    "scaling": [(f"batch {b}", [f"data.batch_size={b}"]) for b in (10, 40, 100, 500)]
+    + [(f"width ×{w}", [f"model.channels=[{6 * w},{12 * w}]"]) for w in (1, 2, 4)],
+    "options": [
+        ("as configured (NHWC, fp32)", []),
+        ("NCHW", ["model.channels_last=false"]),
+        ("bf16-mixed", ["trainer.precision=bf16-mixed"]),
+        ("compile", ["model.compile=true"]),
+        ("bf16-mixed + compile", ["trainer.precision=bf16-mixed", "model.compile=true"]),
+    ],
+}
+
+
+def table(args: argparse.Namespace) -> None:
+    """Our path, Network2 / MNIST, under each row's overrides: one process each."""
+    case = CASES["Network2 / MNIST"]
+    print(f"\ntrain.py, Network2 / MNIST, batch 100 unless named ({args.device}), median of epochs 2-{args.epochs}\n")
+    print("| setting | epoch time | images/s | data on |\n|---|---|---|---|")
+    for label, overrides in TABLES[args.table]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "times.json"
+            result = measure(command("train.py", case, args, out, overrides + args.override), out, args.device)
+        print(f"| {label} | {result['epoch']:.2f} s | {TRAIN_IMAGES / result['epoch']:,.0f} | {result['device']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mirror", help="dataset mirror to fill --data-dir from (as paths.data_mirror)")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--table", choices=TABLES, help="instead: our path under each of a table's settings")
+    parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides, e.g. trainer=gpu")
+    args = parser.parse_args()
+    for name in DATASETS:
+        MNISTDataModule(name, data_dir=args.data_dir, mirror=args.mirror).prepare_data()
+    table(args) if args.table else compare(args)
+
+
+if __name__ == "__main__":
+    main()

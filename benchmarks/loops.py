@@ -1,0 +1,89 @@
+"""The two plain PyTorch loops that compare.py measures our train.py path against.
+
+- notebook: the lab notebook's loop: a torchvision dataset with per-sample ToTensor (and Normalize for MNIST)
+  through a shuffling DataLoader.
+- bare: the same network, optimizer and per-step bookkeeping, fed by slicing one normalized in-memory tensor
+  (on the GPU with --device cuda); with --channels-last, in the NHWC memory format our configs use.
+
+Both train the network our configs build (conf/model), with plain SGD as in the notebook, and print one JSON line:
+the wall-clock time of the first training step and each epoch's duration.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from cnn_exp.data import DATASETS
+
+RECIPES = {  # dataset, normalization (None: ToTensor only), as in the notebook
+    "mnist": ("MNIST", (0.1307, 0.3081)),
+    "fashion": ("FashionMNIST", None),
+}
+
+
+def batches(args: argparse.Namespace):
+    """One epoch's (images, labels) batches, as the chosen loop makes them."""
+    name, norm = RECIPES[args.data]
+    if args.loop == "notebook":
+        steps = [transforms.ToTensor()] + ([transforms.Normalize(*norm)] if norm else [])
+        dataset = DATASETS[name](args.data_dir, train=True, transform=transforms.Compose(steps))
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
+        return lambda: iter(loader)
+    split = DATASETS[name](args.data_dir, train=True)
+    mean, std = norm or (0.0, 1.0)
+    images = split.data.unsqueeze(1).float().div(255).sub(mean).div(std).to(args.device)
+    labels = split.targets.to(args.device)
+
+    def epoch():
+        order = torch.randperm(len(labels), device=args.device)
+        for i in range(0, len(labels), args.batch_size):
+            index = order[i : i + args.batch_size]
+            yield images[index], labels[index]
+
+    return epoch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("loop", choices=["notebook", "bare"])
+    parser.add_argument("--model", default="net2")
+    parser.add_argument("--data", default="mnist", choices=RECIPES)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights, as our configs use")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    network = instantiate(OmegaConf.load(f"conf/model/{args.model}.yaml"), channels_last=args.channels_last)
+    network = network.to(args.device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    epoch_batches = batches(args)
+    first_step, durations = None, []
+    for _ in range(args.epochs):
+        start = time.perf_counter()
+        total_loss, correct = 0.0, 0
+        for batch in epoch_batches():
+            images, labels = (t.to(args.device) for t in batch)
+            first_step = first_step or time.time()
+            predictions = network(images)
+            loss = F.cross_entropy(predictions, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item()
+            correct += predictions.argmax(dim=1).eq(labels).sum().item()
+        durations.append(time.perf_counter() - start)  # .item() each step keeps the GPU in step with the clock
+    print(json.dumps({"first_step": first_step, "epochs": durations, "correct": correct}))
+
+
+if __name__ == "__main__":
+    main()
