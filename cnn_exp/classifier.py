@@ -43,10 +43,12 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self._train_forward(images)
-        loss = F.cross_entropy(logits, labels)
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        loss = losses.mean()
         # Every step only updates metric states: a `self.log` call costs about as much as this small network's
         # forward pass, so the step loss is logged only on the steps the loggers write (log_every_n_steps).
-        self.train_loss.update(loss.detach(), len(labels))
+        # Per-image losses, not the batch mean with a count: a count would be a host-to-GPU copy, a sync per step.
+        self.train_loss.update(losses.detach())
         self.train_acc.update(logits.detach(), labels)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, prog_bar=True)
@@ -97,7 +99,7 @@ class Classifier(L.LightningModule):
         """Update one split's metrics; the logits go on to callbacks as the step's outputs."""
         images, labels = batch
         logits = self(images)
-        loss.update(F.cross_entropy(logits, labels), len(labels))
+        loss.update(F.cross_entropy(logits, labels, reduction="none"))
         accuracy.update(logits, labels)
         confusion.update(logits.argmax(dim=1), labels)
         return logits
