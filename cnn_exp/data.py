@@ -4,11 +4,13 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.utils import extract_archive
 
@@ -32,6 +34,31 @@ class InMemoryDataset(TensorDataset):
         if self.tensors[0].is_cuda:
             index = index.pin_memory().to(self.tensors[0].device, non_blocking=True)
         return tuple(tensor[index] for tensor in self.tensors)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch), so each epoch's order depends on those two alone.
+
+    A run resumed from a checkpoint therefore sees the batches an uninterrupted run would; `resume_from` makes
+    it skip the part of an epoch it had already trained on. Lightning calls `set_epoch` before every epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.resume_from: tuple[int, int] | None = None  # (epoch, images of it already trained on)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_000 + self.epoch))
+        if self.resume_from is not None and self.resume_from[0] == self.epoch:
+            order = order[self.resume_from[1] :]
+        self.resume_from = None
+        return iter(order.tolist())
 
 
 def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -73,6 +100,8 @@ class MNISTDataModule(L.LightningDataModule):
         self.train_set: InMemoryDataset | None = None
         self.val_set: InMemoryDataset | None = None
         self.test_set: InMemoryDataset | None = None
+        self.sampler: EpochSampler | None = None
+        self._resume_from: tuple[int, int] | None = None
 
     @property
     def raw_dir(self) -> Path:
@@ -118,7 +147,13 @@ class MNISTDataModule(L.LightningDataModule):
             self.test_set = InMemoryDataset(*(tensor.to(device) for tensor in self._load(train=False)))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        self.sampler = EpochSampler(len(self.train_set), self.hparams.seed)
+        if self._resume_from and self.trainer and self.trainer.world_size > 1:
+            # Lightning shards the sampler's full order across ranks, so it cannot skip a part of it.
+            log.warning("resuming under DDP restarts the interrupted epoch's data order from its beginning")
+            self._resume_from = None
+        self.sampler.resume_from, self._resume_from = self._resume_from, None
+        return DataLoader(self.train_set, self.hparams.batch_size, sampler=self.sampler, collate_fn=_as_batch)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set) if self.val_set is not None else []
@@ -126,13 +161,38 @@ class MNISTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)
 
-    def _loader(self, dataset: InMemoryDataset, shuffle: bool = False) -> DataLoader:
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the dataset, the epoch in progress and how many of its batches were trained on."""
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"dataset": self.hparams.dataset, "epoch": self.sampler.epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["dataset"] != self.hparams.dataset:
+            raise UserError(
+                f"the checkpoint was trained on {state['dataset']}, this run asks for {self.hparams.dataset} "
+                "(data=...): resume with the data it was trained on"
+            )
+        self._resume_from = (state["epoch"], state["batches"] * self.hparams.batch_size)
+
+    def _loader(self, dataset: InMemoryDataset) -> DataLoader:
         # No worker processes: batches are slices of tensors already in memory, workers would only add copies.
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=_as_batch)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=_as_batch)
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Read one split with torchvision and normalize it once: N×1×28×28 float images, N int64 labels."""
-        split = DATASETS[self.hparams.dataset](self.hparams.data_dir, train=train)
+        files = f"{'train' if train else 't10k'}-images-idx3-ubyte and -labels-idx1-ubyte in {self.raw_dir}"
+        try:
+            split = DATASETS[self.hparams.dataset](self.hparams.data_dir, train=train)
+        except (RuntimeError, AssertionError, ValueError, OSError) as err:
+            raise UserError(
+                f"cannot read {files}: {str(err).strip() or type(err).__name__}. The files are truncated or damaged: "
+                "delete them, and the next run copies them again from the mirror or the download."
+            ) from None
+        if len(split.data) != len(split.targets):
+            raise UserError(
+                f"{files} disagree: {len(split.data)} images but {len(split.targets)} labels: delete them, and the "
+                "next run copies them again from the mirror or the download."
+            )
         images = split.data.unsqueeze(1).float().div_(255).sub_(self.hparams.mean).div_(self.hparams.std)
         return images, split.targets
 
