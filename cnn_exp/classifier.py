@@ -9,6 +9,8 @@ from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cnn_exp.errors import UserError
+
 
 class Classifier(L.LightningModule):
     """Owns the loss, metrics, optimizer and scheduler; the network itself is a plain `nn.Module`.
@@ -20,6 +22,8 @@ class Classifier(L.LightningModule):
 
     def __init__(self, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
+        if optimizer.get("lr", 1) <= 0:
+            raise UserError(f"optimizer.lr={optimizer['lr']} must be positive")
         self.save_hyperparameters()
         self.net = instantiate(net)
         self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
@@ -36,6 +40,9 @@ class Classifier(L.LightningModule):
         )
         self.val_confusion = MulticlassConfusionMatrix(classes, validate_args=False)
         self.test_confusion = MulticlassConfusionMatrix(classes, validate_args=False)
+        # Saved with the weights, so a run resumed mid-epoch reports the same epoch means as one never stopped.
+        self.train_loss.persistent(True)
+        self.train_acc.persistent(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -50,8 +57,17 @@ class Classifier(L.LightningModule):
         # Per-image losses, not the batch mean with a count: a count would be a host-to-GPU copy, a sync per step.
         self.train_loss.update(losses.detach())
         self.train_acc.update(logits.detach(), labels)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        logging_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        if logging_step:
             self.log("train/loss_step", loss, prog_bar=True)
+        # A loss that is no longer finite fails the run at once instead of finishing with a network of NaNs.
+        # The check waits for the device, so on a GPU it runs on logging steps only.
+        if (logging_step or loss.device.type == "cpu") and not torch.isfinite(loss):
+            raise UserError(
+                f"training diverged: the loss became {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}). Lower optimizer.lr (now {self.hparams.optimizer.get('lr')}) or choose "
+                "another optimizer."
+            )
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -66,12 +82,36 @@ class Classifier(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": instantiate(self.hparams.scheduler)(optimizer)}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not keep the random state; dropout and augmentation continue from it after a resume.
+        checkpoint["rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another network than this run's, naming what differs."""
+        saved, ours = checkpoint.get("hyper_parameters", {}).get("net", {}), self.hparams.net
+        # How the network runs (memory format, compilation) may change between runs; what it is may not.
+        differences = [
+            f"model.{key}: {saved.get(key)} in the checkpoint, {ours.get(key)} here"
+            for key in sorted((set(saved) | set(ours)) - {"channels_last", "compile"})
+            if saved.get(key) != ours.get(key)
+        ]
+        if differences:
+            raise UserError(f"the checkpoint holds another network than this run's: {'; '.join(differences)}")
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])
+
     def on_train_start(self) -> None:
         # Only the training steps' forward is compiled, and only now: the layer table and the TensorBoard graph
         # trace the eager network (they cannot trace through dynamo), and evaluation is too short to repay it.
         # The network itself stays as it is, so its parameter names, and so checkpoints, do not change.
         if getattr(self.net, "compile_for_training", False):
             self._train_forward = torch.compile(self.net.forward)
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning skips this hook when it resumes mid-epoch, where the saved sums must carry on. A checkpoint
+        # taken at an epoch's end still holds that epoch's sums: they must not leak into the next one.
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def on_train_epoch_end(self) -> None:
         # Logged metric objects are computed (over all ranks under DDP) and reset by Lightning.
