@@ -4,7 +4,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 import warnings
@@ -22,6 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from cnn_exp import checkpoints
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 # The names under which Classifier logs its epoch metrics, in the order metrics.json lists them.
 METRICS = [f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "acc")]
 
+# `${or_else:a,b}` is a unless a is null: hydra.run.dir is the run named by resume=<run dir>, else a new one.
+OmegaConf.register_new_resolver("or_else", lambda value, default: default if value is None else value, replace=True)
+
 # Batches are slices of in-memory tensors: worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# MNISTDataModule resumes mid-epoch itself (its state_dict), so Lightning's loader-level warning does not apply.
+warnings.filterwarnings("ignore", ".*ended before the epoch ended and your dataloader is not resumable.*")
 # With data.val_size=0 there is deliberately no validation set.
 warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
 # Lightning 2.6 calls a torch API that torch 2.14 deprecates; nothing for a user to act on.
@@ -57,9 +62,7 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
         try:
             return task(cfg)
         except Exception as err:
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__
+            cause = _user_error(err)
             if cause is None or HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
             sys.exit(f"error: {cause}")
@@ -67,11 +70,27 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
     return wrapper
 
 
+def _user_error(err: BaseException) -> UserError | None:
+    """The UserError behind `err`, if any: Hydra and Lightning wrap errors raised inside what they call."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__
+    return cause
+
+
 @reports_user_errors
 def train(cfg: DictConfig) -> float | None:
-    """Fit the configured model, test it unless `test=false`, and write metrics.json; return `optimized_metric`."""
+    """Fit the configured model, test it unless `test=false`, and write metrics.json; return `optimized_metric`.
+
+    metrics.json is written when training starts (status running) and again however the run ends: finished,
+    failed (with the error) or interrupted (Ctrl-C). Only a finished run reports metrics. With `resume=<run dir>`
+    the run continues in that directory, with its config, from its newest checkpoint.
+    """
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    cfg, settings = _resume(cfg) if cfg.get("resume") else (cfg, _settings(cfg))
+    if cfg.ckpt_path:
+        checkpoints.load(cfg.ckpt_path)  # a missing, damaged or unsafe file fails now, before any work
     print_config(cfg, output_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
 
@@ -81,43 +100,79 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_each(cfg.callbacks), logger=_instantiate_each(cfg.logger) or False
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    metrics = _epoch_metrics(trainer)
+    settings["parameters"] = sum(p.numel() for p in model.net.parameters())
 
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
-    if cfg.test:
-        # The best checkpoint on val/acc when there is one; else the weights training ended with.
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-        metrics |= _epoch_metrics(trainer)
+    def record(result: dict[str, Any]) -> None:
+        if trainer.is_global_zero:  # under DDP every rank runs this function; one writes the results
+            progress = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
+            elapsed = round(time.perf_counter() - start, 2)
+            write_json(
+                output_dir / "metrics.json",
+                {**result, **progress, "wall_time_s": elapsed, "settings": settings, "run_dir": str(output_dir)},
+            )
 
-    if not trainer.is_global_zero:  # under DDP every rank runs this function; one writes the results
-        return None
-    choices = HydraConfig.get().runtime.choices
-    write_json(
-        output_dir / "metrics.json",
-        {
+    record({"status": "running"})
+    # Unless training finishes or fails, it was interrupted: Lightning turns Ctrl-C into SystemExit.
+    result: dict[str, Any] = {"status": "interrupted"}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics = _epoch_metrics(trainer)
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
+        if cfg.test:
+            # The best checkpoint on val/acc when there is one; else the weights training ended with.
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+            metrics |= _epoch_metrics(trainer)
+        result = {
+            "status": "finished",
             "metrics": metrics,
             "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
             "tested": (best or "final weights") if cfg.test else None,
-            "epochs": trainer.current_epoch,
-            "steps": trainer.global_step,
-            "wall_time_s": round(time.perf_counter() - start, 2),
-            "settings": {
-                **{group: choices.get(group) for group in ("experiment", "data", "model", "optimizer", "scheduler")},
-                "seed": cfg.seed,
-                "lr": cfg.optimizer.lr,
-                "batch_size": cfg.data.batch_size,
-                "val_size": cfg.data.val_size,
-                "max_epochs": cfg.trainer.max_epochs,
-                "padding": _plain(cfg.model.padding),
-                "parameters": sum(p.numel() for p in model.net.parameters()),
-                "overrides": list(HydraConfig.get().overrides.task),
-            },
-            "run_dir": str(output_dir),
+        }
+    except Exception as err:
+        cause = _user_error(err)
+        result = {"status": "failed", "error": str(cause) if cause else f"{type(err).__name__}: {err}".strip()}
+        raise
+    finally:
+        record(result)
+    return result["metrics"].get(cfg.get("optimized_metric"))
+
+
+def _settings(cfg: DictConfig) -> dict[str, Any]:
+    """The run's key settings, for metrics.json: the config groups chosen and the values most often swept."""
+    hydra = HydraConfig.get()
+    return {
+        **{
+            group: hydra.runtime.choices.get(group)
+            for group in ("experiment", "data", "model", "optimizer", "scheduler")
         },
-    )
-    return metrics.get(cfg.get("optimized_metric"))
+        "seed": cfg.seed,
+        "lr": cfg.optimizer.lr,
+        "batch_size": cfg.data.batch_size,
+        "val_size": cfg.data.val_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "padding": _plain(cfg.model.padding),
+        "overrides": list(hydra.overrides.task),
+    }
+
+
+def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """A run directory's own config and settings, pointed at its newest checkpoint."""
+    run_dir = Path(cfg.resume)
+    try:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        settings = json.loads((run_dir / "metrics.json").read_text())["settings"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        raise UserError(
+            f"resume={cfg.resume}: not a run directory of train.py (no config.yaml or metrics.json)"
+        ) from None
+    candidates = [run_dir / "checkpoints" / name for name in ("step.ckpt", "last.ckpt")]
+    candidates = [path for path in candidates if path.is_file()]
+    if not candidates:
+        raise UserError(f"resume={cfg.resume}: no step.ckpt or last.ckpt in {run_dir / 'checkpoints'} to continue from")
+    saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
+    saved.resume = cfg.resume
+    return saved, settings
 
 
 @reports_user_errors
@@ -125,16 +180,15 @@ def test(cfg: DictConfig) -> float:
     """Rebuild model and data from a checkpoint alone, test on the official test split, write metrics.json."""
     start = time.perf_counter()
     path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such file (give the path of a .ckpt written by train.py)")
+    checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
     # Data lives where this machine keeps it, not where the checkpoint was trained.
     data_overrides = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
     if cfg.batch_size:
         data_overrides["batch_size"] = cfg.batch_size
     try:
-        model = Classifier.load_from_checkpoint(path, map_location="cpu")
-        datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", **data_overrides)
-    except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+        model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **data_overrides)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
 
