@@ -1,7 +1,9 @@
-"""A callback for the DDP test: each rank writes down which training images it was served in the first epoch."""
+"""Callbacks that tests add to real runs (`+callbacks.<name>._target_=tests.callbacks.<Class>`)."""
 
 import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -9,6 +11,8 @@ import torch
 
 
 class ShardRecorder(L.Callback):
+    """Each rank writes down which training images it was served in the first epoch (the DDP test)."""
+
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.seen: list[str] = []
@@ -24,3 +28,19 @@ class ShardRecorder(L.Callback):
         if trainer.current_epoch == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+class SignalAt(L.Callback):
+    """Sends its own process a real signal (SIGKILL, SIGINT for Ctrl-C) when training reaches `step`.
+
+    Only in a run started afresh: resuming reloads the run's config, this callback included, and must get past it.
+    """
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step and trainer.ckpt_path is None:
+            os.kill(os.getpid(), getattr(signal, self.signal))

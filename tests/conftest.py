@@ -33,6 +33,18 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def assert_no_result(run_dir: Path, error: str) -> None:
+    """A run stopped by bad input leaves nothing that looks like a result.
+
+    Settings that Hydra or the model reject stop it before it starts: no metrics.json. What only the data reveals
+    stops it once started: metrics.json says failed, with the error, and has no metrics.
+    """
+    if (run_dir / "metrics.json").exists():
+        result = read_metrics(run_dir)
+        assert result["status"] == "failed" and "metrics" not in result
+        assert error.removeprefix("error: ") in result["error"]
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data directory for the session: the first run fills it from tests/data, later runs find it full."""

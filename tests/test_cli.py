@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import MIRROR, QUICK, TRAINED, read_metrics, run
+from tests.conftest import MIRROR, QUICK, TRAINED, assert_no_result, read_metrics, run
 
 METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
 
@@ -139,7 +139,7 @@ def test_user_errors_are_one_clear_message(overrides: dict, message: str, tmp_pa
     )
     assert proc.returncode == 1
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert_no_result(tmp_path / "run", message)
 
 
 def test_test_py_refuses_a_missing_or_broken_checkpoint(tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_test_py_refuses_a_missing_or_broken_checkpoint(tmp_path: Path) -> None:
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
     proc = run("test.py", f"ckpt_path={broken}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
-    assert proc.returncode == 1 and "is not a checkpoint written by train.py" in proc.stderr
+    assert proc.returncode == 1 and f"error: ckpt_path={broken} cannot be read" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -163,7 +163,7 @@ def test_under_ddp_each_rank_trains_on_its_own_shard_and_one_rank_writes_results
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "+trainer.strategy=ddp",
-        "+callbacks.shards._target_=tests.shard_recorder.ShardRecorder",
+        "+callbacks.shards._target_=tests.callbacks.ShardRecorder",
         f"+callbacks.shards.out_dir={shards}",
         f"hydra.run.dir={tmp_path / 'run'}",
     )

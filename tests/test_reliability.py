@@ -1,0 +1,235 @@
+"""Runs that survive a kill, refuse bad input with one clear message, and never run code from a checkpoint."""
+
+import gzip
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnn_exp import checkpoints
+from cnn_exp.checkpoints import SafeCheckpointIO
+from cnn_exp.errors import UserError
+from cnn_exp.run import write_json
+from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run
+
+# 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps.
+RESUMABLE = [
+    "data.val_size=200",
+    "data.batch_size=50",
+    "trainer.max_epochs=3",
+    "seed=3",
+    "callbacks.step_checkpoint.every_n_train_steps=5",
+]
+
+
+def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list[str], tmp_path: Path) -> None:
+    run("train.py", *paths, *RESUMABLE, f"hydra.run.dir={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    # A real SIGKILL at step 23: mid-epoch 1, three steps after step.ckpt was written at step 20.
+    proc = run(
+        "train.py",
+        *paths,
+        *RESUMABLE,
+        "+callbacks.kill._target_=tests.callbacks.SignalAt",
+        "+callbacks.kill.step=23",
+        f"hydra.run.dir={killed}",
+        check=False,
+    )
+    assert proc.returncode == -9
+    assert read_metrics(killed)["status"] == "running"  # what a killed run leaves: no result
+    assert checkpoints.load(killed / "checkpoints" / "step.ckpt")["global_step"] == 20
+    assert checkpoints.load(killed / "checkpoints" / "last.ckpt")["global_step"] == 16
+
+    run("train.py", f"resume={killed}")
+    resumed, whole = read_metrics(killed), read_metrics(tmp_path / "whole")
+    assert resumed["status"] == "finished" and resumed["steps"] == whole["steps"] == 48
+    assert resumed["metrics"] == whole["metrics"]  # identical, to the last bit, test included
+    assert resumed["settings"] == whole["settings"] | {"overrides": resumed["settings"]["overrides"]}
+    assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one TensorBoard run, continued
+
+    # A new run from the epoch-boundary checkpoint trains to the same end.
+    run(
+        "train.py",
+        *paths,
+        *RESUMABLE,
+        f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'new'}",
+    )
+    again = read_metrics(tmp_path / "new")["metrics"]
+    assert {k: again[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")} == {
+        k: whole["metrics"][k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")
+    }
+
+
+def test_ctrl_c_stops_cleanly_keeps_the_checkpoints_and_records_it(paths: list[str], tmp_path: Path) -> None:
+    proc = run(
+        "train.py",
+        *paths,
+        *RESUMABLE,
+        "+callbacks.stop._target_=tests.callbacks.SignalAt",
+        "+callbacks.stop.step=23",
+        "+callbacks.stop.signal=SIGINT",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
+    assert proc.returncode != 0
+    result = read_metrics(tmp_path)
+    assert result["status"] == "interrupted" and "metrics" not in result
+    assert checkpoints.load(tmp_path / "checkpoints" / "step.ckpt")["global_step"] == 20
+
+
+def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint({"global_step": 1, "weights": torch.ones(3)}, target)
+
+    def torn(obj: object, f: object) -> None:  # the write dies half-way, as in a kill or a full disk
+        f.write(b"\x80\x02half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="No space"):
+        SafeCheckpointIO().save_checkpoint({"global_step": 2}, target)
+    assert checkpoints.load(target)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+    metrics = tmp_path / "metrics.json"
+    write_json(metrics, {"status": "finished"})
+    with pytest.raises(TypeError):
+        write_json(metrics, {"status": object()})
+    assert read_metrics(tmp_path) == {"status": "finished"}
+
+
+def write_labels(path: Path, labels: torch.Tensor) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">II", 0x0801, len(labels)) + labels.to(torch.uint8).numpy().tobytes())
+
+
+@pytest.fixture
+def damaged(tmp_path: Path) -> callable:
+    """A mirror copy of the MNIST subset with one file replaced."""
+
+    def make(kind: str) -> Path:
+        mirror = tmp_path / "mirror"
+        shutil.copytree(MIRROR / "MNIST", mirror / "MNIST")
+        raw = mirror / "MNIST" / "raw"
+        if kind == "truncated":
+            with gzip.open(raw / "train-images-idx3-ubyte.gz") as f:
+                data = f.read()
+            with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as f:
+                f.write(data[: len(data) // 2])
+        else:  # labels for 999 of the 1,000 images
+            write_labels(raw / "train-labels-idx1-ubyte.gz", torch.zeros(999))
+        return mirror
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.lrr=0.1"], "Could not override 'optimizer.lrr'"),
+        (["optimizer.lr=0"], "error: optimizer.lr=0 must be positive"),
+        (["optimizer.lr=-0.1"], "error: optimizer.lr=-0.1 must be positive"),
+        (["data.batch_size=-5"], "error: data.batch_size=-5 must be a positive number of images"),
+        (["data.val_size=-1"], "error: data.val_size=-1 must be 0"),
+        (["data.val_size=1000"], "error: data.val_size=1000 leaves no training images (the set has 1000)"),
+        (["model=net3", "model.kernel_size=5", "model.padding=0"], "error: model: the feature map vanishes at conv3"),
+        (["model.padding=[1,1,1]"], "error: model.padding=[1, 1, 1] has 3 values but the network has 2 conv layers"),
+        (["resume=/nonexistent/run"], "error: resume=/nonexistent/run: not a run directory of train.py"),
+    ],
+)
+def test_bad_settings_get_one_clear_message(
+    overrides: list[str], message: str, paths: list[str], tmp_path: Path
+) -> None:
+    proc = run("train.py", *paths, *overrides, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert_no_result(tmp_path / "run", message)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("truncated", "cannot read train-images-idx3-ubyte and -labels-idx1-ubyte in"),
+        ("miscounted", "disagree: 1000 images but 999 labels"),
+    ],
+)
+def test_damaged_data_files_get_one_clear_message(kind: str, message: str, damaged: callable, tmp_path: Path) -> None:
+    mirror = damaged(kind)
+    overrides = [
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.data_mirror={mirror}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = run("train.py", *overrides, *QUICK, check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert "delete them, and the next run copies them again" in proc.stderr
+
+
+def test_a_diverging_loss_fails_the_run_at_once(paths: list[str], tmp_path: Path) -> None:
+    proc = run("train.py", *paths, *QUICK, "optimizer.lr=1e6", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1 and "error: training diverged: the loss became" in proc.stderr
+    result = read_metrics(tmp_path)
+    assert result["status"] == "failed" and "training diverged" in result["error"] and "metrics" not in result
+    assert result["steps"] < 8  # stopped within the first epoch of 8 steps, not after it
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=net3"], "the checkpoint holds another network than this run's: model.channels: [6, 12] in the"),
+        (["data=fashion"], "the checkpoint was trained on MNIST, this run asks for FashionMNIST"),
+    ],
+)
+def test_a_checkpoint_of_another_model_or_dataset_is_refused(
+    overrides: list[str], message: str, trained: Path, paths: list[str], tmp_path: Path
+) -> None:
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    proc = run("train.py", *paths, *QUICK, *overrides, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a malicious 'checkpoint' carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py"])
+def test_a_checkpoint_that_would_run_code_is_refused(script: str, paths: list[str], tmp_path: Path) -> None:
+    marker, crafted = tmp_path / "pwned", tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": Payload(marker)}, crafted)
+    torch.load(crafted, weights_only=False)  # an unsafe load runs the payload: the test's file is real
+    assert marker.exists()
+    marker.unlink()
+    proc = run(script, *paths, f"ckpt_path={crafted}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and f"error: ckpt_path={crafted} refused" in proc.stderr
+    assert not marker.exists()
+
+
+def test_damaged_and_missing_checkpoints_are_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(UserError, match=f"ckpt_path={broken} cannot be read"):
+        checkpoints.load(broken)
+    with pytest.raises(UserError, match="no such file"):
+        checkpoints.load(tmp_path / "nope.ckpt")
+
+
+def test_a_run_writes_only_inside_its_data_and_output_directories(paths: list[str], tmp_path: Path) -> None:
+    def files() -> set[Path]:
+        skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "data", "outputs"}
+        return {p for p in ROOT.rglob("*") if not skip & set(p.relative_to(ROOT).parts)}
+
+    before = files()
+    run("train.py", *paths, *QUICK, f"hydra.run.dir={tmp_path / 'run'}")
+    assert files() == before
