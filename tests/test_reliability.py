@@ -64,6 +64,17 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     }
 
 
+def test_a_recipe_without_validation_keeps_an_epoch_checkpoint_to_resume_from(paths: list[str], tmp_path: Path) -> None:
+    # The notebook recipes train on all images: nothing to rank by, yet every epoch must leave last.ckpt.
+    recipe = ["experiment=seed_mnist", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}"]
+    kill = ["+callbacks.kill._target_=tests.callbacks.SignalAt", "+callbacks.kill.step=25"]  # 10 steps an epoch
+    assert run("train.py", *paths, *recipe, *kill, check=False).returncode == -9
+    assert checkpoints.load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20
+    run("train.py", f"resume={tmp_path}")
+    result = read_metrics(tmp_path)
+    assert result["status"] == "finished" and result["steps"] == 30 and result["tested"] == "final weights"
+
+
 def test_ctrl_c_stops_cleanly_keeps_the_checkpoints_and_records_it(paths: list[str], tmp_path: Path) -> None:
     proc = run(
         "train.py",
