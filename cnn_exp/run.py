@@ -18,6 +18,7 @@ import rich.tree
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,8 +54,9 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn a UserError, however deeply wrapped (Hydra wraps errors raised while instantiating), into one message.
 
-    A single run exits with status 1 and the message alone; in a sweep the error is re-raised so Hydra records
-    the job as failed and runs the others.
+    A single run exits with status 1 and the message alone. In a sweep a failed job must not stop the others:
+    its traceback goes to its log, metrics.json records it as failed, and the sweep summary (cnn_exp/sweep.py)
+    lists it and makes the sweep exit with status 1.
     """
 
     @functools.wraps(task)
@@ -62,12 +64,24 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
         try:
             return task(cfg)
         except Exception as err:
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                log.exception("job failed: %s", _error_text(err))
+                metrics = Path(cfg.paths.output_dir) / "metrics.json"
+                if not metrics.exists():  # it failed before training started
+                    write_json(metrics, {"status": "failed", "error": _error_text(err)})
+                return None
             cause = _user_error(err)
-            if cause is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+            if cause is None:
                 raise
             sys.exit(f"error: {cause}")
 
     return wrapper
+
+
+def _error_text(err: BaseException) -> str:
+    """What metrics.json and the sweep summary say of an error: a UserError's message, else type and message."""
+    cause = _user_error(err)
+    return str(cause) if cause else f"{type(err).__name__}: {err}".strip()
 
 
 def _user_error(err: BaseException) -> UserError | None:
@@ -123,6 +137,7 @@ def train(cfg: DictConfig) -> float | None:
             # The best checkpoint on val/acc when there is one; else the weights training ended with.
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
             metrics |= _epoch_metrics(trainer)
+        _log_hparams(trainer, settings, metrics)
         result = {
             "status": "finished",
             "metrics": metrics,
@@ -130,12 +145,26 @@ def train(cfg: DictConfig) -> float | None:
             "tested": (best or "final weights") if cfg.test else None,
         }
     except Exception as err:
-        cause = _user_error(err)
-        result = {"status": "failed", "error": str(cause) if cause else f"{type(err).__name__}: {err}".strip()}
+        result = {"status": "failed", "error": _error_text(err)}
         raise
     finally:
         record(result)
     return result["metrics"].get(cfg.get("optimized_metric"))
+
+
+def _log_hparams(trainer: L.Trainer, settings: dict[str, Any], metrics: dict[str, float]) -> None:
+    """TensorBoard's HParams tab: the run's settings and command-line values beside its final metrics.
+
+    The metrics go under hparams/ tags, written once: the train/val/test curves keep only what training logged.
+    """
+    params = {key: value for key, value in settings.items() if key != "overrides" and value is not None}
+    for override in settings["overrides"]:
+        key, _, value = override.lstrip("+~").partition("=")
+        if value and not key.startswith(("paths.", "hydra.")):
+            params.setdefault(key, value)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, {f"hparams/{name}": value for name, value in metrics.items()})
 
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:

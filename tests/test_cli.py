@@ -102,16 +102,6 @@ def test_an_experiment_without_validation_keeps_last_and_tests_the_final_weights
     assert result["steps"] == 5  # half of the 10 batches of 100 images
 
 
-def test_a_sweep_writes_one_run_directory_per_job(paths: list[str], tmp_path: Path) -> None:
-    run("train.py", "-m", *paths, *QUICK, "model=net3", "data=fashion", "model.padding=0,2")
-    jobs = sorted((tmp_path / "outputs" / "train" / "multiruns").glob("*/*/metrics.json"))
-    assert len(jobs) == 2
-    results = [read_metrics(job.parent) for job in jobs]
-    assert [r["settings"]["padding"] for r in results] == [0, 2]
-    assert results[0]["settings"]["parameters"] < results[1]["settings"]["parameters"]
-    assert all(set(r["metrics"]) == METRICS for r in results)
-
-
 def test_an_unknown_option_lists_the_available_ones(paths: list[str]) -> None:
     proc = run("train.py", *paths, "model=net9", check=False)
     assert proc.returncode != 0

@@ -1,0 +1,89 @@
+"""The table at the end of a sweep: one row per job, best first, from each job's metrics.json."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
+COLUMNS = ["job", "overrides", *METRICS, "epochs", "wall_time_s", "status", "run_dir"]
+
+
+def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, Any]], str]:
+    """Rows for every job directory of a sweep, sorted by `metric` (test/acc when no job has it), failures last.
+
+    A job's overrides come from Hydra's own record of them, so a job that failed before writing anything is
+    listed too; the overrides all jobs share are left out. Returns the rows and the metric they were sorted by.
+    """
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()), key=_number)
+    overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
+    # The overrides every job shares (paths, fixed settings) would repeat on each row: a row shows what it varies.
+    common = set.intersection(*map(set, overrides.values())) if len(jobs) > 1 else set()
+    rows = []
+    for job in jobs:
+        result = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").is_file() else {}
+        status = result.get("status", "failed")
+        metrics = result.get("metrics", {})
+        rows.append(
+            {
+                "job": job.name,
+                "overrides": " ".join(o for o in overrides[job] if o not in common),
+                **{name: metrics.get(name) for name in METRICS},
+                "epochs": result.get("epochs"),
+                "wall_time_s": result.get("wall_time_s"),
+                # A job killed with the sweep leaves "running"; one that never wrote metrics.json failed early.
+                "status": "ok" if status == "finished" else f"{status}: {_last_line(result.get('error', ''))}",
+                "run_dir": str(job),
+            }
+        )
+    if not any(row[metric] is not None for row in rows):
+        metric = "test/acc"
+    lower_is_better = metric.endswith("loss")
+    rows.sort(key=lambda row: (row[metric] is None, row[metric] if lower_is_better else -(row[metric] or 0)))
+    return rows, metric
+
+
+def write(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> str:
+    """Write summary.csv and summary.md into the sweep directory; return the Markdown table."""
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"| {' | '.join(COLUMNS)} |", f"|{'---|' * len(COLUMNS)}"]
+    lines += [f"| {' | '.join(_cell(row[column], column in METRICS) for column in COLUMNS)} |" for row in rows]
+    table = f"Sweep {sweep_dir}: {len(rows)} jobs, best {metric} first\n\n" + "\n".join(lines) + "\n"
+    (sweep_dir / "summary.md").write_text(table)
+    return table
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of every multirun, write and print the summary; exit 1 if any job failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        rows, metric = summarize(sweep_dir, config.get("optimized_metric") or "val/acc")
+        print(write(sweep_dir, rows, metric))
+        failed = [row["job"] for row in rows if row["status"] != "ok"]
+        if failed:
+            sys.exit(f"error: {len(failed)} of {len(rows)} jobs failed (jobs {', '.join(failed)}): see summary.md")
+
+
+def _number(job: Path) -> tuple[int, str]:
+    return (int(job.name), "") if job.name.isdigit() else (sys.maxsize, job.name)
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no metrics.json (stopped before training started)"
+
+
+def _cell(value: Any, metric: bool) -> str:
+    if metric and value is not None:
+        return f"{value:.4f}"
+    return "" if value is None else str(value).replace("|", "\\|")

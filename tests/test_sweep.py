@@ -1,0 +1,87 @@
+"""Sweeps (-m): one directory per job, a summary table best first, failed jobs listed, HParams in TensorBoard."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from tests.conftest import QUICK, ROOT, read_metrics, run
+
+COLUMNS = ["job", "overrides", "val/acc", "val/loss", "test/acc", "test/loss", "epochs", "wall_time_s", "status"]
+
+
+def sweep_dirs(paths: list[str]) -> list[Path]:
+    log_dir = Path(next(p for p in paths if p.startswith("paths.log_dir=")).partition("=")[2])
+    return sorted((log_dir / "train" / "multiruns").iterdir())
+
+
+def read_summary(sweep: Path) -> list[dict[str, str]]:
+    with open(sweep / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_sweep_summary_lists_every_job_with_its_own_numbers_best_first(paths: list[str]) -> None:
+    proc = run("train.py", "-m", *paths, *QUICK, "model.padding=0,2", "optimizer.lr=0.02,0.1")
+    (sweep,) = sweep_dirs(paths)
+    rows = read_summary(sweep)
+    assert sorted(row["job"] for row in rows) == ["0", "1", "2", "3"]
+    for row in rows:
+        job = Path(row["run_dir"])
+        assert job.parent == sweep and job.name == row["job"]
+        result = read_metrics(job)
+        # The overrides this job varies; those all jobs share (paths, QUICK) are left out.
+        assert row["overrides"].split() == list(OmegaConf.load(job / ".hydra" / "overrides.yaml"))[-2:]
+        assert row["status"] == "ok" and int(row["epochs"]) == result["epochs"] == 1
+        for metric in ("val/acc", "val/loss", "test/acc", "test/loss"):
+            assert float(row[metric]) == result["metrics"][metric]
+        assert float(row["wall_time_s"]) == result["wall_time_s"]
+    scores = [float(row["val/acc"]) for row in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert {row["overrides"] for row in rows} == {
+        f"model.padding={p} optimizer.lr={lr}" for p in (0, 2) for lr in (0.02, 0.1)
+    }
+
+    table = (sweep / "summary.md").read_text()
+    assert table in proc.stdout  # printed as well as written
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| " + " | ".join(COLUMNS)) and len(lines) == 1 + len(rows)
+    assert [line.split(" | ")[1] for line in lines[1:]] == [row["overrides"] for row in rows]
+
+    # TensorBoard's HParams tab: each job's swept values and final metrics.
+    events = EventAccumulator(str(Path(rows[0]["run_dir"]) / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    swept = f"model.padding={hparams['model.padding'].string_value} optimizer.lr={hparams['optimizer.lr'].string_value}"
+    assert swept == rows[0]["overrides"] and hparams["model"].string_value == "net2"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"hparams/val/acc", "hparams/test/acc"}
+    assert events.Scalars("hparams/val/acc")[0].value == float(rows[0]["val/acc"])
+
+
+def test_a_failed_job_is_listed_the_others_run_and_the_sweep_exits_nonzero(paths: list[str]) -> None:
+    # Padding 0 with 5×5 kernels makes net3's last feature map vanish (fails before training); lr 1e6 diverges.
+    grid = ["model=net3", "model.kernel_size=5", "model.padding=0,2", "optimizer.lr=0.1,1e6"]
+    proc = run("train.py", "-m", *paths, *QUICK, *grid, check=False)
+    assert proc.returncode == 1 and "error: 3 of 4 jobs failed (jobs " in proc.stderr
+    (sweep,) = sweep_dirs(paths)
+    rows = {row["overrides"]: row for row in read_summary(sweep)}
+    assert rows["model.padding=2 optimizer.lr=0.1"]["status"] == "ok"
+    for lr in ("0.1", "1000000.0"):  # Hydra records 1e6 as the float it parsed
+        row = rows[f"model.padding=0 optimizer.lr={lr}"]
+        assert row["status"].startswith("failed: model: the feature map vanishes at conv3") and not row["val/acc"]
+    assert rows["model.padding=2 optimizer.lr=1000000.0"]["status"].startswith("failed: training diverged")
+    assert read_summary(sweep)[0]["overrides"] == "model.padding=2 optimizer.lr=0.1"  # the one that finished
+
+
+def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> None:
+    command = [sys.executable, "train.py", "-m", *paths, *QUICK, "test=false", "++trainer.limit_train_batches=2"]
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    assert all(proc.wait(timeout=300) == 0 for proc in procs)
+    sweeps = sweep_dirs(paths)
+    assert len(sweeps) == 2 and all(read_summary(sweep)[0]["status"] == "ok" for sweep in sweeps)
