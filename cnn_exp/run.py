@@ -15,6 +15,7 @@ import lightning as L
 import rich
 import rich.syntax
 import rich.tree
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -106,6 +107,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.ckpt_path:
         checkpoints.load(cfg.ckpt_path)  # a missing, damaged or unsafe file fails now, before any work
     print_config(cfg, output_dir / "config.yaml")
+    _set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
 
     # The model first: a network that cannot be built fails before any data is read.
@@ -115,6 +117,7 @@ def train(cfg: DictConfig) -> float | None:
         cfg.trainer, callbacks=_instantiate_each(cfg.callbacks), logger=_instantiate_each(cfg.logger) or False
     )
     settings["parameters"] = sum(p.numel() for p in model.net.parameters())
+    settings["threads"] = torch.get_num_threads()
 
     def record(result: dict[str, Any]) -> None:
         if trainer.is_global_zero:  # under DDP every rank runs this function; one writes the results
@@ -165,6 +168,22 @@ def _log_hparams(trainer: L.Trainer, settings: dict[str, Any], metrics: dict[str
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, {f"hparams/{name}": value for name, value in metrics.items()})
+
+
+def _set_threads(threads: int | None) -> None:
+    """Give each job its share of the cores when a parallel launcher runs several at once, so they do not fight.
+
+    `threads=N` sets it; by default a job under the joblib launcher gets cores ÷ parallel jobs, any other run
+    keeps torch's default (all cores).
+    """
+    if threads is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+        launcher = HydraConfig.get().launcher
+        if "Joblib" in launcher.get("_target_", ""):
+            cores = os.cpu_count() or 1
+            jobs = launcher.n_jobs if launcher.n_jobs > 0 else cores + 1 + launcher.n_jobs  # joblib's -1 = all
+            threads = max(1, cores // max(1, jobs))
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:

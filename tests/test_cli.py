@@ -146,21 +146,30 @@ def test_under_ddp_each_rank_trains_on_its_own_shard_and_one_rank_writes_results
     paths: list[str], tmp_path: Path
 ) -> None:
     shards = tmp_path / "shards"
+    learns = ["data.val_size=200", "trainer.max_epochs=2", "optimizer=adam", "optimizer.lr=0.003"]
     run(
         "train.py",
         *paths,
-        *QUICK,
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "+trainer.strategy=ddp",
+        *learns,
+        "trainer=ddp_cpu",
+        "data.batch_size=25",  # per process: a global batch of 50, as in the single-process run below
         "+callbacks.shards._target_=tests.callbacks.ShardRecorder",
         f"+callbacks.shards.out_dir={shards}",
-        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / 'ddp'}",
     )
     rank0, rank1 = (set(json.loads((shards / f"rank{r}.json").read_text())) for r in (0, 1))
     assert len(rank0) == len(rank1) == 400 and not rank0 & rank1  # 800 training images, split in two
-    assert set(read_metrics(tmp_path / "run")["metrics"]) == METRICS
+    ddp = read_metrics(tmp_path / "ddp")
+    assert set(ddp["metrics"]) == METRICS
     assert not (tmp_path / "outputs").exists(), "the second process must not start a run directory of its own"
+    # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: rank zero's process alone wrote them.
+    writers = {path.name.split(".")[-2] for path in (tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 1
+
+    run("train.py", *paths, *learns, "data.batch_size=50", f"hydra.run.dir={tmp_path / 'single'}")
+    single = read_metrics(tmp_path / "single")["metrics"]["test/acc"]
+    # Same global batch, other data order: equal within the noise of 200 test images after 2 epochs.
+    assert ddp["metrics"]["test/acc"] > 0.5 and single > 0.5 and abs(ddp["metrics"]["test/acc"] - single) < 0.1
 
 
 def test_a_run_without_our_callbacks_tests_the_final_weights(paths: list[str], tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from cnn_exp.run import _instantiate_each, _plain
 from tests.conftest import ROOT
 
 CONF = ROOT / "conf"
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment", "hparams_search"]
 
 
 def options(group: str) -> list[str]:
@@ -24,9 +24,9 @@ def options(group: str) -> list[str]:
 
 @pytest.fixture
 def config(tmp_path: Path):
-    def compose_train(*overrides: str, name: str = "train") -> DictConfig:
+    def compose_train(*overrides: str, name: str = "train", hydra: bool = False) -> DictConfig:
         with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+            return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=hydra)
 
     return compose_train
 
@@ -64,6 +64,22 @@ def test_every_option_composes_and_builds(config, group: str, option: str) -> No
     if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_the_slurm_launcher_asks_for_what_the_trainer_will_use(config) -> None:
+    cfg = config("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 2)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+
+
+def test_the_optuna_searches_tune_on_validation_only(config) -> None:
+    for name in ("mnist_optuna", "fashion_optuna"):
+        cfg = config(f"hparams_search={name}", hydra=True)
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+        assert {"optimizer", "optimizer.lr", "model.padding", "data.batch_size"} <= set(cfg.hydra.sweeper.params)
+        assert cfg.optimized_metric == "val/acc" and cfg.data.val_size > 0 and cfg.test is False
 
 
 def test_test_config_needs_only_a_checkpoint(config) -> None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -85,3 +86,27 @@ def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> No
     assert all(proc.wait(timeout=300) == 0 for proc in procs)
     sweeps = sweep_dirs(paths)
     assert len(sweeps) == 2 and all(read_summary(sweep)[0]["status"] == "ok" for sweep in sweeps)
+
+
+def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(paths: list[str]) -> None:
+    search = ["hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", "data.val_size=200", "trainer.max_epochs=1"]
+    run("train.py", "-m", *paths, *search)
+    (sweep,) = sweep_dirs(paths)
+    rows = read_summary(sweep)
+    assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
+    assert all(row["test/acc"] == "" for row in rows)  # trials are compared on validation only
+    assert all("optimizer.lr=" in row["overrides"] for row in rows)  # each trial drew its own values
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_value == max(float(row["val/acc"]) for row in rows) == float(rows[0]["val/acc"])
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> None:
+    run("train.py", "-m", *paths, *QUICK, f"hydra/launcher={launcher}", "model.padding=0,1")
+    (sweep,) = sweep_dirs(paths)
+    rows = read_summary(sweep)
+    assert sorted(row["overrides"] for row in rows) == ["model.padding=0", "model.padding=1"]
+    assert all(row["status"] == "ok" and float(row["val/acc"]) > 0 for row in rows)
+    if launcher == "joblib":  # parallel jobs split the cores instead of each taking them all
+        threads = {read_metrics(Path(row["run_dir"]))["settings"]["threads"] for row in rows}
+        assert threads == {1}  # joblib's default n_jobs=-1 runs one job per core
