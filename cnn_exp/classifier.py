@@ -1,11 +1,12 @@
 """The LightningModule: trains one network with cross-entropy and logs loss and accuracy per split."""
 
+import inspect
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -89,11 +90,15 @@ class Classifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another network than this run's, naming what differs."""
         saved, ours = checkpoint.get("hyper_parameters", {}).get("net", {}), self.hparams.net
+        # A setting absent from an older checkpoint had the network's default then.
+        signature = inspect.signature(get_class(ours["_target_"])).parameters.items()
+        defaults = {name: parameter.default for name, parameter in signature}
+        then, now = {**defaults, **saved}, {**defaults, **ours}
         # How the network runs (memory format, compilation) may change between runs; what it is may not.
         differences = [
-            f"model.{key}: {saved.get(key)} in the checkpoint, {ours.get(key)} here"
-            for key in sorted((set(saved) | set(ours)) - {"channels_last", "compile"})
-            if saved.get(key) != ours.get(key)
+            f"model.{key}: {then.get(key)} in the checkpoint, {now.get(key)} here"
+            for key in sorted((set(then) | set(now)) - {"channels_last", "compile"})
+            if then.get(key) != now.get(key)
         ]
         if differences:
             raise UserError(f"the checkpoint holds another network than this run's: {'; '.join(differences)}")

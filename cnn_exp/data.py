@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.utils import extract_archive
@@ -61,6 +62,27 @@ class EpochSampler(Sampler[int]):
         return iter(order.tolist())
 
 
+def augment(images: torch.Tensor, shift: int, flip: bool, background: float) -> torch.Tensor:
+    """Translate each image by its own random whole-pixel offset of up to `shift`, and mirror half of them.
+
+    One `grid_sample` for the whole batch instead of per-image transforms (torchvision's v2 transforms draw one
+    set of parameters per call, shared by a batch). Pixels shifted in are `background`.
+    """
+    n, _, height, width = images.shape
+    if shift:
+        offsets = torch.randint(-shift, shift + 1, (n, 2), device=images.device).float()
+        theta = torch.zeros(n, 2, 3, device=images.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        # In grid coordinates the image spans [-1, 1]: one pixel is 2 / size; nearest sampling keeps pixels whole.
+        theta[:, :, 2] = offsets * 2 / torch.tensor([width, height], device=images.device)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images - background, grid, mode="nearest", align_corners=False) + background
+    if flip:
+        mirrored = torch.rand(n, device=images.device) < 0.5
+        images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+    return images
+
+
 def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Collate function: `InMemoryDataset.__getitems__` already returns a finished batch."""
     return batch
@@ -85,6 +107,8 @@ class MNISTDataModule(L.LightningDataModule):
         val_size: int = 5000,
         classes: list[str] | None = None,
         seed: int = 0,
+        shift: int = 0,
+        flip: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -95,6 +119,10 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
         if std <= 0:
             raise UserError(f"data.std={std} must be positive")
+        if shift < 0:
+            raise UserError(f"data.shift={shift} must be 0 (off) or a number of pixels")
+        if flip and dataset == "MNIST":
+            raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")
         self.save_hyperparameters()
         self.classes = classes or list(DATASETS[dataset].classes)
         self.train_set: InMemoryDataset | None = None
@@ -160,6 +188,16 @@ class MNISTDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
+        """Augment training batches where they already are (on the GPU with trainer=gpu); never evaluation ones."""
+        augmenting = (self.hparams.shift or self.hparams.flip) and self.trainer is not None and self.trainer.training
+        # Lightning also passes the model's example input through here (for the layer table and graph): not a batch.
+        if augmenting and isinstance(batch, tuple | list) and len(batch) == 2:
+            images, labels = batch
+            background = -self.hparams.mean / self.hparams.std  # a black pixel, normalized
+            batch = (augment(images, self.hparams.shift, self.hparams.flip, background), labels)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the dataset, the epoch in progress and how many of its batches were trained on."""

@@ -23,6 +23,8 @@ def _per_layer(value: int | Sequence[int], layers: int, name: str) -> list[int]:
 class ConvNet(nn.Sequential):
     """Conv → ReLU → 2×2 max-pool blocks, a flatten, Linear → ReLU layers, and a linear output layer.
 
+    Optional, off in the notebook's networks: batch norm after each convolution, dropout after each hidden layer.
+
     Layers are named as in the notebook (conv1, conv2, …, fc1, fc2, out), so its parameter names and shapes
     carry over. fc1's input size is measured by passing one blank image through the conv blocks rather than
     hard-coded as in the notebook, so padding, kernel sizes and widths can be overridden and swept freely.
@@ -34,18 +36,25 @@ class ConvNet(nn.Sequential):
         kernel_size: int | Sequence[int] = 5,
         padding: int | Sequence[int] = 0,
         hidden: Sequence[int] = (120, 60),
+        batch_norm: bool = False,
+        dropout: float = 0.0,
         in_channels: int = 1,
         image_size: int = 28,
         num_classes: int = 10,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
+        if not 0 <= dropout < 1:
+            raise UserError(f"model.dropout={dropout} must be at least 0 and below 1")
         kernels = _per_layer(kernel_size, len(channels), "kernel_size")
         paddings = _per_layer(padding, len(channels), "padding")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         width = in_channels
         for i, (out, kernel, pad) in enumerate(zip(channels, kernels, paddings, strict=True), start=1):
-            layers[f"conv{i}"] = nn.Conv2d(width, out, kernel, padding=pad)
+            # A convolution followed by batch norm needs no bias of its own: the norm's shift replaces it.
+            layers[f"conv{i}"] = nn.Conv2d(width, out, kernel, padding=pad, bias=not batch_norm)
+            if batch_norm:
+                layers[f"conv{i}_bn"] = nn.BatchNorm2d(out)
             layers[f"conv{i}_relu"] = nn.ReLU()
             layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
             width = out
@@ -54,6 +63,8 @@ class ConvNet(nn.Sequential):
         for j, size in enumerate(hidden, start=1):
             layers[f"fc{j}"] = nn.Linear(features, size)
             layers[f"fc{j}_relu"] = nn.ReLU()
+            if dropout:
+                layers[f"fc{j}_dropout"] = nn.Dropout(dropout)
             features = size
         layers["out"] = nn.Linear(features, num_classes)
         super().__init__(layers)
@@ -69,6 +80,7 @@ def _output_size(layers: OrderedDict[str, nn.Module], input_shape: tuple[int, in
     """Pass one blank image through `layers`; name the layer whose feature map vanishes, if one does."""
     x = torch.zeros(1, *input_shape)
     for name, layer in layers.items():
+        layer.eval()  # so batch norm's running statistics do not learn the blank image (train() restores it below)
         try:
             x = layer(x)
         except RuntimeError as err:
@@ -77,4 +89,5 @@ def _output_size(layers: OrderedDict[str, nn.Module], input_shape: tuple[int, in
                 f"{'x'.join(map(str, x.shape[1:]))} per image. Use a smaller kernel_size or more padding. "
                 f"({str(err).splitlines()[0]})"
             ) from None
+        layer.train()
     return x.shape[1]

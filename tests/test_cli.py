@@ -61,14 +61,25 @@ def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(
 
 
 @pytest.mark.parametrize(
-    ("model", "data"), [("net2", "mnist"), ("net3", "mnist"), ("net2", "fashion"), ("net3", "fashion")]
+    ("model", "data", "options"),
+    [
+        ("net2", "mnist", []),
+        ("net3", "mnist", []),
+        ("net2", "fashion", []),
+        ("net3", "fashion", []),
+        # The optional layers and the training-batch augmentation, all at once.
+        ("net3", "fashion", ["model.batch_norm=true", "model.dropout=0.2", "data.shift=2", "data.flip=true"]),
+    ],
 )
-def test_each_network_learns_each_dataset(model: str, data: str, paths: list[str], tmp_path: Path) -> None:
+def test_each_network_learns_each_dataset(
+    model: str, data: str, options: list[str], paths: list[str], tmp_path: Path
+) -> None:
     run(
         "train.py",
         *paths,
         f"model={model}",
         f"data={data}",
+        *options,
         "data.val_size=200",
         "data.batch_size=20",
         "optimizer=adam",

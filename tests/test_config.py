@@ -105,6 +105,13 @@ def test_seed_fashion_is_the_notebooks_recipe(config) -> None:
     assert not cfg.scheduler
 
 
+@pytest.mark.parametrize("experiment", ["seed_mnist", "seed_fashion"])
+def test_the_notebooks_recipes_have_no_augmentation_batch_norm_or_dropout(config, experiment: str) -> None:
+    cfg = config(f"experiment={experiment}")
+    assert cfg.data.shift == 0 and cfg.data.flip is False
+    assert cfg.model.batch_norm is False and cfg.model.dropout == 0
+
+
 def test_command_line_overrides_reach_the_objects(config) -> None:
     cfg = config("model=net3", "data=fashion", "model.padding=[2,2,1]", "optimizer=adam", "optimizer.lr=0.003")
     model = classifier(cfg)

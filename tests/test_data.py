@@ -10,7 +10,7 @@ import torch
 from torchvision import transforms
 from torchvision.datasets import MNIST, FashionMNIST
 
-from cnn_exp.data import MNISTDataModule
+from cnn_exp.data import MNISTDataModule, augment
 from cnn_exp.errors import UserError
 from tests.conftest import MIRROR
 
@@ -139,6 +139,8 @@ def test_val_size_zero_trains_on_every_training_image(data_dir: Path) -> None:
         ({"batch_size": 0}, "data.batch_size=0 must be a positive"),
         ({"val_size": -1}, "data.val_size=-1 must be 0"),
         ({"dataset": "CIFAR10"}, "data.dataset='CIFAR10' is not one of"),
+        ({"shift": -1}, "data.shift=-1 must be 0"),
+        ({"dataset": "MNIST", "flip": True}, "data.flip=true mirrors images, which turns digits into other shapes"),
     ],
 )
 def test_bad_settings_are_refused_when_built(setting: dict, message: str) -> None:
@@ -165,3 +167,32 @@ def test_copying_from_the_mirror_leaves_no_partial_files(tmp_path: Path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         MNISTDataModule("MNIST", data_dir=str(tmp_path / "data"), mirror=str(plain), download=False).prepare_data()
     assert list((tmp_path / "data" / "MNIST" / "raw").iterdir()) == []
+
+
+def test_augmentation_moves_whole_images_and_only_training_batches(fashion: MNISTDataModule) -> None:
+    fashion.setup("fit")
+    images, labels = fashion.train_set[list(range(64))]
+    background = -fashion.hparams.mean / fashion.hparams.std
+    torch.manual_seed(0)
+    shifted = augment(images, shift=2, flip=False, background=background)
+    for before, after in zip(images, shifted, strict=True):
+        # Each image moved by whole pixels (at most 2 each way) with background shifted in: one of 25 offsets fits.
+        padded = torch.nn.functional.pad(before, (2, 2, 2, 2), value=background)
+        assert any(torch.allclose(padded[:, 2 + dy : 30 + dy, 2 + dx : 30 + dx], after, atol=1e-6)
+                   for dy in range(-2, 3) for dx in range(-2, 3))  # fmt: skip
+    assert not torch.equal(shifted, images)  # and most of them did move
+
+    flipped = augment(images, shift=0, flip=True, background=background)
+    mirrored = [torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in zip(flipped, images, strict=True)]
+    assert 16 < sum(mirrored) < 48 and all(
+        m or torch.equal(a, b) for m, a, b in zip(mirrored, flipped, images, strict=True)
+    )
+
+    class Loop:  # what the hook reads of the Trainer
+        training = False
+
+    data = MNISTDataModule("FashionMNIST", shift=2, flip=True)
+    data.trainer = Loop()
+    assert data.on_after_batch_transfer((images, labels), 0)[0] is images  # validation and test: untouched
+    Loop.training = True
+    assert not torch.equal(data.on_after_batch_transfer((images, labels), 0)[0], images)

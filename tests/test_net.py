@@ -84,3 +84,27 @@ def test_a_vanishing_feature_map_names_the_layer() -> None:
 def test_a_per_layer_list_of_the_wrong_length_is_refused() -> None:
     with pytest.raises(UserError, match=r"model.padding=\[1, 1\] has 2 values but the network has 3 conv layers"):
         build("net3", padding=[1, 1])
+
+
+def test_batch_norm_and_dropout_are_optional_layers_that_train() -> None:
+    net = build("net3", batch_norm=True, dropout=0.3)
+    names = [name for name, _ in net.named_children()]
+    assert names[:4] == ["conv1", "conv1_bn", "conv1_relu", "conv1_pool"] and "fc2_dropout" in names
+    assert net.conv1.bias is None  # batch norm's shift takes the bias's place
+    # The blank image that measured fc1 did not teach batch norm anything.
+    assert torch.equal(net.conv1_bn.running_mean, torch.zeros(6)) and int(net.conv1_bn.num_batches_tracked) == 0
+    expected = sum(p.numel() for p in build("net3").parameters()) - (6 + 12 + 24) + 2 * (6 + 12 + 24)
+    assert sum(p.numel() for p in net.parameters()) == expected
+
+    images, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(net(images), labels).backward()
+    optimizer.step()
+    assert int(net.conv1_bn.num_batches_tracked) == 1
+    net.eval()  # dropout off, batch norm on its running statistics: evaluation is deterministic
+    assert torch.equal(net(images), net(images))
+
+
+def test_dropout_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(UserError, match=r"model\.dropout=1\.0 must be at least 0 and below 1"):
+        build("net2", dropout=1.0)
