@@ -23,11 +23,11 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
     overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
     # The overrides every job shares (paths, fixed settings) would repeat on each row: a row shows what it varies.
     common = set.intersection(*map(set, overrides.values())) if len(jobs) > 1 else set()
-    rows = []
+    rows, scores = [], {}
     for job in jobs:
         result = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").is_file() else {}
-        status = result.get("status", "failed")
         metrics = result.get("metrics", {})
+        scores[job.name] = metrics
         rows.append(
             {
                 "job": job.name,
@@ -35,15 +35,14 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
                 **{name: metrics.get(name) for name in METRICS},
                 "epochs": result.get("epochs"),
                 "wall_time_s": result.get("wall_time_s"),
-                # A job killed with the sweep leaves "running"; one that never wrote metrics.json failed early.
-                "status": "ok" if status == "finished" else f"{status}: {_last_line(result.get('error', ''))}",
+                "status": _status(result),
                 "run_dir": str(job),
             }
         )
-    if not any(row[metric] is not None for row in rows):
+    if not any(metric in metrics for metrics in scores.values()):
         metric = "test/acc"
-    lower_is_better = metric.endswith("loss")
-    rows.sort(key=lambda row: (row[metric] is None, row[metric] if lower_is_better else -(row[metric] or 0)))
+    sign = 1 if metric.endswith("loss") else -1  # best first
+    rows.sort(key=lambda row: (metric not in scores[row["job"]], sign * scores[row["job"]].get(metric, 0)))
     return rows, metric
 
 
@@ -78,9 +77,14 @@ def _number(job: Path) -> tuple[int, str]:
     return (int(job.name), "") if job.name.isdigit() else (sys.maxsize, job.name)
 
 
-def _last_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[-1] if lines else "no metrics.json (stopped before training started)"
+def _status(result: dict[str, Any]) -> str:
+    """ok, or how the job ended: failed with its error's last line, interrupted, or running (killed with the sweep)."""
+    if not result:
+        return "failed: no metrics.json (stopped before training started)"
+    if result["status"] == "finished":
+        return "ok"
+    error = result.get("error", "").strip().splitlines()
+    return f"{result['status']}: {error[-1]}" if error else result["status"]
 
 
 def _cell(value: Any, metric: bool) -> str:

@@ -10,6 +10,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from cnn_exp.run import write_json
+from cnn_exp.sweep import summarize
 from tests.conftest import QUICK, ROOT, read_metrics, run
 
 COLUMNS = ["job", "overrides", "val/acc", "val/loss", "test/acc", "test/loss", "epochs", "wall_time_s", "status"]
@@ -110,3 +112,27 @@ def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> No
     if launcher == "joblib":  # parallel jobs split the cores instead of each taking them all
         threads = {read_metrics(Path(row["run_dir"]))["settings"]["threads"] for row in rows}
         assert threads == {1}  # joblib's default n_jobs=-1 runs one job per core
+
+
+def test_the_summary_names_how_each_job_ended_and_sorts_by_any_metric(tmp_path: Path) -> None:
+    results = {
+        "0": {"status": "finished", "metrics": {"val/loss": 0.5, "val/acc": 0.8, "train/loss": 0.4}},
+        "1": {"status": "finished", "metrics": {"val/loss": 0.3, "val/acc": 0.9, "train/loss": 0.6}},
+        "2": {"status": "running"},  # killed with the sweep
+        "3": {"status": "interrupted"},
+        "4": None,  # stopped before writing metrics.json
+    }
+    for job, result in results.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        if result:
+            write_json(tmp_path / job / "metrics.json", result)
+    rows, metric = summarize(tmp_path, "train/loss")
+    assert metric == "train/loss" and [row["job"] for row in rows][:2] == ["0", "1"]  # lower loss first
+    assert [row["status"] for row in rows][2:] == [
+        "running",
+        "interrupted",
+        "failed: no metrics.json (stopped before training started)",
+    ]
+    assert [row["job"] for row in summarize(tmp_path, "val/acc")[0]][:2] == ["1", "0"]
+    assert summarize(tmp_path, "test/acc")[1] == "test/acc"
