@@ -112,6 +112,13 @@ def test_the_notebooks_recipes_have_no_augmentation_batch_norm_or_dropout(config
     assert cfg.model.batch_norm is False and cfg.model.dropout == 0
 
 
+def test_fashion_best_stays_in_network3s_family_and_selects_on_validation(config) -> None:
+    cfg = config("experiment=fashion_best")
+    assert len(cfg.model.channels) == 3 and len(cfg.model.hidden) == 2  # 3 conv + 3 FC, as Network3
+    assert cfg.data.val_size > 0 and cfg.callbacks.model_checkpoint.monitor == "val/acc"
+    assert cfg.data.dataset == "FashionMNIST" and cfg.data.flip is True and cfg.data.shift > 0
+
+
 def test_command_line_overrides_reach_the_objects(config) -> None:
     cfg = config("model=net3", "data=fashion", "model.padding=[2,2,1]", "optimizer=adam", "optimizer.lr=0.003")
     model = classifier(cfg)
