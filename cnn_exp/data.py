@@ -219,18 +219,16 @@ class MNISTDataModule(L.LightningDataModule):
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Read one split with torchvision and normalize it once: N×1×28×28 float images, N int64 labels."""
         files = f"{'train' if train else 't10k'}-images-idx3-ubyte and -labels-idx1-ubyte in {self.raw_dir}"
+        redo = "delete them, and the next run copies them again from the mirror or the download."
         try:
             split = DATASETS[self.hparams.dataset](self.hparams.data_dir, train=train)
         except (RuntimeError, AssertionError, ValueError, OSError) as err:
             raise UserError(
                 f"cannot read {files}: {str(err).strip() or type(err).__name__}. The files are truncated or damaged: "
-                "delete them, and the next run copies them again from the mirror or the download."
+                f"{redo}"
             ) from None
         if len(split.data) != len(split.targets):
-            raise UserError(
-                f"{files} disagree: {len(split.data)} images but {len(split.targets)} labels: delete them, and the "
-                "next run copies them again from the mirror or the download."
-            )
+            raise UserError(f"{files} disagree: {len(split.data)} images but {len(split.targets)} labels: {redo}")
         images = split.data.unsqueeze(1).float().div_(255).sub_(self.hparams.mean).div_(self.hparams.std)
         return images, split.targets
 
