@@ -117,6 +117,21 @@ def test_fashion_best_stays_in_network3s_family_and_selects_on_validation(config
     assert len(cfg.model.channels) == 3 and len(cfg.model.hidden) == 2  # 3 conv + 3 FC, as Network3
     assert cfg.data.val_size > 0 and cfg.callbacks.model_checkpoint.monitor == "val/acc"
     assert cfg.data.dataset == "FashionMNIST" and cfg.data.flip is True and cfg.data.shift > 0
+    net = classifier(cfg).net
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in net) == 3
+    assert sum(isinstance(layer, torch.nn.Linear) for layer in net) == 3
+
+
+def test_mnist_best_stays_in_network2s_family_shifts_but_never_mirrors_digits(config) -> None:
+    cfg = config("experiment=mnist_best")
+    assert len(cfg.model.channels) == 2 and len(cfg.model.hidden) == 2  # 2 conv + 3 FC, as Network2
+    assert cfg.data.val_size > 0 and cfg.callbacks.model_checkpoint.monitor == "val/acc"
+    assert cfg.data.dataset == "MNIST" and cfg.data.flip is False and cfg.data.shift > 0
+    # The DataModule and the network build from it, as train.py builds them.
+    assert instantiate(cfg.data).hparams.shift == cfg.data.shift
+    net = classifier(cfg).net
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in net) == 2
+    assert sum(isinstance(layer, torch.nn.Linear) for layer in net) == 3
 
 
 def test_command_line_overrides_reach_the_objects(config) -> None:
