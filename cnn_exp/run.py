@@ -114,7 +114,9 @@ def train(cfg: DictConfig) -> float | None:
     model = Classifier(net=_plain(cfg.model), optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler))
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_each(cfg.callbacks), logger=_instantiate_each(cfg.logger) or False
+        cfg.trainer,
+        callbacks=_instantiate_each(cfg.callbacks, "callbacks"),
+        logger=_instantiate_each(cfg.logger, "logger") or False,
     )
     settings["parameters"] = sum(p.numel() for p in model.net.parameters())
     settings["threads"] = torch.get_num_threads()
@@ -240,7 +242,7 @@ def test(cfg: DictConfig) -> float:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
 
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_instantiate_each(cfg.callbacks))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_instantiate_each(cfg.callbacks, "callbacks"))
     trainer.test(model, datamodule=datamodule)
     metrics = _epoch_metrics(trainer)
     log.info("test/acc %.4f  test/loss %.4f", metrics["test/acc"], metrics["test/loss"])
@@ -280,8 +282,16 @@ def _epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {name: float(trainer.callback_metrics[name]) for name in METRICS if name in trainer.callback_metrics}
 
 
-def _instantiate_each(group: DictConfig | None) -> list[Any]:
+def _instantiate_each(group: DictConfig | None, name: str) -> list[Any]:
     """Build every entry of a group that holds several objects by name (callbacks, loggers)."""
+    for key, node in (group or {}).items():
+        # An entry with settings but no class: an experiment tunes an object that the group chosen (e.g.
+        # callbacks=none) does not define. Instantiated, it would reach Lightning as a dict and fail deep inside.
+        if node and "_target_" not in node:
+            raise UserError(
+                f"{name}.{key} sets {', '.join(map(str, node))} but names no _target_: the {name} config chosen "
+                f"does not define {key}. Drop it with ~{name}.{key}, or choose a {name} config that has it."
+            )
     return [instantiate(node) for node in (group or {}).values() if node]
 
 

@@ -59,8 +59,8 @@ def test_every_option_composes_and_builds(config, group: str, option: str) -> No
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
     if cfg.scheduler:
         assert isinstance(optimizers["lr_scheduler"], get_class(cfg.scheduler._target_))
-    assert all(callable(getattr(c, "on_fit_start", None)) for c in _instantiate_each(cfg.callbacks))
-    assert [type(logger).__name__ for logger in _instantiate_each(cfg.logger)]
+    assert all(callable(getattr(c, "on_fit_start", None)) for c in _instantiate_each(cfg.callbacks, "callbacks"))
+    assert [type(logger).__name__ for logger in _instantiate_each(cfg.logger, "logger")]
     if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_epochs == cfg.trainer.max_epochs

@@ -152,6 +152,8 @@ def damaged(tmp_path: Path) -> callable:
         (["model=net3", "model.kernel_size=5", "model.padding=0"], "error: model: the feature map vanishes at conv3"),
         (["model.padding=[1,1,1]"], "error: model.padding=[1, 1, 1] has 3 values but the network has 2 conv layers"),
         (["resume=/nonexistent/run"], "error: resume=/nonexistent/run: not a run directory of train.py"),
+        # seed_mnist tunes callbacks.model_checkpoint, which callbacks=none does not define
+        (["experiment=seed_mnist", "callbacks=none"], "error: callbacks.model_checkpoint sets monitor, filename"),
     ],
 )
 def test_bad_settings_get_one_clear_message(
