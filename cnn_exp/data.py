@@ -34,7 +34,7 @@ class InMemoryDataset(TensorDataset):
         index = torch.as_tensor(indices)
         if self.tensors[0].is_cuda:
             index = index.pin_memory().to(self.tensors[0].device, non_blocking=True)
-        return tuple(tensor[index] for tensor in self.tensors)
+        return tuple(tensor.index_select(0, index) for tensor in self.tensors)
 
 
 class EpochSampler(Sampler[int]):
