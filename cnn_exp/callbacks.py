@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from cnn_exp.errors import UserError
 from cnn_exp.plots import confusion_figure, image_grid
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,9 @@ class TestReport(L.Callback):
     """
 
     def __init__(self, dirpath: str, samples: int = 32, misclassified: int = 32, confused_pairs: int = 5) -> None:
+        for name, value in (("samples", samples), ("misclassified", misclassified), ("confused_pairs", confused_pairs)):
+            if not isinstance(value, int) or value < 0:
+                raise UserError(f"callbacks.test_report.{name}={value} must be a count: 0 (none) or more")
         self.dirpath = Path(dirpath)
         self.samples, self.misclassified, self.confused_pairs = samples, misclassified, confused_pairs
 
@@ -208,15 +212,15 @@ class TestReport(L.Callback):
             writer.writerow(["class", "images", "correct", "accuracy"])
             for row in zip(classes, images.tolist(), matrix.diag().tolist(), accuracy.tolist(), strict=True):
                 writer.writerow([*row[:3], f"{row[3]:.4f}"])
-        wrong = self._take(self._wrong, self.misclassified)
-        samples = self._take(self._samples, self.samples)
-        figures = {
-            "confusion_matrix": confusion_figure(matrix, classes, "test set"),
-            "misclassified": image_grid(*wrong, classes, "misclassified test images: true → predicted"),
-            "predictions": image_grid(*samples, classes, "test images: true → predicted"),
-        }
-        figures["confusion_matrix"].savefig(self.dirpath / "confusion_matrix.png", dpi=100)
-        figures["misclassified"].savefig(self.dirpath / "misclassified.png", dpi=100)
+        figures = {"confusion_matrix": confusion_figure(matrix, classes, "test set")}
+        grids = {"misclassified": (self._wrong, self.misclassified, "misclassified test images: true → predicted")}
+        grids["predictions"] = (self._samples, self.samples, "test images: true → predicted")
+        for name, (parts, count, title) in grids.items():
+            if count and (chosen := self._take(parts, count)) and len(chosen[0]):  # none asked for, or none wrong
+                figures[name] = image_grid(*chosen, classes, title)
+        for name in ("confusion_matrix", "misclassified"):
+            if name in figures:
+                figures[name].savefig(self.dirpath / f"{name}.png", dpi=100)
         if tensorboard := _tensorboard(trainer):
             for name, figure in figures.items():
                 tensorboard.experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step)
@@ -234,7 +238,7 @@ class TestReport(L.Callback):
         confused = matrix.clone()
         confused.fill_diagonal_(0)
         pairs = Table("true", "predicted as", "images", "of the class", title="most confused pairs")
-        counts, indices = confused.flatten().topk(self.confused_pairs)
+        counts, indices = confused.flatten().topk(min(self.confused_pairs, confused.numel()))
         for count, index in zip(counts.tolist(), indices.tolist(), strict=True):
             if count:
                 true, predicted = divmod(index, len(classes))

@@ -23,8 +23,9 @@ class Classifier(L.LightningModule):
 
     def __init__(self, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if optimizer.get("lr", 1) <= 0:
-            raise UserError(f"optimizer.lr={optimizer['lr']} must be positive")
+        lr = optimizer.get("lr", 1)
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
+            raise UserError(f"optimizer.lr={lr} must be positive")
         self.save_hyperparameters()
         self.net = instantiate(net)
         self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
@@ -102,6 +103,15 @@ class Classifier(L.LightningModule):
         ]
         if differences:
             raise UserError(f"the checkpoint holds another network than this run's: {'; '.join(differences)}")
+        # Lightning continues the checkpoint's optimizer and schedule, state and settings alike: settings given now
+        # that differ would be recorded for this run but never used (a schedule's length included).
+        for group in ("optimizer", "scheduler"):
+            then, now = checkpoint.get("hyper_parameters", {}).get(group), self.hparams.get(group)
+            if "optimizer_states" in checkpoint and group in checkpoint.get("hyper_parameters", {}) and then != now:
+                raise UserError(
+                    f"the checkpoint continues its own {group} ({_short(then)}), not this run's ({_short(now)}): "
+                    f"give the same {group} settings, or train a new run from the start"
+                )
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
 
@@ -148,3 +158,11 @@ class Classifier(L.LightningModule):
         accuracy.update(logits, labels)
         confusion.update(logits.argmax(dim=1), labels)
         return logits
+
+
+def _short(settings: dict[str, Any] | None) -> str:
+    """A config group's settings in one line: its class's name and its values."""
+    if not settings:
+        return "none"
+    values = ", ".join(f"{key}={value}" for key, value in settings.items() if not key.startswith("_"))
+    return f"{str(settings.get('_target_', '')).rsplit('.', 1)[-1]} {values}".strip()

@@ -113,9 +113,9 @@ class MNISTDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"data.dataset={dataset!r} is not one of {sorted(DATASETS)}")
-        if batch_size <= 0:
+        if not isinstance(batch_size, int) or batch_size <= 0:
             raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
-        if val_size < 0:
+        if not isinstance(val_size, int) or val_size < 0:
             raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
         if std <= 0:
             raise UserError(f"data.std={std} must be positive")

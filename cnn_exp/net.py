@@ -48,6 +48,14 @@ class ConvNet(nn.Sequential):
             raise UserError(f"model.dropout={dropout} must be at least 0 and below 1")
         kernels = _per_layer(kernel_size, len(channels), "kernel_size")
         paddings = _per_layer(padding, len(channels), "padding")
+        for name, values, least in (
+            ("channels", list(channels), 1),
+            ("hidden", list(hidden), 1),
+            ("kernel_size", kernels, 1),
+            ("padding", paddings, 0),
+        ):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values):
+                raise UserError(f"model.{name}={values}: every value must be a whole number of at least {least}")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         width = in_channels
         for i, (out, kernel, pad) in enumerate(zip(channels, kernels, paddings, strict=True), start=1):

@@ -33,8 +33,15 @@ log = logging.getLogger(__name__)
 # The names under which Classifier logs its epoch metrics, in the order metrics.json lists them.
 METRICS = [f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "acc")]
 
-# `${or_else:a,b}` is a unless a is null: hydra.run.dir is the run named by resume=<run dir>, else a new one.
-OmegaConf.register_new_resolver("or_else", lambda value, default: default if value is None else value, replace=True)
+# hydra.run.dir: the run named by resume=<run dir> when that is a directory, else a new one (a wrong resume= then
+# fails in a new run directory instead of creating the directory it names).
+OmegaConf.register_new_resolver(
+    "run_dir", lambda resume, new: resume if resume and Path(resume).is_dir() else new, replace=True
+)
+# hydra.output_subdir: a resumed run keeps the .hydra/ record of how it was started, and adds one of each resume.
+OmegaConf.register_new_resolver(
+    "hydra_subdir", lambda resume, time: f".hydra/resumed-{time}" if resume else ".hydra", replace=True
+)
 
 # Batches are slices of in-memory tensors: worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -104,8 +111,9 @@ def train(cfg: DictConfig) -> float | None:
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     cfg, settings = _resume(cfg) if cfg.get("resume") else (cfg, _settings(cfg))
-    if cfg.ckpt_path:
-        checkpoints.load(cfg.ckpt_path)  # a missing, damaged or unsafe file fails now, before any work
+    # A missing, damaged, unsafe or foreign file fails now, before any work.
+    start_step = _training_state(cfg.ckpt_path, cfg.trainer.max_epochs)["global_step"] if cfg.ckpt_path else 0
+    _check_monitored_metrics(cfg)
     print_config(cfg, output_dir / "config.yaml")
     _set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
@@ -135,6 +143,8 @@ def train(cfg: DictConfig) -> float | None:
     result: dict[str, Any] = {"status": "interrupted"}
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if cfg.ckpt_path and trainer.global_step == start_step and not trainer.interrupted:
+            raise UserError(_nothing_left(cfg.ckpt_path, cfg.trainer.max_epochs))
         metrics = _epoch_metrics(trainer)
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
@@ -206,8 +216,40 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _training_state(path: str, max_epochs: int | None) -> dict[str, Any]:
+    """The checkpoint `ckpt_path` names, refused unless it holds a training state of train.py's to continue."""
+    checkpoint = checkpoints.load(path)
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters", "global_step"} <= set(checkpoint):
+        raise UserError(
+            f"ckpt_path={path} is not a checkpoint written by train.py (a bare state_dict or another program's "
+            "file has no training state to continue from)"
+        )
+    # Past max_epochs Lightning fails with a traceback; at it, it would train nothing (caught after fit).
+    if max_epochs is not None and 0 <= max_epochs <= checkpoint.get("epoch", 0):
+        raise UserError(_nothing_left(path, max_epochs))
+    return checkpoint
+
+
+def _nothing_left(path: str, max_epochs: int) -> str:
+    return (
+        f"ckpt_path={path} has already trained to trainer.max_epochs={max_epochs}: nothing left to train. "
+        "Give a larger trainer.max_epochs, or test it with test.py."
+    )
+
+
+def _check_monitored_metrics(cfg: DictConfig) -> None:
+    """Early stopping on a validation metric needs a validation split; without one Lightning fails after epoch 1."""
+    for key, node in (cfg.callbacks or {}).items():
+        monitor = str((node or {}).get("monitor") or "")
+        if cfg.data.val_size == 0 and monitor.startswith("val/") and "EarlyStopping" in str(node.get("_target_")):
+            raise UserError(
+                f"callbacks.{key} stops on {monitor}, but data.val_size=0 leaves no validation split: "
+                "set data.val_size (e.g. 5000) or drop the callback"
+            )
+
+
 def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
-    """A run directory's own config and settings, pointed at its newest checkpoint."""
+    """A run directory's own config and settings, pointed at its newest checkpoint and at where it lies now."""
     run_dir = Path(cfg.resume)
     try:
         saved = OmegaConf.load(run_dir / "config.yaml")
@@ -220,15 +262,56 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     candidates = [path for path in candidates if path.is_file()]
     if not candidates:
         raise UserError(f"resume={cfg.resume}: no step.ckpt or last.ckpt in {run_dir / 'checkpoints'} to continue from")
+    # Only where the data is may differ (another machine); anything else would silently not apply.
+    given = list(HydraConfig.get().overrides.task)
+    if extra := [o for o in given if not o.startswith(("resume=", "hydra.", "paths.data_dir=", "paths.data_mirror="))]:
+        raise UserError(
+            f"resume= continues a run with its own config and takes no other settings ({' '.join(extra)}). "
+            "To change them, start a new run from its checkpoint: ckpt_path=<run>/checkpoints/last.ckpt"
+        )
+    if any(o.startswith("paths.data_dir=") for o in given):
+        saved.paths.data_dir = saved.data.data_dir = cfg.paths.data_dir
+    if any(o.startswith("paths.data_mirror=") for o in given):
+        saved.paths.data_mirror = saved.data.mirror = cfg.paths.data_mirror
+    # config.yaml is saved resolved: its paths name the directory the run was started in. A run directory that
+    # was moved or copied since must continue where it is now, not write into the old place.
+    saved = _moved(saved, str(saved.paths.output_dir), str(cfg.paths.output_dir))
     saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
     saved.resume = cfg.resume
+    # Lightning's CSV logger empties a metrics.csv it finds: the resumed part goes beside it instead.
+    for node in (saved.logger or {}).values():
+        if node and str(node.get("_target_", "")).endswith("CSVLogger"):
+            node.version = f"{node.get('version') or ''}resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return saved, settings
+
+
+def _moved(cfg: DictConfig, old: str, new: str) -> DictConfig:
+    """`cfg` with every path inside the directory `old` pointed inside `new` instead."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: move(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [move(item) for item in value]
+        if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+            return new + value[len(old) :]
+        return value
+
+    return OmegaConf.create(move(OmegaConf.to_container(cfg)))
 
 
 @reports_user_errors
 def test(cfg: DictConfig) -> float:
     """Rebuild model and data from a checkpoint alone, test on the official test split, write metrics.json."""
     start = time.perf_counter()
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise UserError("test.py needs ckpt_path=<file>.ckpt, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt")
+    # Settings that only train.py takes would be ignored here without a word (Hydra suggests +key= for them).
+    if ignored := [group for group in ("model", "data", "optimizer", "scheduler", "experiment") if group in cfg]:
+        raise UserError(
+            f"test.py rebuilds network and data from the checkpoint: {', '.join(ignored)} settings cannot change "
+            "them (batch_size=N sets the test batch size, paths.* where the data is)"
+        )
     path = Path(cfg.ckpt_path)
     checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
     # Data lives where this machine keeps it, not where the checkpoint was trained.
@@ -249,6 +332,7 @@ def test(cfg: DictConfig) -> float:
     write_json(
         Path(cfg.paths.output_dir) / "metrics.json",
         {
+            "status": "finished",
             "metrics": metrics,
             "tested": str(path),
             "wall_time_s": round(time.perf_counter() - start, 2),

@@ -2,11 +2,13 @@
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
@@ -48,19 +50,32 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
 
 def write(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> str:
     """Write summary.csv and summary.md into the sweep directory; return the Markdown table."""
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+    # Each file is replaced whole: parallel jobs (joblib) may rewrite them at the same moment.
+    tmp = sweep_dir / f".summary.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, sweep_dir / "summary.csv")
     lines = [f"| {' | '.join(COLUMNS)} |", f"|{'---|' * len(COLUMNS)}"]
     lines += [f"| {' | '.join(_cell(row[column], column in METRICS) for column in COLUMNS)} |" for row in rows]
     table = f"Sweep {sweep_dir}: {len(rows)} jobs, best {metric} first\n\n" + "\n".join(lines) + "\n"
-    (sweep_dir / "summary.md").write_text(table)
+    tmp.write_text(table)
+    os.replace(tmp, sweep_dir / "summary.md")
     return table
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of every multirun, write and print the summary; exit 1 if any job failed."""
+    """Hydra callback: at the end of every multirun, write and print the summary; exit 1 if any job failed.
+
+    The files are also rewritten after each job, so a long sweep can be followed as it runs, and a sweep that
+    ends in an error of its own (an Optuna search whose every trial failed) still leaves its table behind.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
+            sweep_dir = Path(config.hydra.sweep.dir)
+            write(sweep_dir, *summarize(sweep_dir, config.get("optimized_metric") or "val/acc"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

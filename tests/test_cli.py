@@ -183,6 +183,24 @@ def test_under_ddp_each_rank_trains_on_its_own_shard_and_one_rank_writes_results
     assert ddp["metrics"]["test/acc"] > 0.5 and single > 0.5 and abs(ddp["metrics"]["test/acc"] - single) < 0.1
 
 
+def test_test_py_names_what_it_needs_and_refuses_settings_it_would_ignore(trained: Path, tmp_path: Path) -> None:
+    proc = run("test.py", f"hydra.run.dir={tmp_path / 'a'}", check=False)
+    assert proc.returncode == 1 and "error: test.py needs ckpt_path=" in proc.stderr and "Traceback" not in proc.stderr
+    ckpt = f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"
+    proc = run("test.py", ckpt, "+model.channels=[16,32]", f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert proc.returncode == 1 and "error: test.py rebuilds network and data from the checkpoint: model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_test_report_can_leave_out_its_image_grids(trained: Path, data_dir: Path, tmp_path: Path) -> None:
+    ckpt = f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"
+    report = ["callbacks.test_report.samples=0", "callbacks.test_report.misclassified=0"]
+    proc = run("test.py", ckpt, *report, "callbacks.test_report.confused_pairs=500", f"paths.data_dir={data_dir}",
+               f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert "most confused pairs" in proc.stdout and read_metrics(tmp_path)["status"] == "finished"
+    assert (tmp_path / "confusion_matrix.png").is_file() and not (tmp_path / "misclassified.png").exists()
+
+
 def test_a_run_without_our_callbacks_tests_the_final_weights(paths: list[str], tmp_path: Path) -> None:
     run("train.py", *paths, *QUICK, "callbacks=none", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
     result = read_metrics(tmp_path / "run")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -59,7 +60,9 @@ def test_every_option_composes_and_builds(config, group: str, option: str) -> No
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
     if cfg.scheduler:
         assert isinstance(optimizers["lr_scheduler"], get_class(cfg.scheduler._target_))
-    assert all(callable(getattr(c, "on_fit_start", None)) for c in _instantiate_each(cfg.callbacks, "callbacks"))
+    built = _instantiate_each(cfg.callbacks, "callbacks")
+    assert all(isinstance(c, L.Callback) for c in built)
+    assert [type(c).__name__ for c in built] == [n._target_.rsplit(".", 1)[-1] for n in cfg.callbacks.values() if n]
     assert [type(logger).__name__ for logger in _instantiate_each(cfg.logger, "logger")]
     if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)

@@ -86,6 +86,20 @@ def test_a_per_layer_list_of_the_wrong_length_is_refused() -> None:
         build("net3", padding=[1, 1])
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"padding": -1}, r"model.padding=\[-1, -1\]: every value must be a whole number of at least 0"),
+        ({"channels": [0, 12]}, r"model.channels=\[0, 12\]: every value must be a whole number of at least 1"),
+        ({"kernel_size": 0}, r"model.kernel_size=\[0, 0\]: every value must be a whole number of at least 1"),
+        ({"hidden": [120, 0]}, r"model.hidden=\[120, 0\]: every value must be a whole number of at least 1"),
+    ],
+)
+def test_sizes_that_cannot_make_a_layer_are_named(setting: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build("net2", **setting)
+
+
 def test_batch_norm_and_dropout_are_optional_layers_that_train() -> None:
     net = build("net3", batch_norm=True, dropout=0.3)
     names = [name for name, _ in net.named_children()]

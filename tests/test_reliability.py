@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnn_exp import checkpoints
+from cnn_exp import callbacks, checkpoints
 from cnn_exp.checkpoints import SafeCheckpointIO
+from cnn_exp.classifier import Classifier
 from cnn_exp.errors import UserError
-from cnn_exp.run import write_json
+from cnn_exp.run import _training_state, write_json
 from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run
 
 # 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps.
@@ -35,13 +36,21 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
         *RESUMABLE,
         "+callbacks.kill._target_=tests.callbacks.SignalAt",
         "+callbacks.kill.step=23",
-        f"hydra.run.dir={killed}",
+        "logger=[tensorboard,csv]",
+        f"hydra.run.dir={tmp_path / 'started'}",
         check=False,
     )
     assert proc.returncode == -9
+    # The run directory is moved before it is resumed: the run must continue where it lies now.
+    shutil.move(tmp_path / "started", killed)
     assert read_metrics(killed)["status"] == "running"  # what a killed run leaves: no result
     assert checkpoints.load(killed / "checkpoints" / "step.ckpt")["global_step"] == 20
     assert checkpoints.load(killed / "checkpoints" / "last.ckpt")["global_step"] == 16
+    started = (killed / ".hydra" / "overrides.yaml").read_text()
+
+    proc = run("train.py", f"resume={killed}", "trainer.max_epochs=5", check=False)
+    assert proc.returncode == 1 and "error: resume= continues a run with its own config" in proc.stderr
+    assert "(trainer.max_epochs=5)" in proc.stderr
 
     run("train.py", f"resume={killed}")
     resumed, whole = read_metrics(killed), read_metrics(tmp_path / "whole")
@@ -49,6 +58,13 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert resumed["metrics"] == whole["metrics"]  # identical, to the last bit, test included
     assert resumed["settings"] == whole["settings"] | {"overrides": resumed["settings"]["overrides"]}
     assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one TensorBoard run, continued
+    assert not (tmp_path / "started").exists()  # nothing written where the run was started
+    assert resumed["tested"].startswith(str(killed / "checkpoints"))
+    assert (killed / ".hydra" / "overrides.yaml").read_text() == started  # how it was started, kept
+    assert len(list((killed / ".hydra").glob("resumed-*/overrides.yaml"))) == 2  # the refused try and the resume
+    # Lightning's CSV logger would empty the first part's metrics.csv: it stays, the rest goes beside it.
+    assert (killed / "csv" / "metrics.csv").read_text().count("\n") > 2
+    assert list((killed / "csv").glob("resumed-*/metrics.csv"))
 
     # A new run from the epoch-boundary checkpoint trains to the same end.
     run(
@@ -73,6 +89,12 @@ def test_a_recipe_without_validation_keeps_an_epoch_checkpoint_to_resume_from(pa
     run("train.py", f"resume={tmp_path}")
     result = read_metrics(tmp_path)
     assert result["status"] == "finished" and result["steps"] == 30 and result["tested"] == "final weights"
+
+
+def test_a_resume_of_a_wrong_directory_does_not_create_it(paths: list[str], tmp_path: Path) -> None:
+    proc = run("train.py", f"resume={tmp_path / 'no_such_run'}", f"paths.log_dir={tmp_path / 'outputs'}", check=False)
+    assert proc.returncode == 1 and "not a run directory of train.py" in proc.stderr
+    assert not (tmp_path / "no_such_run").exists()
 
 
 def test_ctrl_c_stops_cleanly_keeps_the_checkpoints_and_records_it(paths: list[str], tmp_path: Path) -> None:
@@ -110,8 +132,15 @@ def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
 
     metrics = tmp_path / "metrics.json"
     write_json(metrics, {"status": "finished"})
-    with pytest.raises(TypeError):
-        write_json(metrics, {"status": object()})
+
+    def torn_text(self: Path, text: str) -> None:
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn_text)
+    with pytest.raises(OSError, match="No space"):
+        write_json(metrics, {"status": "running", "epochs": 3})
     assert read_metrics(tmp_path) == {"status": "finished"}
 
 
@@ -152,6 +181,7 @@ def damaged(tmp_path: Path) -> callable:
         (["model=net3", "model.kernel_size=5", "model.padding=0"], "error: model: the feature map vanishes at conv3"),
         (["model.padding=[1,1,1]"], "error: model.padding=[1, 1, 1] has 3 values but the network has 2 conv layers"),
         (["resume=/nonexistent/run"], "error: resume=/nonexistent/run: not a run directory of train.py"),
+        (["data.val_size=0", "callbacks=[default,early_stopping]"], "error: callbacks.early_stopping stops on val/acc"),
         # seed_mnist tunes callbacks.model_checkpoint, which callbacks=none does not define
         (["experiment=seed_mnist", "callbacks=none"], "error: callbacks.model_checkpoint sets monitor, filename"),
     ],
@@ -197,14 +227,54 @@ def test_a_diverging_loss_fails_the_run_at_once(paths: list[str], tmp_path: Path
     [
         (["model=net3"], "the checkpoint holds another network than this run's: model.channels: [6, 12] in the"),
         (["data=fashion"], "the checkpoint was trained on MNIST, this run asks for FashionMNIST"),
+        (["optimizer=adam"], "the checkpoint continues its own optimizer (SGD lr=0.1, momentum=0.0"),
+        (["trainer.max_epochs=3"], "has already trained to trainer.max_epochs=3: nothing left to train"),
     ],
 )
 def test_a_checkpoint_of_another_model_or_dataset_is_refused(
     overrides: list[str], message: str, trained: Path, paths: list[str], tmp_path: Path
 ) -> None:
     ckpt = trained / "checkpoints" / "last.ckpt"
-    proc = run("train.py", *paths, *QUICK, *overrides, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}", check=False)
+    # `trained` ran 3 epochs: 5 leaves some to train, unless a case sets its own.
+    epochs = [] if any(o.startswith("trainer.max_epochs=") for o in overrides) else ["trainer.max_epochs=5"]
+    settings = ["data.val_size=200", *epochs, *overrides, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"]
+    proc = run("train.py", *paths, *settings, check=False)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_continues_only_with_its_own_optimizer_and_schedule_and_epochs_left(
+    trained: Path, tmp_path: Path
+) -> None:
+    path = trained / "checkpoints" / "last.ckpt"
+    checkpoint = checkpoints.load(path)
+    saved = checkpoint["hyper_parameters"]
+    cosine = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": 5}
+    for optimizer, scheduler, message in [
+        (
+            {**saved["optimizer"], "lr": 0.01},
+            None,
+            r"its own optimizer \(SGD lr=0.1, .*\), not this run's \(SGD lr=0.01",
+        ),
+        (saved["optimizer"], cosine, r"its own scheduler \(none\), not this run's \(CosineAnnealingLR T_max=5"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            Classifier(saved["net"], optimizer, scheduler).on_load_checkpoint(checkpoint)
+    Classifier(saved["net"], saved["optimizer"], saved["scheduler"]).on_load_checkpoint(checkpoint)  # the same: fine
+    # `trained` ran epochs 0-2: up to max_epochs=2 nothing is left (max_epochs=3 is caught after fit, above).
+    with pytest.raises(UserError, match=r"has already trained to trainer\.max_epochs=2: nothing left to train"):
+        _training_state(str(path), 2)
+    assert _training_state(str(path), 5)["global_step"] == checkpoint["global_step"]
+    plain = tmp_path / "weights.pt"
+    torch.save({"conv1.weight": torch.zeros(6, 1, 5, 5)}, plain)
+    with pytest.raises(UserError, match=r"is not a checkpoint written by train\.py"):
+        _training_state(str(plain), 5)
+
+
+def test_values_of_the_wrong_kind_are_named() -> None:
+    with pytest.raises(UserError, match=r"optimizer\.lr=abc must be positive"):
+        Classifier({"_target_": "cnn_exp.net.ConvNet"}, {"_target_": "torch.optim.SGD", "lr": "abc"})
+    with pytest.raises(UserError, match=r"callbacks\.test_report\.samples=-1 must be a count"):
+        callbacks.TestReport(dirpath=".", samples=-1)
 
 
 class Payload:
@@ -240,7 +310,8 @@ def test_damaged_and_missing_checkpoints_are_named(tmp_path: Path) -> None:
 
 def test_a_run_writes_only_inside_its_data_and_output_directories(paths: list[str], tmp_path: Path) -> None:
     def files() -> set[Path]:
-        skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "data", "outputs"}
+        # The repo's own data/ and outputs/ count too: a run given other paths must not write there either.
+        skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
         return {p for p in ROOT.rglob("*") if not skip & set(p.relative_to(ROOT).parts)}
 
     before = files()

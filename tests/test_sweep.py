@@ -102,6 +102,15 @@ def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(pat
     assert best.best_value == max(float(row["val/acc"]) for row in rows) == float(rows[0]["val/acc"])
 
 
+def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: list[str]) -> None:
+    search = ["hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", "model.kernel_size=40"]
+    proc = run("train.py", "-m", *paths, *search, check=False)
+    assert proc.returncode != 0  # Optuna's own error: no trial completed
+    (sweep,) = sweep_dirs(paths)
+    rows = read_summary(sweep)
+    assert len(rows) == 2 and all(row["status"].startswith("failed: model: the feature map vanishes") for row in rows)
+
+
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> None:
     run("train.py", "-m", *paths, *QUICK, f"hydra/launcher={launcher}", "model.padding=0,1")
@@ -136,3 +145,15 @@ def test_the_summary_names_how_each_job_ended_and_sorts_by_any_metric(tmp_path: 
     ]
     assert [row["job"] for row in summarize(tmp_path, "val/acc")[0]][:2] == ["1", "0"]
     assert summarize(tmp_path, "test/acc")[1] == "test/acc"
+
+
+def test_a_test_py_sweep_over_checkpoints_is_summarized_and_fails_for_a_missing_one(
+    trained: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    good, missing = trained / "checkpoints" / "last.ckpt", tmp_path / "missing.ckpt"
+    sweep = [f"ckpt_path={good},{missing}", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run("test.py", "-m", *sweep, check=False)
+    assert proc.returncode == 1
+    rows = {row["overrides"]: row for row in read_summary(tmp_path / "sweep")}
+    assert rows[f"ckpt_path={good}"]["status"] == "ok" and float(rows[f"ckpt_path={good}"]["test/acc"]) > 0.2
+    assert rows[f"ckpt_path={missing}"]["status"].startswith("failed: ckpt_path=")
