@@ -252,11 +252,13 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     """A run directory's own config and settings, pointed at its newest checkpoint and at where it lies now."""
     run_dir = Path(cfg.resume)
     try:
-        saved = OmegaConf.load(run_dir / "config.yaml")
+        # Hydra's record of the composed config keeps its interpolations: resolved now, its paths name the run
+        # directory where it lies now (moved or copied since), and paths.* overrides reach every use.
+        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         settings = json.loads((run_dir / "metrics.json").read_text())["settings"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         raise UserError(
-            f"resume={cfg.resume}: not a run directory of train.py (no config.yaml or metrics.json)"
+            f"resume={cfg.resume}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)"
         ) from None
     candidates = [run_dir / "checkpoints" / name for name in ("step.ckpt", "last.ckpt")]
     candidates = [path for path in candidates if path.is_file()]
@@ -269,13 +271,9 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
             f"resume= continues a run with its own config and takes no other settings ({' '.join(extra)}). "
             "To change them, start a new run from its checkpoint: ckpt_path=<run>/checkpoints/last.ckpt"
         )
-    if any(o.startswith("paths.data_dir=") for o in given):
-        saved.paths.data_dir = saved.data.data_dir = cfg.paths.data_dir
-    if any(o.startswith("paths.data_mirror=") for o in given):
-        saved.paths.data_mirror = saved.data.mirror = cfg.paths.data_mirror
-    # config.yaml is saved resolved: its paths name the directory the run was started in. A run directory that
-    # was moved or copied since must continue where it is now, not write into the old place.
-    saved = _moved(saved, str(saved.paths.output_dir), str(cfg.paths.output_dir))
+    for key in ("data_dir", "data_mirror"):
+        if any(o.startswith(f"paths.{key}=") for o in given):
+            saved.paths[key] = cfg.paths[key]
     saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
     saved.resume = cfg.resume
     # Lightning's CSV logger empties a metrics.csv it finds: the resumed part goes beside it instead.
@@ -283,21 +281,6 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         if node and str(node.get("_target_", "")).endswith("CSVLogger"):
             node.version = f"{node.get('version') or ''}resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return saved, settings
-
-
-def _moved(cfg: DictConfig, old: str, new: str) -> DictConfig:
-    """`cfg` with every path inside the directory `old` pointed inside `new` instead."""
-
-    def move(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: move(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [move(item) for item in value]
-        if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
-            return new + value[len(old) :]
-        return value
-
-    return OmegaConf.create(move(OmegaConf.to_container(cfg)))
 
 
 @reports_user_errors
