@@ -1,13 +1,16 @@
-"""Callbacks that show what happens inside a run: layer table, step-0 scores, confusion matrices, test report."""
+"""Callbacks that show a run as it goes: progress bar, layer table, step-0 scores, confusion matrices, test report."""
 
 import csv
 import logging
+import math
 from pathlib import Path
+from time import monotonic
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from rich.console import Console
@@ -73,6 +76,36 @@ def _log_per_class(trainer: L.Trainer, split: str, classes: list[str], accuracy:
         logger.log_metrics(dict(zip(tags, accuracy.tolist(), strict=True)), step=trainer.global_step)
 
 
+class ProgressBar(RichProgressBar):
+    """Rich's progress bar, handed the step count and metrics only as often as it redraws them.
+
+    Lightning's bar gathers the count and every progress-bar metric after each training batch (~0.1 ms), yet draws at
+    most `refresh_rate` times a second: at hundreds of batches a second, most of that work was never shown.
+    """
+
+    def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+        self._fed_at = -math.inf
+        self._unfed_batch: int | None = None  # the newest batch the bar has not been told of
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = monotonic()
+        if now - self._fed_at < 1 / max(self.refresh_rate, 1) and batch_idx + 1 < self.total_train_batches:
+            self._unfed_batch = batch_idx
+            return
+        self._fed_at, self._unfed_batch = now, None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # An epoch cut short (max_steps, a stop signal) ends on a batch that may not have been shown yet.
+        if self._unfed_batch is not None:
+            super().on_train_batch_end(trainer, pl_module, None, None, self._unfed_batch)
+            self._unfed_batch = None
+        super().on_train_epoch_end(trainer, pl_module)
+
+
 class LayerTable(ModelSummary):
     """Prints the network layer by layer (shapes for one image, weight and bias shapes, parameters) and saves it
     as `architecture.md`, before training or testing. It is a ModelSummary, so the Trainer adds no other summary.
@@ -117,7 +150,7 @@ class UntrainedScores(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> None:
-        if trainer.global_step != 0 or batch_idx != 0:
+        if batch_idx != 0 or trainer.global_step != 0:  # cheapest test first: it runs every step
             return
         images, labels = batch
         pl_module.eval()  # layers such as batch norm must not learn from this look

@@ -1,14 +1,19 @@
-"""What a run shows: the layer table, TensorBoard's graph/images/scalars, and the test report's files."""
+"""What a run shows: progress bar, layer table, TensorBoard's graph/images/scalars, and the test report's files."""
 
 import csv
 import itertools
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
 
+from cnn_exp import callbacks
 from cnn_exp.callbacks import layer_rows
 from cnn_exp.classifier import Classifier
 from tests.conftest import read_metrics, run
@@ -121,3 +126,22 @@ def test_test_py_prints_and_writes_the_report(trained: Path, data_dir: Path, tmp
     check_report(tmp_path)
     assert "test accuracy per class" in proc.stdout and "most confused pairs" in proc.stdout
     assert "| fc1 | Linear | 192 | 120 | 120×192 | 120 | 23160 |" in (tmp_path / "architecture.md").read_text()
+
+
+@pytest.mark.parametrize(("max_steps", "shown"), [(-1, [0, 4, 8, 12, 16, 19]), (6, [0, 4, 5])])
+def test_the_progress_bar_is_fed_as_often_as_it_redraws(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, max_steps: int, shown: list[int]
+) -> None:
+    """One redraw a second, a batch every quarter second: every fourth batch reaches the bar, and always the last."""
+    clock = itertools.count()
+    monkeypatch.setattr(callbacks, "monotonic", lambda: next(clock) / 4)
+    fed = []
+    feed = RichProgressBar.on_train_batch_end
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda self, *a: fed.append(a[-1]) or feed(self, *a))
+    bar = callbacks.ProgressBar(refresh_rate=1)
+    data = TensorDataset(torch.randn(20 * 8, 1, 28, 28), torch.randint(0, 10, (20 * 8,)))
+    trainer = L.Trainer(max_epochs=1, max_steps=max_steps, callbacks=[bar], logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(Classifier(net=net("net2"), optimizer=SGD), DataLoader(data, batch_size=8))
+    assert fed == shown
+    assert bar.progress.tasks[bar.train_progress_bar_id].completed == shown[-1] + 1
