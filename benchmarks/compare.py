@@ -1,4 +1,5 @@
-"""Epoch time of our train.py path against the notebook's loop and a bare in-memory loop, on this machine.
+"""Epoch time of our train.py path against the notebook's loop, a bare in-memory loop and that loop inside an
+otherwise empty Lightning Trainer (Lightning's own cost), on this machine.
 
     python -m benchmarks.compare --mirror ../shared/datasets               # the three paths, side by side
     python -m benchmarks.compare --mirror ../shared/datasets --table scaling   # vs batch size, network width
@@ -26,15 +27,21 @@ CASES = {
     "Network2 / MNIST": {"model": "net2", "data": "mnist", "experiment": "seed_mnist", "batch": 100},
     "Network3 / Fashion": {"model": "net3", "data": "fashion", "experiment": "seed_fashion", "batch": 40},
 }
-VARIANTS = ["notebook", "bare", "bare NHWC", "train.py"]
+# Each loop variant: its benchmarks/loops.py loop, and whether it uses the NHWC memory format our configs use.
+LOOPS = {"notebook": ("notebook", False), "bare": ("bare", False), "bare NHWC": ("bare", True),
+         "Lightning, bare step, NHWC": ("lightning", True)}  # fmt: skip
+VARIANTS = [*LOOPS, "train.py"]
+RATIOS = [("train.py", "notebook"), ("train.py", "bare"), ("train.py", "bare NHWC"),
+          ("Lightning, bare step, NHWC", "bare NHWC"), ("train.py", "Lightning, bare step, NHWC")]  # fmt: skip
 TRAIN_IMAGES = 60_000
 
 
 def command(variant: str, case: dict, args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:
-    if variant != "train.py":
-        loop = ["--model", case["model"], "--data", case["data"], "--batch-size", str(case["batch"])]
-        loop += ["--channels-last"] if variant.endswith("NHWC") else []
-        return [sys.executable, "-m", "benchmarks.loops", variant.split()[0], *loop, "--epochs", str(args.epochs),
+    if variant in LOOPS:
+        loop, channels_last = LOOPS[variant]
+        options = ["--model", case["model"], "--data", case["data"], "--batch-size", str(case["batch"])]
+        options += ["--channels-last"] if channels_last else []
+        return [sys.executable, "-m", "benchmarks.loops", loop, *options, "--epochs", str(args.epochs),
                 "--data-dir", args.data_dir, "--device", args.device]  # fmt: skip
     # As users run it: the experiment's Trainer, DataModule, logger, checkpoints and callbacks, plus a timer.
     return [sys.executable, "train.py", f"experiment={case['experiment']}", f"trainer.max_epochs={args.epochs}",
@@ -72,7 +79,7 @@ def compare(args: argparse.Namespace) -> None:
             print(
                 f"| {variant} | {epoch:.2f} s | {TRAIN_IMAGES / epoch:,.0f} | {startup:.1f} s | {runs[0]['device']} |"
             )
-        for a, b in (("train.py", "notebook"), ("train.py", "bare"), ("train.py", "bare NHWC")):
+        for a, b in RATIOS:
             ratio = statistics.median(x["epoch"] / y["epoch"] for x, y in zip(results[a], results[b], strict=True))
             print(f"\n{a} / {b}: {ratio:.2f}", end="")
         print()

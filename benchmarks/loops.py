@@ -1,11 +1,13 @@
-"""The two plain PyTorch loops that compare.py measures our train.py path against.
+"""The plain loops that compare.py measures our train.py path against.
 
 - notebook: the lab notebook's loop: a torchvision dataset with per-sample ToTensor (and Normalize for MNIST)
   through a shuffling DataLoader.
 - bare: the same network, optimizer and per-step bookkeeping, fed by slicing one normalized in-memory tensor
   (on the GPU with --device cuda); with --channels-last, in the NHWC memory format our configs use.
+- lightning: the bare loop's batches and step inside an otherwise empty Lightning Trainer (no logger, callbacks,
+  checkpoints, progress bar or metrics): what Lightning's own loop costs, before anything of ours.
 
-Both train the network our configs build (conf/model), with plain SGD as in the notebook, and print one JSON line:
+All train the network our configs build (conf/model), with plain SGD as in the notebook, and print one JSON line:
 the wall-clock time of the first training step and each epoch's duration.
 """
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import time
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -50,9 +53,62 @@ def batches(args: argparse.Namespace):
     return epoch
 
 
+class BareStep(L.LightningModule):
+    """The bare loop's step, bookkeeping included, as a LightningModule."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network, self.total_loss, self.correct = network, 0.0, 0
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        predictions = self.network(images)
+        loss = F.cross_entropy(predictions, labels)
+        self.total_loss += loss.item()
+        self.correct += predictions.argmax(dim=1).eq(labels).sum().item()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.network.parameters(), lr=0.1)
+
+
+class Epochs:
+    """The bare loop's batches as an iterable Lightning can run epochs over (each ends when its batches do)."""
+
+    def __init__(self, epoch) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.epoch())
+
+
+class Clock(L.Callback):
+    """The first step's wall-clock time and each epoch's start, timed as EpochTimer times train.py."""
+
+    def __init__(self) -> None:
+        self.first_step, self.starts = None, []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: object, i: int) -> None:
+        self.first_step = self.first_step or time.time()
+
+
+def run_lightning(network: torch.nn.Module, epoch_batches, args: argparse.Namespace) -> dict:
+    clock = Clock()
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+    )  # fmt: skip
+    trainer.fit(BareStep(network), Epochs(epoch_batches))
+    ends = [*clock.starts[1:], time.perf_counter()]
+    return {"first_step": clock.first_step, "epochs": [b - a for a, b in zip(clock.starts, ends, strict=True)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("loop", choices=["notebook", "bare"])
+    parser.add_argument("loop", choices=["notebook", "bare", "lightning"])
     parser.add_argument("--model", default="net2")
     parser.add_argument("--data", default="mnist", choices=RECIPES)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -67,6 +123,9 @@ def main() -> None:
     network = network.to(args.device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     epoch_batches = batches(args)
+    if args.loop == "lightning":
+        print(json.dumps(run_lightning(network, epoch_batches, args)))
+        return
     first_step, durations = None, []
     for _ in range(args.epochs):
         start = time.perf_counter()
