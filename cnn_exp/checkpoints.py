@@ -1,12 +1,14 @@
-"""Checkpoint files: written atomically, and read without ever running code stored in them."""
+"""Checkpoint files: written atomically, read without ever running code stored in them, found again after a move."""
 
 import os
 import pickle
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import callbacks
 
 from cnn_exp.errors import UserError
 
@@ -59,3 +61,31 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:
         return load(path, map_location=map_location or "cpu")
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint that finds its files again when the run they belong to was moved, then resumed.
+
+    Its state names files by absolute path. Lightning drops that state when the folder differs, and the resumed
+    run would then rank its epochs afresh: test a worse epoch as the best one and write last-v1.ckpt beside a
+    stale last.ckpt.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        before = state.get("dirpath") if state else None
+        # Only a checkpoint lying in this callback's own folder continues its run (resume=). One from elsewhere
+        # (train.py ckpt_path=) starts a new run, whose ranking starts afresh, as Lightning intends.
+        if not before or before == self.dirpath or not trainer.ckpt_path or not self.dirpath:
+            return
+        if Path(trainer.ckpt_path).resolve().parent != Path(self.dirpath).resolve():
+            return
+
+        def here(path: str) -> str:
+            return str(Path(self.dirpath, Path(path).relative_to(before))) if path.startswith(before + os.sep) else path
+
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if state.get(key):
+                state[key] = here(state[key])
+        state["best_k_models"] = {here(path): score for path, score in state.get("best_k_models", {}).items()}
+        state["dirpath"] = self.dirpath

@@ -119,8 +119,8 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
         if std <= 0:
             raise UserError(f"data.std={std} must be positive")
-        if shift < 0:
-            raise UserError(f"data.shift={shift} must be 0 (off) or a number of pixels")
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
         if flip and dataset == "MNIST":
             raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")
         self.save_hyperparameters()

@@ -44,7 +44,7 @@ class ConvNet(nn.Sequential):
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
-        if not 0 <= dropout < 1:
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
             raise UserError(f"model.dropout={dropout} must be at least 0 and below 1")
         kernels = _per_layer(kernel_size, len(channels), "kernel_size")
         paddings = _per_layer(padding, len(channels), "padding")

@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -112,7 +113,9 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     cfg, settings = _resume(cfg) if cfg.get("resume") else (cfg, _settings(cfg))
     # A missing, damaged, unsafe or foreign file fails now, before any work.
-    start_step = _training_state(cfg.ckpt_path, cfg.trainer.max_epochs)["global_step"] if cfg.ckpt_path else 0
+    start_step = (
+        _training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume"))["global_step"] if cfg.ckpt_path else 0
+    )
     _check_monitored_metrics(cfg)
     print_config(cfg, output_dir / "config.yaml")
     _set_threads(cfg.get("threads"))
@@ -121,11 +124,8 @@ def train(cfg: DictConfig) -> float | None:
     # The model first: a network that cannot be built fails before any data is read.
     model = Classifier(net=_plain(cfg.model), optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler))
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=_instantiate_each(cfg.callbacks, "callbacks"),
-        logger=_instantiate_each(cfg.logger, "logger") or False,
-    )
+    loggers = _instantiate_each(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg, loggers), logger=loggers or False)
     settings["parameters"] = sum(p.numel() for p in model.net.parameters())
     settings["threads"] = torch.get_num_threads()
 
@@ -144,7 +144,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         if cfg.ckpt_path and trainer.global_step == start_step and not trainer.interrupted:
-            raise UserError(_nothing_left(cfg.ckpt_path, cfg.trainer.max_epochs))
+            raise UserError(_nothing_left(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume")))
         metrics = _epoch_metrics(trainer)
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
@@ -216,7 +216,7 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _training_state(path: str, max_epochs: int | None) -> dict[str, Any]:
+def _training_state(path: str, max_epochs: int | None, resume: str | None = None) -> dict[str, Any]:
     """The checkpoint `ckpt_path` names, refused unless it holds a training state of train.py's to continue."""
     checkpoint = checkpoints.load(path)
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters", "global_step"} <= set(checkpoint):
@@ -226,11 +226,16 @@ def _training_state(path: str, max_epochs: int | None) -> dict[str, Any]:
         )
     # Past max_epochs Lightning fails with a traceback; at it, it would train nothing (caught after fit).
     if max_epochs is not None and 0 <= max_epochs <= checkpoint.get("epoch", 0):
-        raise UserError(_nothing_left(path, max_epochs))
+        raise UserError(_nothing_left(path, max_epochs, resume))
     return checkpoint
 
 
-def _nothing_left(path: str, max_epochs: int) -> str:
+def _nothing_left(path: str, max_epochs: int, resume: str | None) -> str:
+    if resume:  # a run killed after its training had ended, in its final test
+        return (
+            f"resume={resume}: its training had already ended when it stopped, there is nothing left to train. "
+            f"Test its checkpoint with test.py ckpt_path={path}"
+        )
     return (
         f"ckpt_path={path} has already trained to trainer.max_epochs={max_epochs}: nothing left to train. "
         "Give a larger trainer.max_epochs, or test it with test.py."
@@ -255,11 +260,19 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         # Hydra's record of the composed config keeps its interpolations: resolved now, its paths name the run
         # directory where it lies now (moved or copied since), and paths.* overrides reach every use.
         saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        settings = json.loads((run_dir / "metrics.json").read_text())["settings"]
+        record = json.loads((run_dir / "metrics.json").read_text())
+        settings = record["settings"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         raise UserError(
             f"resume={cfg.resume}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)"
         ) from None
+    # Refused before anything is written: its metrics.json holds the run's results.
+    if record.get("status") == "finished":
+        raise UserError(
+            f"resume={cfg.resume}: this run already finished, there is nothing to continue. Test a checkpoint of it "
+            "with test.py ckpt_path=..., or train it on in a new run: "
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} trainer.max_epochs=N"
+        )
     candidates = [run_dir / "checkpoints" / name for name in ("step.ckpt", "last.ckpt")]
     candidates = [path for path in candidates if path.is_file()]
     if not candidates:
@@ -277,7 +290,7 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
     saved.resume = cfg.resume
     # Lightning's CSV logger empties a metrics.csv it finds: the resumed part goes beside it instead.
-    for node in (saved.logger or {}).values():
+    for node in (saved.get("logger") or {}).values():
         if node and str(node.get("_target_", "")).endswith("CSVLogger"):
             node.version = f"{node.get('version') or ''}resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return saved, settings
@@ -308,7 +321,7 @@ def test(cfg: DictConfig) -> float:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
 
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_instantiate_each(cfg.callbacks, "callbacks"))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_callbacks(cfg, loggers=[]))
     trainer.test(model, datamodule=datamodule)
     metrics = _epoch_metrics(trainer)
     log.info("test/acc %.4f  test/loss %.4f", metrics["test/acc"], metrics["test/loss"])
@@ -360,6 +373,26 @@ def _instantiate_each(group: DictConfig | None, name: str) -> list[Any]:
                 f"does not define {key}. Drop it with ~{name}.{key}, or choose a {name} config that has it."
             )
     return [instantiate(node) for node in (group or {}).values() if node]
+
+
+# Lightning's switches for its own defaults turn ours off too (Lightning would refuse the pair with a traceback).
+SWITCHES = {
+    "enable_progress_bar": ProgressBar,
+    "enable_checkpointing": Checkpoint,
+    "enable_model_summary": ModelSummary,
+}
+
+
+def _callbacks(cfg: DictConfig, loggers: list[Any]) -> list[Any]:
+    """The configured callbacks, less those that `trainer.enable_*=false` or a run without loggers turns off."""
+    off = [kind for switch, kind in SWITCHES.items() if cfg.trainer.get(switch) is False]
+    if not loggers:  # a learning-rate monitor has nowhere to write
+        off.append(LearningRateMonitor)
+    callbacks = _instantiate_each(cfg.callbacks, "callbacks")
+    for callback in callbacks:
+        if isinstance(callback, tuple(off)):
+            log.info("%s left out: trainer.enable_*=false or no logger turns it off", type(callback).__name__)
+    return [callback for callback in callbacks if not isinstance(callback, tuple(off))]
 
 
 def _plain(node: Any) -> Any:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _instantiate_each, _plain
+from cnn_exp.run import _callbacks, _instantiate_each, _plain
 from tests.conftest import ROOT
 
 CONF = ROOT / "conf"
@@ -67,6 +67,19 @@ def test_every_option_composes_and_builds(config, group: str, option: str) -> No
     if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_lightnings_switches_turn_our_callbacks_off_too(config) -> None:
+    """trainer.enable_*=false (which Lightning refuses beside such callbacks) and a run without loggers."""
+    cfg = config(*(f"++trainer.enable_{name}=false" for name in ("progress_bar", "checkpointing", "model_summary")))
+    built = _callbacks(cfg, loggers=[])
+    assert {type(c).__name__ for c in built} == {"UntrainedScores", "ConfusionMatrix", "TestReport"}
+    trainer = instantiate(cfg.trainer, callbacks=built, logger=False)
+    assert trainer.progress_bar_callback is None and trainer.checkpoint_callback is None
+    cfg = config("~logger")
+    assert "LearningRateMonitor" not in {type(c).__name__ for c in _callbacks(cfg, loggers=[])}
+    cfg = config()
+    assert len(_callbacks(cfg, loggers=_instantiate_each(cfg.logger, "logger"))) == len(cfg.callbacks)
 
 
 def test_the_slurm_launcher_asks_for_what_the_trainer_will_use(config) -> None:

@@ -5,6 +5,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ import torch
 from cnn_exp import callbacks, checkpoints
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
+from cnn_exp.net import ConvNet
 from cnn_exp.run import _training_state, write_json
 from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run
 
@@ -60,8 +63,17 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one TensorBoard run, continued
     assert not (tmp_path / "started").exists()  # nothing written where the run was started
     assert resumed["tested"].startswith(str(killed / "checkpoints"))
+    assert Path(resumed["best"]["checkpoint"]).name == Path(whole["best"]["checkpoint"]).name
+    # A finished run is not resumed again, and its results stay as they are.
+    proc = run("train.py", f"resume={killed}", check=False)
+    assert proc.returncode == 1 and "this run already finished" in proc.stderr
+    assert read_metrics(killed) == resumed
+    # The moved run kept ranking its own checkpoints: the same files as the uninterrupted run, no last-v1.ckpt.
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()
+    )
     assert (killed / ".hydra" / "overrides.yaml").read_text() == started  # how it was started, kept
-    assert len(list((killed / ".hydra").glob("resumed-*/overrides.yaml"))) == 2  # the refused try and the resume
+    assert len(list((killed / ".hydra").glob("resumed-*/overrides.yaml"))) == 3  # two refused tries, the resume
     # Lightning's CSV logger would empty the first part's metrics.csv: it stays, the rest goes beside it.
     assert (killed / "csv" / "metrics.csv").read_text().count("\n") > 2
     assert list((killed / "csv").glob("resumed-*/metrics.csv"))
@@ -78,6 +90,30 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert {k: again[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")} == {
         k: whole["metrics"][k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")
     }
+
+
+def test_a_moved_run_keeps_ranking_its_own_checkpoints_and_a_new_run_starts_afresh(tmp_path: Path) -> None:
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+
+    def restored(ckpt_path: Path) -> checkpoints.ModelCheckpoint:
+        """A checkpoint callback of the run in `new`, after Lightning restored it from the run once in `old`."""
+        callback = checkpoints.ModelCheckpoint(dirpath=new, monitor="val/acc", mode="max")
+        best, score = str(old / "best-epoch01.ckpt"), torch.tensor(0.35)
+        last = str(old / "last.ckpt")
+        state = {"dirpath": str(old), "best_model_path": best, "best_model_score": score, "kth_value": score,
+                 "best_k_models": {best: score}, "kth_best_model_path": best, "last_model_path": last}  # fmt: skip
+        checkpoint = {"callbacks": {callback.state_key: state}}
+        callback.on_load_checkpoint(SimpleNamespace(ckpt_path=str(ckpt_path)), None, checkpoint)
+        callback.load_state_dict(checkpoint["callbacks"][callback.state_key])
+        return callback
+
+    moved = restored(new / "step.ckpt")  # resume= of the moved run: its own file, in its new place
+    here = Path(moved.dirpath)
+    assert (moved.best_model_path, moved.best_model_score) == (str(here / "best-epoch01.ckpt"), 0.35)
+    assert list(moved.best_k_models) == [str(here / "best-epoch01.ckpt")]
+    assert moved.last_model_path == str(here / "last.ckpt")
+    fresh = restored(old / "last.ckpt")  # train.py ckpt_path= another run's file: a new run ranks afresh
+    assert fresh.best_model_score is None and fresh.best_k_models == {} and fresh.last_model_path == ""
 
 
 def test_a_recipe_without_validation_keeps_an_epoch_checkpoint_to_resume_from(paths: list[str], tmp_path: Path) -> None:
@@ -275,6 +311,12 @@ def test_values_of_the_wrong_kind_are_named() -> None:
         Classifier({"_target_": "cnn_exp.net.ConvNet"}, {"_target_": "torch.optim.SGD", "lr": "abc"})
     with pytest.raises(UserError, match=r"callbacks\.test_report\.samples=-1 must be a count"):
         callbacks.TestReport(dirpath=".", samples=-1)
+    with pytest.raises(UserError, match=r"callbacks\.confusion_matrix\.every_n_epochs=-1 must be a number of epochs"):
+        callbacks.ConfusionMatrix(every_n_epochs=-1)
+    with pytest.raises(UserError, match=r"model\.dropout=abc must be at least 0 and below 1"):
+        ConvNet(dropout="abc")
+    with pytest.raises(UserError, match=r"data\.shift=1\.5 must be 0 \(off\) or a whole number of pixels"):
+        MNISTDataModule("MNIST", shift=1.5)
 
 
 class Payload:
