@@ -12,6 +12,7 @@ the wall-clock time of the first training step and each epoch's duration.
 """
 
 import argparse
+import itertools
 import json
 import time
 
@@ -83,7 +84,7 @@ class Epochs:
 
 
 class Clock(L.Callback):
-    """The first step's wall-clock time and each epoch's start, timed as EpochTimer times train.py."""
+    """The first step's wall-clock time and each epoch's start and end, timed as EpochTimer times train.py."""
 
     def __init__(self) -> None:
         self.first_step, self.starts = None, []
@@ -94,6 +95,9 @@ class Clock(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: object, i: int) -> None:
         self.first_step = self.first_step or time.time()
 
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.starts.append(time.perf_counter())  # the last epoch's end, before the Trainer's teardown
+
 
 def run_lightning(network: torch.nn.Module, epoch_batches, args: argparse.Namespace) -> dict:
     clock = Clock()
@@ -102,8 +106,7 @@ def run_lightning(network: torch.nn.Module, epoch_batches, args: argparse.Namesp
         enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
     )  # fmt: skip
     trainer.fit(BareStep(network), Epochs(epoch_batches))
-    ends = [*clock.starts[1:], time.perf_counter()]
-    return {"first_step": clock.first_step, "epochs": [b - a for a, b in zip(clock.starts, ends, strict=True)]}
+    return {"first_step": clock.first_step, "epochs": [b - a for a, b in itertools.pairwise(clock.starts)]}
 
 
 def main() -> None:

@@ -98,12 +98,20 @@ class ProgressBar(RichProgressBar):
         self._fed_at, self._unfed_batch = now, None
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation in the middle of an epoch (val_check_interval) shows where training paused.
+        self._feed_unfed(trainer, pl_module)
+        super().on_validation_start(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # An epoch cut short (max_steps, a stop signal) ends on a batch that may not have been shown yet.
+        self._feed_unfed(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def _feed_unfed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._unfed_batch is not None:
             super().on_train_batch_end(trainer, pl_module, None, None, self._unfed_batch)
             self._unfed_batch = None
-        super().on_train_epoch_end(trainer, pl_module)
 
 
 class LayerTable(ModelSummary):
@@ -175,11 +183,15 @@ class UntrainedScores(L.Callback):
 
 
 class ConfusionMatrix(L.Callback):
-    """After each validation: per-class accuracy as scalars, and every `every_n_epochs` the confusion matrix as
-    a TensorBoard image with the class names on its axes.
+    """After each validation: per-class accuracy as scalars, and every `every_n_epochs` (0: never) the confusion
+    matrix as a TensorBoard image with the class names on its axes.
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise UserError(
+                f"callbacks.confusion_matrix.every_n_epochs={every_n_epochs} must be a number of epochs, 0 for never"
+            )
         self.every_n_epochs = every_n_epochs
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -190,7 +202,8 @@ class ConfusionMatrix(L.Callback):
         accuracy = matrix.diag() / matrix.sum(dim=1).clamp(min=1)
         _log_per_class(trainer, "val", classes, accuracy)
         tensorboard = _tensorboard(trainer)
-        if tensorboard and trainer.is_global_zero and trainer.current_epoch % self.every_n_epochs == 0:
+        due = self.every_n_epochs and trainer.current_epoch % self.every_n_epochs == 0
+        if tensorboard and trainer.is_global_zero and due:
             figure = confusion_figure(matrix, classes, f"validation, epoch {trainer.current_epoch}")
             tensorboard.experiment.add_figure("val/confusion_matrix", figure, global_step=trainer.global_step)
 

@@ -128,11 +128,15 @@ def test_test_py_prints_and_writes_the_report(trained: Path, data_dir: Path, tmp
     assert "| fc1 | Linear | 192 | 120 | 120×192 | 120 | 23160 |" in (tmp_path / "architecture.md").read_text()
 
 
-@pytest.mark.parametrize(("max_steps", "shown"), [(-1, [0, 4, 8, 12, 16, 19]), (6, [0, 4, 5])])
+@pytest.mark.parametrize(
+    ("max_steps", "validate_every", "shown"),
+    [(-1, None, [0, 4, 8, 12, 16, 19]), (6, None, [0, 4, 5]), (-1, 10, [0, 4, 8, 9, 12, 16, 19])],
+)
 def test_the_progress_bar_is_fed_as_often_as_it_redraws(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, max_steps: int, shown: list[int]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, max_steps: int, validate_every: int | None, shown: list[int]
 ) -> None:
-    """One redraw a second, a batch every quarter second: every fourth batch reaches the bar, and always the last."""
+    """One redraw a second, a batch every quarter second: every fourth batch reaches the bar, and always the last
+    before the epoch ends (also cut short by max_steps) or pauses for a validation."""
     clock = itertools.count()
     monkeypatch.setattr(callbacks, "monotonic", lambda: next(clock) / 4)
     fed = []
@@ -140,8 +144,10 @@ def test_the_progress_bar_is_fed_as_often_as_it_redraws(
     monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda self, *a: fed.append(a[-1]) or feed(self, *a))
     bar = callbacks.ProgressBar(refresh_rate=1)
     data = TensorDataset(torch.randn(20 * 8, 1, 28, 28), torch.randint(0, 10, (20 * 8,)))
-    trainer = L.Trainer(max_epochs=1, max_steps=max_steps, callbacks=[bar], logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(Classifier(net=net("net2"), optimizer=SGD), DataLoader(data, batch_size=8))
+    trainer = L.Trainer(max_epochs=1, max_steps=max_steps, val_check_interval=validate_every, limit_val_batches=2,
+                        callbacks=[bar], logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    loader = DataLoader(data, batch_size=8)
+    trainer.fit(Classifier(net=net("net2"), optimizer=SGD), loader, loader if validate_every else None)
     assert fed == shown
     assert bar.progress.tasks[bar.train_progress_bar_id].completed == shown[-1] + 1
