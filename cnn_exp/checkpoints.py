@@ -32,7 +32,7 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
                 "source (and then not with this tool)."
             ) from None
         raise UserError(f"ckpt_path={path} cannot be read: it is not a checkpoint, or it is damaged") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # torch's safe unpickler fails on junk in many ways (KeyError, IndexError, ...)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} cannot be read (truncated or damaged?): {reason}") from None
 

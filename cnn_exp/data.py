@@ -117,6 +117,8 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
         if not isinstance(val_size, int) or val_size < 0:
             raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
+        if any(isinstance(value, bool) or not isinstance(value, int | float) for value in (mean, std)):
+            raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
         if std <= 0:
             raise UserError(f"data.std={std} must be positive")
         if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:

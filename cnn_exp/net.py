@@ -11,6 +11,8 @@ from cnn_exp.errors import UserError
 
 def _per_layer(value: int | Sequence[int], layers: int, name: str) -> list[int]:
     """One int for every conv layer, or a list with one value per layer."""
+    if isinstance(value, str):
+        raise UserError(f"model.{name}={value} must be one int or a list of {layers} ints")
     values = [value] * layers if isinstance(value, int) else list(value)
     if len(values) != layers:
         raise UserError(

@@ -34,14 +34,21 @@ log = logging.getLogger(__name__)
 # The names under which Classifier logs its epoch metrics, in the order metrics.json lists them.
 METRICS = [f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "acc")]
 
-# hydra.run.dir: the run named by resume=<run dir> when that is a directory, else a new one (a wrong resume= then
-# fails in a new run directory instead of creating the directory it names).
-OmegaConf.register_new_resolver(
-    "run_dir", lambda resume, new: resume if resume and Path(resume).is_dir() else new, replace=True
-)
+
+def _resumable(resume: str | None) -> bool:
+    """Whether resume= names a run of train.py that has not finished: only then may Hydra write into it."""
+    try:
+        return bool(resume) and json.loads((Path(resume) / "metrics.json").read_text()).get("status") != "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# hydra.run.dir: the run named by resume=<run dir> when it can be resumed, else a new one: a wrong resume= then fails
+# in a new run directory instead of writing Hydra's files into the directory it names.
+OmegaConf.register_new_resolver("run_dir", lambda resume, new: resume if _resumable(resume) else new, replace=True)
 # hydra.output_subdir: a resumed run keeps the .hydra/ record of how it was started, and adds one of each resume.
 OmegaConf.register_new_resolver(
-    "hydra_subdir", lambda resume, time: f".hydra/resumed-{time}" if resume else ".hydra", replace=True
+    "hydra_subdir", lambda resume, time: f".hydra/resumed-{time}" if _resumable(resume) else ".hydra", replace=True
 )
 
 # Batches are slices of in-memory tensors: worker processes would only add copies.
@@ -117,6 +124,7 @@ def train(cfg: DictConfig) -> float | None:
         _training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume"))["global_step"] if cfg.ckpt_path else 0
     )
     _check_monitored_metrics(cfg)
+    _check_run_settings(cfg)
     print_config(cfg, output_dir / "config.yaml")
     _set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
@@ -251,6 +259,15 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
                 f"callbacks.{key} stops on {monitor}, but data.val_size=0 leaves no validation split: "
                 "set data.val_size (e.g. 5000) or drop the callback"
             )
+
+
+def _check_run_settings(cfg: DictConfig) -> None:
+    """seed and threads, which torch and numpy would otherwise refuse with a traceback."""
+    seed, threads = cfg.seed, cfg.get("threads")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads={threads} must be a number of CPU threads (1 or more), or null for the default")
 
 
 def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cnn_exp import callbacks, checkpoints
 from cnn_exp.checkpoints import SafeCheckpointIO
@@ -16,7 +17,7 @@ from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _training_state, write_json
+from cnn_exp.run import _check_run_settings, _training_state, write_json
 from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run
 
 # 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps.
@@ -65,7 +66,7 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert resumed["tested"].startswith(str(killed / "checkpoints"))
     assert Path(resumed["best"]["checkpoint"]).name == Path(whole["best"]["checkpoint"]).name
     # A finished run is not resumed again, and its results stay as they are.
-    proc = run("train.py", f"resume={killed}", check=False)
+    proc = run("train.py", f"resume={killed}", f"hydra.run.dir={tmp_path / 'refused'}", check=False)
     assert proc.returncode == 1 and "this run already finished" in proc.stderr
     assert read_metrics(killed) == resumed
     # The moved run kept ranking its own checkpoints: the same files as the uninterrupted run, no last-v1.ckpt.
@@ -73,7 +74,7 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
         p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()
     )
     assert (killed / ".hydra" / "overrides.yaml").read_text() == started  # how it was started, kept
-    assert len(list((killed / ".hydra").glob("resumed-*/overrides.yaml"))) == 3  # two refused tries, the resume
+    assert len(list((killed / ".hydra").glob("resumed-*/overrides.yaml"))) == 2  # the refused try, the resume
     # Lightning's CSV logger would empty the first part's metrics.csv: it stays, the rest goes beside it.
     assert (killed / "csv" / "metrics.csv").read_text().count("\n") > 2
     assert list((killed / "csv").glob("resumed-*/metrics.csv"))
@@ -127,10 +128,12 @@ def test_a_recipe_without_validation_keeps_an_epoch_checkpoint_to_resume_from(pa
     assert result["status"] == "finished" and result["steps"] == 30 and result["tested"] == "final weights"
 
 
-def test_a_resume_of_a_wrong_directory_does_not_create_it(paths: list[str], tmp_path: Path) -> None:
-    proc = run("train.py", f"resume={tmp_path / 'no_such_run'}", f"paths.log_dir={tmp_path / 'outputs'}", check=False)
+def test_a_resume_of_a_wrong_directory_writes_nothing_into_it(paths: list[str], tmp_path: Path) -> None:
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "not_a_run" / "notes.txt").write_text("mine")
+    proc = run("train.py", f"resume={tmp_path / 'not_a_run'}", f"paths.log_dir={tmp_path / 'outputs'}", check=False)
     assert proc.returncode == 1 and "not a run directory of train.py" in proc.stderr
-    assert not (tmp_path / "no_such_run").exists()
+    assert [p.name for p in (tmp_path / "not_a_run").iterdir()] == ["notes.txt"]
 
 
 def test_ctrl_c_stops_cleanly_keeps_the_checkpoints_and_records_it(paths: list[str], tmp_path: Path) -> None:
@@ -317,6 +320,15 @@ def test_values_of_the_wrong_kind_are_named() -> None:
         ConvNet(dropout="abc")
     with pytest.raises(UserError, match=r"data\.shift=1\.5 must be 0 \(off\) or a whole number of pixels"):
         MNISTDataModule("MNIST", shift=1.5)
+    with pytest.raises(UserError, match=r"data\.mean=abc and data\.std=1\.0 must be numbers"):
+        MNISTDataModule("MNIST", mean="abc")
+    with pytest.raises(UserError, match=r"model\.padding=abc must be one int or a list of 2 ints"):
+        ConvNet(padding="abc")
+    for seed, threads, message in (("abc", None, "seed=abc must be"), (-1, None, "seed=-1 must be"),
+                                   (0, 0, "threads=0 must be"), (0, "abc", "threads=abc must be")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            _check_run_settings(OmegaConf.create({"seed": seed, "threads": threads}))
+    _check_run_settings(OmegaConf.create({"seed": 2**32 - 1, "threads": None}))
 
 
 class Payload:
@@ -343,9 +355,10 @@ def test_a_checkpoint_that_would_run_code_is_refused(script: str, paths: list[st
 
 def test_damaged_and_missing_checkpoints_are_named(tmp_path: Path) -> None:
     broken = tmp_path / "broken.ckpt"
-    broken.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(UserError, match=f"ckpt_path={broken} cannot be read"):
-        checkpoints.load(broken)
+    for junk in (b"PK\x03\x04 not really a zip", b"hello: a text file, not a checkpoint\n"):
+        broken.write_bytes(junk)
+        with pytest.raises(UserError, match=f"ckpt_path={broken} cannot be read"):
+            checkpoints.load(broken)
     with pytest.raises(UserError, match="no such file"):
         checkpoints.load(tmp_path / "nope.ckpt")
 
