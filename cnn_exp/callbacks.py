@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cnn_exp.errors import UserError
+from cnn_exp.errors import UserError, whole
 from cnn_exp.plots import confusion_figure, image_grid
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class ConfusionMatrix(L.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+        if not whole(every_n_epochs) or every_n_epochs < 0:
             raise UserError(
                 f"callbacks.confusion_matrix.every_n_epochs={every_n_epochs} must be a number of epochs, 0 for never"
             )

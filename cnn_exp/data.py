@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.utils import extract_archive
 
-from cnn_exp.errors import UserError
+from cnn_exp.errors import UserError, number, whole
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,11 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
         if not isinstance(val_size, int) or val_size < 0:
             raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
-        if any(isinstance(value, bool) or not isinstance(value, int | float) for value in (mean, std)):
+        if not (number(mean) and number(std)):
             raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
         if std <= 0:
             raise UserError(f"data.std={std} must be positive")
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+        if not whole(shift) or shift < 0:
             raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
         if flip and dataset == "MNIST":
             raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")

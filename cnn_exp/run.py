@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnn_exp import checkpoints
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from cnn_exp.errors import UserError
+from cnn_exp.errors import UserError, whole
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,9 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
 def _check_run_settings(cfg: DictConfig) -> None:
     """seed and threads, which torch and numpy would otherwise refuse with a traceback."""
     seed, threads = cfg.seed, cfg.get("threads")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if not whole(seed) or not 0 <= seed < 2**32:
         raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not whole(threads) or threads < 1):
         raise UserError(f"threads={threads} must be a number of CPU threads (1 or more), or null for the default")
 
 
