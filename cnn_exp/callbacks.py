@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cnn_exp.errors import UserError, whole
+from cnn_exp.errors import UserError, is_whole
 from cnn_exp.plots import confusion_figure, image_grid
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class ConfusionMatrix(L.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
-        if not whole(every_n_epochs) or every_n_epochs < 0:
+        if not is_whole(every_n_epochs) or every_n_epochs < 0:
             raise UserError(
                 f"callbacks.confusion_matrix.every_n_epochs={every_n_epochs} must be a number of epochs, 0 for never"
             )
@@ -216,7 +216,7 @@ class TestReport(L.Callback):
 
     def __init__(self, dirpath: str, samples: int = 32, misclassified: int = 32, confused_pairs: int = 5) -> None:
         for name, value in (("samples", samples), ("misclassified", misclassified), ("confused_pairs", confused_pairs)):
-            if not isinstance(value, int) or value < 0:
+            if not is_whole(value) or value < 0:
                 raise UserError(f"callbacks.test_report.{name}={value} must be a count: 0 (none) or more")
         self.dirpath = Path(dirpath)
         self.samples, self.misclassified, self.confused_pairs = samples, misclassified, confused_pairs

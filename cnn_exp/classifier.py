@@ -10,7 +10,7 @@ from hydra.utils import get_class, instantiate
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cnn_exp.errors import UserError, number
+from cnn_exp.errors import UserError, is_number
 
 
 class Classifier(L.LightningModule):
@@ -24,7 +24,7 @@ class Classifier(L.LightningModule):
     def __init__(self, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
         lr = optimizer.get("lr", 1)
-        if not number(lr) or lr <= 0:
+        if not is_number(lr) or lr <= 0:
             raise UserError(f"optimizer.lr={lr} must be positive")
         self.save_hyperparameters()
         self.net = instantiate(net)

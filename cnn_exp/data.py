@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.utils import extract_archive
 
-from cnn_exp.errors import UserError, number, whole
+from cnn_exp.errors import UserError, is_number, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,15 @@ class MNISTDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"data.dataset={dataset!r} is not one of {sorted(DATASETS)}")
-        if not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_whole(batch_size) or batch_size <= 0:
             raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
-        if not isinstance(val_size, int) or val_size < 0:
+        if not is_whole(val_size) or val_size < 0:
             raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
-        if not (number(mean) and number(std)):
+        if not (is_number(mean) and is_number(std)):
             raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
         if std <= 0:
             raise UserError(f"data.std={std} must be positive")
-        if not whole(shift) or shift < 0:
+        if not is_whole(shift) or shift < 0:
             raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
         if flip and dataset == "MNIST":
             raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")

@@ -6,11 +6,11 @@ class UserError(Exception):
     """Its message names the thing to fix; entry points print it alone, without a traceback."""
 
 
-def whole(value: object) -> bool:
+def is_whole(value: object) -> bool:
     """An int from a config, and not a bool: YAML's true/false would otherwise pass as 1/0."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def number(value: object) -> bool:
+def is_number(value: object) -> bool:
     """An int or float from a config, and not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)

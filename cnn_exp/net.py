@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnn_exp.errors import UserError, number, whole
+from cnn_exp.errors import UserError, is_number, is_whole
 
 
 def _per_layer(value: int | Sequence[int], layers: int, name: str) -> list[int]:
@@ -46,7 +46,7 @@ class ConvNet(nn.Sequential):
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
-        if not number(dropout) or not 0 <= dropout < 1:
+        if not is_number(dropout) or not 0 <= dropout < 1:
             raise UserError(f"model.dropout={dropout} must be at least 0 and below 1")
         kernels = _per_layer(kernel_size, len(channels), "kernel_size")
         paddings = _per_layer(padding, len(channels), "padding")
@@ -56,7 +56,7 @@ class ConvNet(nn.Sequential):
             ("kernel_size", kernels, 1),
             ("padding", paddings, 0),
         ):
-            if not all(whole(v) and v >= least for v in values):
+            if not all(is_whole(v) and v >= least for v in values):
                 raise UserError(f"model.{name}={values}: every value must be a whole number of at least {least}")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         width = in_channels

@@ -24,10 +24,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints
+from cnn_exp import atomic, checkpoints
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from cnn_exp.errors import UserError, whole
+from cnn_exp.errors import UserError, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,9 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
 def _check_run_settings(cfg: DictConfig) -> None:
     """seed and threads, which torch and numpy would otherwise refuse with a traceback."""
     seed, threads = cfg.seed, cfg.get("threads")
-    if not whole(seed) or not 0 <= seed < 2**32:
+    if not is_whole(seed) or not 0 <= seed < 2**32:
         raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
-    if threads is not None and (not whole(threads) or threads < 1):
+    if threads is not None and (not is_whole(threads) or threads < 1):
         raise UserError(f"threads={threads} must be a number of CPU threads (1 or more), or null for the default")
 
 
@@ -370,9 +370,7 @@ def print_config(cfg: DictConfig, save_to: Path) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically: a reader (or a kill mid-write) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _epoch_metrics(trainer: L.Trainer) -> dict[str, float]:

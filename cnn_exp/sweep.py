@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from cnn_exp import atomic
 
 METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
 COLUMNS = ["job", "overrides", *METRICS, "epochs", "wall_time_s", "status", "run_dir"]
@@ -51,17 +52,14 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
 def write(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> str:
     """Write summary.csv and summary.md into the sweep directory; return the Markdown table."""
     # Each file is replaced whole: parallel jobs (joblib) may rewrite them at the same moment.
-    tmp = sweep_dir / f".summary.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic.replace(sweep_dir / "summary.csv", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, sweep_dir / "summary.csv")
     lines = [f"| {' | '.join(COLUMNS)} |", f"|{'---|' * len(COLUMNS)}"]
     lines += [f"| {' | '.join(_cell(row[column], column in METRICS) for column in COLUMNS)} |" for row in rows]
     table = f"Sweep {sweep_dir}: {len(rows)} jobs, best {metric} first\n\n" + "\n".join(lines) + "\n"
-    tmp.write_text(table)
-    os.replace(tmp, sweep_dir / "summary.md")
+    atomic.write_text(sweep_dir / "summary.md", table)
     return table
 
 

@@ -172,15 +172,14 @@ def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
     metrics = tmp_path / "metrics.json"
     write_json(metrics, {"status": "finished"})
 
-    def torn_text(self: Path, text: str) -> None:
-        with open(self, "w") as f:
-            f.write(text[: len(text) // 2])
+    def full_disk(fd: int) -> None:  # the text is written, but cannot reach the disk
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", torn_text)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
         write_json(metrics, {"status": "running", "epochs": 3})
     assert read_metrics(tmp_path) == {"status": "finished"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "metrics.json"]  # no temporary file left
 
 
 def write_labels(path: Path, labels: torch.Tensor) -> None:
