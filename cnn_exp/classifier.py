@@ -45,6 +45,7 @@ class Classifier(L.LightningModule):
         # Saved with the weights, so a run resumed mid-epoch reports the same epoch means as one never stopped.
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
+        self._rng_state: dict[str, Any] = {}  # a resumed checkpoint's random state, set when training starts
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -85,8 +86,11 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": instantiate(self.hparams.scheduler)(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning does not keep the random state; dropout and augmentation continue from it after a resume.
+        # Lightning does not keep the random state; dropout and augmentation draw from it (from the GPU's own
+        # generator on a GPU), so a resumed run continues from it. Tensors only: the file loads under weights_only.
         checkpoint["rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another network than this run's, naming what differs."""
@@ -112,10 +116,16 @@ class Classifier(L.LightningModule):
                     f"the checkpoint continues its own {group} ({_short(then)}), not this run's ({_short(now)}): "
                     f"give the same {group} settings, or train a new run from the start"
                 )
-        if "rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_state"])
+        # Set when training starts, not now: between here and the first step Lightning traces the network for
+        # TensorBoard's graph in training mode, and its dropout draws from the generator.
+        self._rng_state = {key: checkpoint[key] for key in ("rng_state", "cuda_rng_state") if key in checkpoint}
 
     def on_train_start(self) -> None:
+        state, self._rng_state = self._rng_state, {}
+        if "rng_state" in state:
+            torch.set_rng_state(state["rng_state"])
+        if "cuda_rng_state" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng_state"])
         # Only the training steps' forward is compiled, and only now: the layer table and the TensorBoard graph
         # trace the eager network (they cannot trace through dynamo), and evaluation is too short to repay it.
         # The network itself stays as it is, so its parameter names, and so checkpoints, do not change.
