@@ -395,8 +395,11 @@ class MNISTDataModule(L.LightningDataModule):
         for split in SPLITS:
             for name in split_files(split):
                 path = self.raw_dir / name
-                with open(path, "rb") as f:
-                    head, size = f.read(16), os.fstat(f.fileno()).st_size
+                try:
+                    with open(path, "rb") as f:
+                        head, size = f.read(16), os.fstat(f.fileno()).st_size
+                except OSError as err:  # another user's file without read permission, a directory by that name
+                    raise UserError(f"cannot read {path}: {err.strerror or err}") from None
                 if problem := idx_problem(name, head, size):
                     raise UserError(f"{path} {problem}: {redo}")
                 counts.setdefault(split, []).append(int.from_bytes(head[4:8], "big"))
@@ -433,7 +436,7 @@ class MNISTDataModule(L.LightningDataModule):
             more = f" (and {len(problems) - 1} more of its files)" if len(problems) > 1 else ""
             raise UserError(
                 f"{problems[0]}{more}: delete the wrong files in {self.raw_dir}, and the next run copies "
-                f"{self.hparams.dataset}'s again from the mirror or the download (data.verify=false skips this check)"
+                f"{self.hparams.dataset}'s again from the mirror or the download"
             )
         if unknown:
             log.warning(
@@ -452,7 +455,7 @@ class MNISTDataModule(L.LightningDataModule):
         if count == SPLITS[name.split("-")[0]]:
             return (
                 f"has as many entries ({count}) as {dataset}'s official {name} but another MD5 ({md5}): "
-                "a damaged copy, or another dataset"
+                "a damaged copy, or another dataset (data.verify=false takes it as it is)"
             )
         return None
 

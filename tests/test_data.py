@@ -53,6 +53,10 @@ def test_prepare_fills_data_dir_from_a_gz_mirror_and_never_writes_to_it(tmp_path
         # IDX headers plus 28x28 bytes per image, one byte per label.
         sizes = {f: (raw / f).stat().st_size for f in FILES}
         assert sizes == {FILES[0]: 16 + 1000 * 784, FILES[1]: 8 + 1000, FILES[2]: 16 + 200 * 784, FILES[3]: 8 + 200}
+        # Readable as a plain copy would be (by the group, in a shared data_dir), not its owner's alone.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert {(raw / f).stat().st_mode & 0o777 for f in FILES} == {0o666 & ~umask}
     assert fingerprint(MIRROR) == before
 
 
@@ -311,7 +315,7 @@ def test_another_datasets_files_in_data_dir_are_refused_by_name(tmp_path: Path, 
     assert str(err.value) == (
         f"{raw / FILES[0]} is MNIST's train-images-idx3-ubyte, not FashionMNIST's train-images-idx3-ubyte "
         f"(and 3 more of its files): delete the wrong files in {raw}, and the next run copies FashionMNIST's again "
-        "from the mirror or the download (data.verify=false skips this check)"
+        "from the mirror or the download"
     )
 
 
@@ -342,8 +346,10 @@ def test_a_damaged_full_copy_is_refused_and_verify_false_takes_it(tmp_path: Path
     content = bytearray((raw / "train-images-idx3-ubyte").read_bytes())
     content[1000] ^= 0xFF
     (raw / "train-images-idx3-ubyte").write_bytes(content)
-    with pytest.raises(UserError, match="has as many entries \\(1000\\) as MNIST's official train-images-idx3-ubyte"):
+    with pytest.raises(UserError) as err:
         own(raw).prepare_data()
+    assert "has as many entries (1000) as MNIST's official train-images-idx3-ubyte but another MD5" in str(err.value)
+    assert "a damaged copy, or another dataset (data.verify=false takes it as it is)" in str(err.value)
     own(raw, verify=False).prepare_data()  # the user's word that it is meant to be so
 
 
