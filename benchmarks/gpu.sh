@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU numbers of README "Speed", in one go on a CUDA machine holding this checkout:
+# The GPU numbers of benchmarks/README.md, in one go on a CUDA machine holding this checkout:
 #   bash benchmarks/gpu.sh MIRROR        # MIRROR: the datasets' files in torchvision's layout (.gz is fine)
 set -euo pipefail
 cd "$(dirname "$0")/.."

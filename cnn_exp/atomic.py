@@ -7,6 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+# Read once, at import: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextmanager
 def replace(path: str | Path, mode: str = "w", **open_args: Any) -> Iterator[IO[Any]]:
@@ -21,6 +25,7 @@ def replace(path: str | Path, mode: str = "w", **open_args: Any) -> Iterator[IO[
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **open_args) as f:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's file is its owner's alone; a plain write obeys the umask
             yield f
             f.flush()
             os.fsync(f.fileno())

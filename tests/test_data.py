@@ -1,18 +1,32 @@
 """The DataModule: files from a mirror, a seeded split of the training images, tensors equal to the notebook's."""
 
 import hashlib
+import json
+import logging
+import os
+import resource
 import shutil
+import signal
 import socket
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock
 from torchvision import transforms
 from torchvision.datasets import MNIST, FashionMNIST
 
-from cnn_exp.data import MNISTDataModule, augment
+from cnn_exp import data as data_module
+from cnn_exp.data import CHECKED, LOCK, MNISTDataModule, augment
 from cnn_exp.errors import UserError
-from tests.conftest import MIRROR
+from cnn_exp.net import ConvNet
+from tests.conftest import MIRROR, QUICK, ROOT, read_metrics, run
+from tests.make_data import IMAGES_MAGIC, LABELS_MAGIC, write_idx
 
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -21,7 +35,7 @@ def fingerprint(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not p.name.startswith(".")  # the data files, not the MD5 record or the lock
     }
 
 
@@ -34,10 +48,15 @@ def test_prepare_fills_data_dir_from_a_gz_mirror_and_never_writes_to_it(tmp_path
     for name in ("MNIST", "FashionMNIST"):
         MNISTDataModule(name, data_dir=str(tmp_path), mirror=str(MIRROR), download=False).prepare_data()
         raw = tmp_path / name / "raw"
-        assert sorted(p.name for p in raw.iterdir()) == sorted(FILES)
+        # The four files, the MD5s checked and the fill lock: no temporary file left.
+        assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, CHECKED, LOCK])
         # IDX headers plus 28x28 bytes per image, one byte per label.
         sizes = {f: (raw / f).stat().st_size for f in FILES}
         assert sizes == {FILES[0]: 16 + 1000 * 784, FILES[1]: 8 + 1000, FILES[2]: 16 + 200 * 784, FILES[3]: 8 + 200}
+        # Readable as a plain copy would be (by the group, in a shared data_dir), not its owner's alone.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert {(raw / f).stat().st_mode & 0o777 for f in FILES} == {0o666 & ~umask}
     assert fingerprint(MIRROR) == before
 
 
@@ -155,20 +174,6 @@ def test_a_validation_split_as_large_as_the_training_set_is_refused(data_dir: Pa
         data.setup("fit")
 
 
-def test_copying_from_the_mirror_leaves_no_partial_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A failure mid-copy (disk full, a kill) must not leave a file under its real name for the next run to trust.
-    def broken(src: Path, dst: Path) -> None:
-        Path(dst).write_bytes(b"half")
-        raise OSError("disk full")
-
-    plain = tmp_path / "plain"
-    MNISTDataModule("MNIST", data_dir=str(plain), mirror=str(MIRROR), download=False).prepare_data()
-    monkeypatch.setattr(shutil, "copyfile", broken)
-    with pytest.raises(OSError, match="disk full"):
-        MNISTDataModule("MNIST", data_dir=str(tmp_path / "data"), mirror=str(plain), download=False).prepare_data()
-    assert list((tmp_path / "data" / "MNIST" / "raw").iterdir()) == []
-
-
 def test_augmentation_moves_whole_images_and_only_training_batches(fashion: MNISTDataModule) -> None:
     fashion.setup("fit")
     images, labels = fashion.train_set[list(range(64))]
@@ -196,3 +201,326 @@ def test_augmentation_moves_whole_images_and_only_training_batches(fashion: MNIS
     assert data.on_after_batch_transfer((images, labels), 0)[0] is images  # validation and test: untouched
     Loop.training = True
     assert not torch.equal(data.on_after_batch_transfer((images, labels), 0)[0], images)
+
+
+# ---- Files that are not what their names say: found before training, refused with one line, never half-copied.
+
+# The full datasets, where this machine has them (../shared/datasets from the project root).
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def idx(kind: str, count: int, size: int = 28, value: int = 0) -> bytes:
+    """An IDX file of `count` blank images of size×size pixels, or of `count` labels, all `value`."""
+    if kind == "images":
+        return struct.pack(">4I", IMAGES_MAGIC, count, size, size) + bytes([value]) * (count * size * size)
+    return struct.pack(">2I", LABELS_MAGIC, count) + bytes([value]) * count
+
+
+def plain(tmp_path: Path, dataset: str) -> Path:
+    """A folder of the user's own: the subset's four decompressed files, put there without this project."""
+    raw = tmp_path / "own" / dataset / "raw"
+    with_us = tmp_path / "filled"
+    MNISTDataModule(dataset, data_dir=str(with_us), mirror=str(MIRROR), download=False).prepare_data()
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        shutil.copyfile(with_us / dataset / "raw" / name, raw / name)
+    return raw
+
+
+def own(raw: Path, **settings: object) -> MNISTDataModule:
+    """The DataModule of a data_dir that `raw` is the folder of, without a mirror or download to fill it."""
+    return MNISTDataModule(raw.parent.name, data_dir=str(raw.parents[1]), mirror=None, download=False, **settings)
+
+
+@pytest.fixture
+def as_official(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' subsets stand in for the official files: their MD5s and image counts are the known ones.
+
+    The check is driven by that table alone; test_the_table_knows_the_real_files checks the table itself.
+    """
+    known = {}
+    for dataset in ("MNIST", "FashionMNIST"):
+        for name in FILES:
+            known[hashlib.md5((plain(tmp_path / "ref", dataset) / name).read_bytes()).hexdigest()] = (dataset, name)
+    monkeypatch.setattr(data_module, "OFFICIAL_MD5", known)
+    monkeypatch.setattr(data_module, "SPLITS", {"train": 1000, "t10k": 200})
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("train-images-idx3-ubyte", b"", "train-images-idx3-ubyte is empty (0 bytes)"),
+        ("t10k-labels-idx1-ubyte", b"\0\0\x08", "t10k-labels-idx1-ubyte is too short to be an IDX file (3 bytes)"),
+        (
+            "t10k-images-idx3-ubyte",
+            idx("images", 200)[:-1000],
+            "t10k-images-idx3-ubyte is truncated: its header announces 200 images (156816 bytes) but it has 155816",
+        ),
+        ("t10k-images-idx3-ubyte", idx("images", 200, size=32), "t10k-images-idx3-ubyte holds 32×32 images, not"),
+        ("t10k-labels-idx1-ubyte", idx("labels", 200) + b"\0", "has 1 bytes more than the 200 labels its header"),
+        ("train-images-idx3-ubyte", idx("labels", 1000), "is not an IDX file of images (it starts with 0x00000801"),
+        ("t10k-labels-idx1-ubyte", idx("labels", 199), "t10k-images-idx3-ubyte and -labels-idx1-ubyte in"),
+        ("t10k-labels-idx1-ubyte", idx("labels", 200, value=12), "holds label 12, but data.classes names 10 classes"),
+        ("t10k-images-idx3-ubyte", idx("images", 0), "t10k-images-idx3-ubyte holds no images"),
+    ],
+    ids=["empty", "short", "truncated", "32x32", "longer", "labels-as-images", "miscounted", "label-12", "no-images"],
+)
+def test_a_bad_file_in_data_dir_is_named_before_training(
+    name: str, content: bytes, message: str, tmp_path: Path
+) -> None:
+    # The test split's files too: a bad one was found only at the final test, after all the training.
+    raw = plain(tmp_path, "MNIST")
+    (raw / name).write_bytes(content)
+    with pytest.raises(UserError) as err:
+        own(raw).prepare_data()
+    assert message in str(err.value) and str(raw) in str(err.value)
+    assert "delete" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "train-images-idx3-ubyte.gz is empty (0 bytes)"),
+        (b"not gzip at all", "train-images-idx3-ubyte.gz: Not a gzipped file"),
+        ("half", "train-images-idx3-ubyte.gz: Compressed file ended before the end-of-stream marker"),
+        ("32x32", "train-images-idx3-ubyte.gz holds 32×32 images, not the datasets' 28×28"),
+    ],
+    ids=["empty", "not-gzip", "half", "32x32"],
+)
+def test_a_bad_file_in_the_mirror_is_named_and_never_copied(content: bytes | str, message: str, tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(MIRROR / "MNIST", mirror / "MNIST")
+    bad = mirror / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    if content == "half":  # a download or copy of the archive cut off
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    elif content == "32x32":
+        write_idx(bad, IMAGES_MAGIC, torch.zeros(1000, 32, 32))
+    else:
+        bad.write_bytes(content)
+    data = MNISTDataModule("MNIST", data_dir=str(tmp_path / "data"), mirror=str(mirror), download=False)
+    with pytest.raises(UserError) as err:
+        data.prepare_data()
+    assert f"the mirror's {bad}" in str(err.value) and message in str(err.value)
+    assert "fix or replace it in the mirror" in str(err.value)
+    # Neither under its name nor half-written beside it.
+    assert not [p.name for p in data.raw_dir.iterdir() if p.name.startswith((".train-images", "train-images"))]
+
+
+def test_another_datasets_files_in_data_dir_are_refused_by_name(tmp_path: Path, as_official: None) -> None:
+    # The user's own folder, never copied by us: MNIST's files where FashionMNIST's belong.
+    raw = tmp_path / "own" / "FashionMNIST" / "raw"
+    shutil.copytree(plain(tmp_path, "MNIST"), raw)
+    with pytest.raises(UserError) as err:
+        own(raw).prepare_data()
+    assert str(err.value) == (
+        f"{raw / FILES[0]} is MNIST's train-images-idx3-ubyte, not FashionMNIST's train-images-idx3-ubyte "
+        f"(and 3 more of its files): delete the wrong files in {raw}, and the next run copies FashionMNIST's again "
+        "from the mirror or the download"
+    )
+
+
+def test_another_splits_file_is_refused_by_name(tmp_path: Path, as_official: None) -> None:
+    raw = plain(tmp_path, "MNIST")
+    shutil.copyfile(raw / "train-labels-idx1-ubyte", raw / "t10k-labels-idx1-ubyte")
+    shutil.copyfile(raw / "train-images-idx3-ubyte", raw / "t10k-images-idx3-ubyte")
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte is MNIST's train-images-idx3-ubyte, not MNIST's t10k"):
+        own(raw).prepare_data()
+
+
+def test_a_mirror_with_another_datasets_files_is_refused_before_copying(tmp_path: Path, as_official: None) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(MIRROR / "MNIST", mirror / "FashionMNIST")
+    data = MNISTDataModule("FashionMNIST", data_dir=str(tmp_path / "data"), mirror=str(mirror), download=False)
+    with pytest.raises(UserError) as err:
+        data.prepare_data()
+    assert str(err.value) == (
+        f"the mirror's {mirror / 'FashionMNIST' / 'raw' / 'train-images-idx3-ubyte.gz'} is MNIST's "
+        "train-images-idx3-ubyte, not FashionMNIST's train-images-idx3-ubyte: fix or replace it in the mirror"
+    )
+    assert sorted(p.name for p in data.raw_dir.iterdir()) == [LOCK]
+
+
+def test_a_damaged_full_copy_is_refused_and_verify_false_takes_it(tmp_path: Path, as_official: None) -> None:
+    # As many images as the official file, one pixel changed: not a subset, a damaged copy (or another dataset).
+    raw = plain(tmp_path, "MNIST")
+    content = bytearray((raw / "train-images-idx3-ubyte").read_bytes())
+    content[1000] ^= 0xFF
+    (raw / "train-images-idx3-ubyte").write_bytes(content)
+    with pytest.raises(UserError) as err:
+        own(raw).prepare_data()
+    assert "has as many entries (1000) as MNIST's official train-images-idx3-ubyte but another MD5" in str(err.value)
+    assert "a damaged copy, or another dataset (data.verify=false takes it as it is)" in str(err.value)
+    own(raw, verify=False).prepare_data()  # the user's word that it is meant to be so
+
+
+def test_a_subset_of_ones_own_is_used_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = plain(tmp_path, "FashionMNIST")  # the tests' subsets: their MD5s are not the official ones
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "cnn_exp.data"):
+        own(raw).prepare_data()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{raw}: 4 of the FashionMNIST files are not the official ones (unknown MD5); "
+        "used as a subset of 1000 training and 200 test images"
+    ]
+
+
+def test_each_file_is_hashed_once_and_again_when_replaced_even_with_size_and_time_kept(
+    tmp_path: Path, as_official: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed = []
+    file_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, *a: hashed.append(Path(f.name).name) or file_digest(f, *a))
+    raw = plain(tmp_path, "FashionMNIST")
+    own(raw).prepare_data()
+    assert sorted(hashed) == sorted(FILES)
+    hashed.clear()
+    own(raw).prepare_data()
+    assert hashed == []  # remembered in .checked.json
+    # Swapped for MNIST's, as `cp -p` would: same size (the datasets' files have equal sizes) and same mtime.
+    target, before = raw / "train-images-idx3-ubyte", (raw / "train-images-idx3-ubyte").stat()
+    shutil.copyfile(plain(tmp_path / "m", "MNIST") / "train-images-idx3-ubyte", tmp_path / "swap")
+    os.replace(tmp_path / "swap", target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size
+    with pytest.raises(UserError, match="train-images-idx3-ubyte is MNIST's train-images-idx3-ubyte"):
+        own(raw).prepare_data()
+    assert hashed == ["train-images-idx3-ubyte"]
+
+
+@pytest.mark.parametrize("record", ["not json", "[1, 2]", '{"train-images-idx3-ubyte": {"md5": 5}}', "forged"])
+def test_the_md5_record_cannot_vouch_for_a_file_it_did_not_see(tmp_path: Path, as_official: None, record: str) -> None:
+    raw = tmp_path / "own" / "FashionMNIST" / "raw"
+    shutil.copytree(plain(tmp_path, "MNIST"), raw)
+    if record == "forged":  # right MD5s, but for files of other sizes and times than these
+        fashion = plain(tmp_path / "f", "FashionMNIST")
+        entries = {
+            n: {"stamp": [1, 2, 3, 4], "md5": hashlib.md5((fashion / n).read_bytes()).hexdigest()} for n in FILES
+        }
+        record = json.dumps(entries)
+    (raw / CHECKED).write_text(record)
+    with pytest.raises(UserError, match="is MNIST's train-images-idx3-ubyte, not FashionMNIST's"):
+        own(raw).prepare_data()
+
+
+def test_a_write_failing_mid_copy_leaves_no_partial_file(tmp_path: Path) -> None:
+    # A real failed write: a file-size limit stops the copy of the 784,016-byte images file, as a full disk would.
+    data = MNISTDataModule("MNIST", data_dir=str(tmp_path / "data"), mirror=str(MIRROR), download=False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, hard))
+    try:
+        with pytest.raises(UserError, match=r"cannot write .*train-images-idx3-ubyte: File too large: free space"):
+            data.prepare_data()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in data.raw_dir.iterdir()) == [LOCK]
+    data.prepare_data()  # the next run fills it
+    assert fingerprint(data.raw_dir) == fingerprint(plain(tmp_path, "MNIST"))
+
+
+def test_a_network_for_other_images_is_refused_before_training(data_dir: Path) -> None:
+    data = MNISTDataModule("MNIST", data_dir=str(data_dir), mirror=str(MIRROR))
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(net=ConvNet(image_size=32)))
+    with pytest.raises(UserError, match=r"the network takes 1×32×32 images .* but MNIST's are 1×28×28"):
+        data.setup("fit")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the full datasets are not on this machine")
+@pytest.mark.slow
+def test_the_table_knows_the_real_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Both full datasets copied and checked without a warning; MNIST's real files under FashionMNIST refused.
+    with caplog.at_level(logging.WARNING, "cnn_exp.data"):
+        for dataset in ("MNIST", "FashionMNIST"):
+            MNISTDataModule(dataset, data_dir=str(tmp_path), mirror=str(SHARED), download=False).prepare_data()
+    assert caplog.records == []
+    shutil.copytree(tmp_path / "MNIST", tmp_path / "swapped" / "FashionMNIST", ignore=shutil.ignore_patterns(".*"))
+    with pytest.raises(UserError, match="is MNIST's train-images-idx3-ubyte, not FashionMNIST's"):
+        own(tmp_path / "swapped" / "FashionMNIST" / "raw").prepare_data()
+
+
+# ---- Real second processes: runs filling one data_dir together, a run killed mid-copy, a bad test split end to end.
+
+FILL = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from cnn_exp.data import MNISTDataModule
+MNISTDataModule("MNIST", data_dir=sys.argv[1], mirror=sys.argv[2], download=False).prepare_data()
+print("filled")
+"""
+
+
+def python(script: str, *args: object, **popen: object) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "CNN_EXP_DATA_MIRROR"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, text=True, **popen)
+
+
+def wait_for(path: Path, line: str, proc: subprocess.Popen) -> None:
+    """Wait until `line` appears in the log file `path` (or fail if its process ended without it)."""
+    deadline = time.monotonic() + 300
+    while line not in path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_runs_filling_one_fresh_data_dir_both_succeed(tmp_path: Path) -> None:
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    logs = [tmp_path / f"run{i}.log" for i in (1, 2)]
+    # Held here until both runs are waiting for it: then they start filling at the same moment.
+    with FileLock(raw / LOCK):
+        runs = [python(FILL, tmp_path / "data", MIRROR, stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
+        for log, proc in zip(logs, runs, strict=True):
+            wait_for(log, f"waiting for another run that is filling {raw}", proc)
+    assert [proc.wait(timeout=300) for proc in runs] == [0, 0]
+    texts = [log.read_text() for log in logs]
+    assert all("filled" in text for text in texts)
+    # One run copied the four files; the other, waiting for it, found them there and copied none.
+    assert sorted(text.count("copied ") for text in texts) == [0, 4]
+    assert fingerprint(raw) == fingerprint(plain(tmp_path, "MNIST"))
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, CHECKED, LOCK])
+
+
+KILLED_MID_COPY = """
+import sys
+import cnn_exp.data as data
+read = data._read
+def read_then_pause(*args):
+    chunk = read(*args)
+    if not chunk:  # the whole file is written, not yet renamed to its name
+        print("paused", flush=True)
+        sys.stdin.read()
+    return chunk
+data._read = read_then_pause
+data.MNISTDataModule("MNIST", data_dir=sys.argv[1], mirror=sys.argv[2], download=False).prepare_data()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_copy_leaves_no_file_and_the_next_run_fills_it(tmp_path: Path) -> None:
+    proc = python(KILLED_MID_COPY, tmp_path / "data", MIRROR, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == "paused\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    left = {p.name for p in raw.iterdir()} - {LOCK}
+    assert len(left) == 1 and left.pop().startswith(".train-images-idx3-ubyte.")  # only the temporary copy
+    data = MNISTDataModule("MNIST", data_dir=str(tmp_path / "data"), mirror=str(MIRROR), download=False)
+    data.prepare_data()
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, CHECKED, LOCK])
+    assert fingerprint(raw) == fingerprint(plain(tmp_path, "MNIST"))
+
+
+@pytest.mark.slow
+def test_a_test_split_of_other_images_stops_train_py_before_training(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(MIRROR / "MNIST", mirror / "MNIST")
+    write_idx(mirror / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz", IMAGES_MAGIC, torch.zeros(200, 32, 32))
+    run_dir = tmp_path / "run"
+    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.data_mirror={mirror}", f"hydra.run.dir={run_dir}"]
+    proc = run("train.py", *paths, *QUICK, check=False)
+    message = f"error: the mirror's {mirror / 'MNIST' / 'raw' / 't10k-images-idx3-ubyte.gz'} holds 32×32 images"
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    result = read_metrics(run_dir)
+    assert result["status"] == "failed" and result["steps"] == 0 and "32×32" in result["error"]
