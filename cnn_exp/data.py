@@ -165,6 +165,12 @@ def augment(images: torch.Tensor, shift: int, flip: bool, background: float) -> 
     return images
 
 
+def _own() -> torch.Generator:
+    """A generator for a DataLoader's worker seed, which it would otherwise draw from torch's global one each time
+    it starts an epoch: dropout and augmentation draw from that one, and a resumed run must see the same numbers."""
+    return torch.Generator()
+
+
 def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Collate function: `InMemoryDataset.__getitems__` already returns a finished batch."""
     return batch
@@ -269,7 +275,9 @@ class MNISTDataModule(L.LightningDataModule):
             log.warning("resuming under DDP restarts the interrupted epoch's data order from its beginning")
             self._resume_from = None
         self.sampler.resume_from, self._resume_from = self._resume_from, None
-        return DataLoader(self.train_set, self.hparams.batch_size, sampler=self.sampler, collate_fn=_as_batch)
+        return DataLoader(
+            self.train_set, self.hparams.batch_size, sampler=self.sampler, collate_fn=_as_batch, generator=_own()
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set) if self.val_set is not None else []
@@ -302,7 +310,7 @@ class MNISTDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: InMemoryDataset) -> DataLoader:
         # No worker processes: batches are slices of tensors already in memory, workers would only add copies.
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=_as_batch)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=_as_batch, generator=_own())
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Read one split with torchvision and normalize it once: N×1×28×28 float images, N int64 labels."""
