@@ -1,7 +1,6 @@
 """What train.py and test.py run: build what the config describes, fit or test it, write metrics.json."""
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -24,23 +23,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import atomic, checkpoints
+from cnn_exp import checkpoints, record
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole
 
 log = logging.getLogger(__name__)
 
-# The names under which Classifier logs its epoch metrics, in the order metrics.json lists them.
-METRICS = [f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "acc")]
-
 
 def _resumable(resume: str | None) -> bool:
     """Whether resume= names a run of train.py that has not finished: only then may Hydra write into it."""
-    try:
-        return bool(resume) and json.loads((Path(resume) / "metrics.json").read_text()).get("status") != "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
+    saved = record.read(resume) if resume else None
+    return saved is not None and saved["status"] != record.FINISHED
 
 
 # hydra.run.dir: the run named by resume=<run dir> when it can be resumed, else a new one: a wrong resume= then fails
@@ -82,9 +76,8 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
         except Exception as err:
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 log.exception("job failed: %s", _error_text(err))
-                metrics = Path(cfg.paths.output_dir) / "metrics.json"
-                if not metrics.exists():  # it failed before training started
-                    write_json(metrics, {"status": "failed", "error": _error_text(err)})
+                if not record.path(cfg.paths.output_dir).exists():  # it failed before training started
+                    record.write(cfg.paths.output_dir, {"status": record.FAILED, "error": _error_text(err)})
                 return None
             cause = _user_error(err)
             if cause is None:
@@ -118,7 +111,7 @@ def train(cfg: DictConfig) -> float | None:
     """
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    cfg, settings = _resume(cfg) if cfg.get("resume") else (cfg, _settings(cfg))
+    cfg, settings = _resume(cfg) if cfg.get("resume") else (cfg, record.settings(cfg))
     # A missing, damaged, unsafe or foreign file fails now, before any work.
     start_step = (
         _training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume"))["global_step"] if cfg.ckpt_path else 0
@@ -137,18 +130,18 @@ def train(cfg: DictConfig) -> float | None:
     settings["parameters"] = sum(p.numel() for p in model.net.parameters())
     settings["threads"] = torch.get_num_threads()
 
-    def record(result: dict[str, Any]) -> None:
+    def write_record(result: dict[str, Any]) -> None:
         if trainer.is_global_zero:  # under DDP every rank runs this function; one writes the results
             progress = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
             elapsed = round(time.perf_counter() - start, 2)
-            write_json(
-                output_dir / "metrics.json",
+            record.write(
+                output_dir,
                 {**result, **progress, "wall_time_s": elapsed, "settings": settings, "run_dir": str(output_dir)},
             )
 
-    record({"status": "running"})
+    write_record({"status": record.RUNNING})
     # Unless training finishes or fails, it was interrupted: Lightning turns Ctrl-C into SystemExit.
-    result: dict[str, Any] = {"status": "interrupted"}
+    result: dict[str, Any] = {"status": record.INTERRUPTED}
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         if cfg.ckpt_path and trainer.global_step == start_step and not trainer.interrupted:
@@ -162,16 +155,16 @@ def train(cfg: DictConfig) -> float | None:
             metrics |= _epoch_metrics(trainer)
         _log_hparams(trainer, settings, metrics)
         result = {
-            "status": "finished",
+            "status": record.FINISHED,
             "metrics": metrics,
             "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
             "tested": (best or "final weights") if cfg.test else None,
         }
     except Exception as err:
-        result = {"status": "failed", "error": _error_text(err)}
+        result = {"status": record.FAILED, "error": _error_text(err)}
         raise
     finally:
-        record(result)
+        write_record(result)
     return result["metrics"].get(cfg.get("optimized_metric"))
 
 
@@ -204,24 +197,6 @@ def _set_threads(threads: int | None) -> None:
             threads = max(1, cores // max(1, jobs))
     if threads is not None:
         torch.set_num_threads(threads)
-
-
-def _settings(cfg: DictConfig) -> dict[str, Any]:
-    """The run's key settings, for metrics.json: the config groups chosen and the values most often swept."""
-    hydra = HydraConfig.get()
-    return {
-        **{
-            group: hydra.runtime.choices.get(group)
-            for group in ("experiment", "data", "model", "optimizer", "scheduler")
-        },
-        "seed": cfg.seed,
-        "lr": cfg.optimizer.lr,
-        "batch_size": cfg.data.batch_size,
-        "val_size": cfg.data.val_size,
-        "max_epochs": cfg.trainer.max_epochs,
-        "padding": _plain(cfg.model.padding),
-        "overrides": list(hydra.overrides.task),
-    }
 
 
 def _training_state(path: str, max_epochs: int | None, resume: str | None = None) -> dict[str, Any]:
@@ -277,14 +252,13 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         # Hydra's record of the composed config keeps its interpolations: resolved now, its paths name the run
         # directory where it lies now (moved or copied since), and paths.* overrides reach every use.
         saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        record = json.loads((run_dir / "metrics.json").read_text())
-        settings = record["settings"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        raise UserError(
-            f"resume={cfg.resume}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)"
-        ) from None
+    except FileNotFoundError:
+        saved = None
+    saved_record = record.read(run_dir)
+    if saved is None or saved_record is None or not isinstance(saved_record.get("settings"), dict):
+        raise UserError(f"resume={cfg.resume}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)")
     # Refused before anything is written: its metrics.json holds the run's results.
-    if record.get("status") == "finished":
+    if saved_record["status"] == record.FINISHED:
         raise UserError(
             f"resume={cfg.resume}: this run already finished, there is nothing to continue. Test a checkpoint of it "
             "with test.py ckpt_path=..., or train it on in a new run: "
@@ -310,7 +284,7 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     for node in (saved.get("logger") or {}).values():
         if node and str(node.get("_target_", "")).endswith("CSVLogger"):
             node.version = f"{node.get('version') or ''}resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    return saved, settings
+    return saved, saved_record["settings"]
 
 
 @reports_user_errors
@@ -342,10 +316,10 @@ def test(cfg: DictConfig) -> float:
     trainer.test(model, datamodule=datamodule)
     metrics = _epoch_metrics(trainer)
     log.info("test/acc %.4f  test/loss %.4f", metrics["test/acc"], metrics["test/loss"])
-    write_json(
-        Path(cfg.paths.output_dir) / "metrics.json",
+    record.write(
+        cfg.paths.output_dir,
         {
-            "status": "finished",
+            "status": record.FINISHED,
             "metrics": metrics,
             "tested": str(path),
             "wall_time_s": round(time.perf_counter() - start, 2),
@@ -368,13 +342,8 @@ def print_config(cfg: DictConfig, save_to: Path) -> None:
     OmegaConf.save(cfg, save_to, resolve=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader (or a kill mid-write) sees the old file or the new one, never half of one."""
-    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def _epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
-    return {name: float(trainer.callback_metrics[name]) for name in METRICS if name in trainer.callback_metrics}
+    return {name: float(trainer.callback_metrics[name]) for name in record.METRICS if name in trainer.callback_metrics}
 
 
 def _instantiate_each(group: DictConfig | None, name: str) -> list[Any]:

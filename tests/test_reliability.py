@@ -11,13 +11,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnn_exp import callbacks, checkpoints
+from cnn_exp import callbacks, checkpoints, record
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _check_run_settings, _training_state, write_json
+from cnn_exp.run import _check_run_settings, _training_state
 from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run
 
 # 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps.
@@ -169,15 +169,14 @@ def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
     assert checkpoints.load(target)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
-    metrics = tmp_path / "metrics.json"
-    write_json(metrics, {"status": "finished"})
+    record.write(tmp_path, {"status": "finished"})
 
     def full_disk(fd: int) -> None:  # the text is written, but cannot reach the disk
         raise OSError("No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
-        write_json(metrics, {"status": "running", "epochs": 3})
+        record.write(tmp_path, {"status": "running", "epochs": 3})
     assert read_metrics(tmp_path) == {"status": "finished"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "metrics.json"]  # no temporary file left
 

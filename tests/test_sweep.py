@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from cnn_exp.run import write_json
+from cnn_exp import record
 from cnn_exp.sweep import summarize
 from tests.conftest import QUICK, ROOT, read_metrics, run
 
@@ -135,7 +135,7 @@ def test_the_summary_names_how_each_job_ended_and_sorts_by_any_metric(tmp_path: 
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
         if result:
-            write_json(tmp_path / job / "metrics.json", result)
+            record.write(tmp_path / job, result)
     rows, metric = summarize(tmp_path, "train/loss")
     assert metric == "train/loss" and [row["job"] for row in rows][:2] == ["0", "1"]  # lower loss first
     assert [row["status"] for row in rows][2:] == [
