@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _callbacks, _instantiate_each, _plain
+from cnn_exp.run import _callbacks, _instantiate_each, plain_values
 from tests.conftest import ROOT
 
 CONF = ROOT / "conf"
@@ -44,7 +44,9 @@ def test_the_groups_offer_the_documented_options() -> None:
 
 
 def classifier(cfg: DictConfig) -> Classifier:
-    return Classifier(net=_plain(cfg.model), optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler))
+    return Classifier(
+        net=plain_values(cfg.model), optimizer=plain_values(cfg.optimizer), scheduler=plain_values(cfg.scheduler)
+    )
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])

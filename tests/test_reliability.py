@@ -17,7 +17,8 @@ from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _check_run_settings, _training_state
+from cnn_exp.resume import training_state
+from cnn_exp.run import _check_run_settings
 from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run
 
 # 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps.
@@ -299,12 +300,12 @@ def test_a_checkpoint_continues_only_with_its_own_optimizer_and_schedule_and_epo
     Classifier(saved["net"], saved["optimizer"], saved["scheduler"]).on_load_checkpoint(checkpoint)  # the same: fine
     # `trained` ran epochs 0-2: up to max_epochs=2 nothing is left (max_epochs=3 is caught after fit, above).
     with pytest.raises(UserError, match=r"has already trained to trainer\.max_epochs=2: nothing left to train"):
-        _training_state(str(path), 2)
-    assert _training_state(str(path), 5)["global_step"] == checkpoint["global_step"]
+        training_state(str(path), 2)
+    assert training_state(str(path), 5)["global_step"] == checkpoint["global_step"]
     plain = tmp_path / "weights.pt"
     torch.save({"conv1.weight": torch.zeros(6, 1, 5, 5)}, plain)
     with pytest.raises(UserError, match=r"is not a checkpoint written by train\.py"):
-        _training_state(str(plain), 5)
+        training_state(str(plain), 5)
 
 
 def test_values_of_the_wrong_kind_are_named() -> None:
