@@ -1,7 +1,6 @@
 """The table at the end of a sweep: one row per job, best first, from each job's metrics.json."""
 
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import atomic
+from cnn_exp import atomic, record
 
 METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
 COLUMNS = ["job", "overrides", *METRICS, "epochs", "wall_time_s", "status", "run_dir"]
@@ -28,8 +27,9 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
     common = set.intersection(*map(set, overrides.values())) if len(jobs) > 1 else set()
     rows, scores = [], {}
     for job in jobs:
-        result = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").is_file() else {}
-        metrics = result.get("metrics", {})
+        result = record.read(job) or {}
+        # A metric that was not a finite number (a diverged loss) is recorded as null: it ranks as missing.
+        metrics = {name: value for name, value in result.get("metrics", {}).items() if value is not None}
         scores[job.name] = metrics
         rows.append(
             {
@@ -94,7 +94,7 @@ def _status(result: dict[str, Any]) -> str:
     """ok, or how the job ended: failed with its error's last line, interrupted, or running (killed with the sweep)."""
     if not result:
         return "failed: no metrics.json (stopped before training started)"
-    if result["status"] == "finished":
+    if result["status"] == record.FINISHED:
         return "ok"
     error = result.get("error", "").strip().splitlines()
     return f"{result['status']}: {error[-1]}" if error else result["status"]

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _callbacks, _instantiate_each, _plain
+from cnn_exp.run import _callbacks, _instantiate_each, plain_values
 from tests.conftest import ROOT
 
 CONF = ROOT / "conf"
@@ -44,7 +44,9 @@ def test_the_groups_offer_the_documented_options() -> None:
 
 
 def classifier(cfg: DictConfig) -> Classifier:
-    return Classifier(net=_plain(cfg.model), optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler))
+    return Classifier(
+        net=plain_values(cfg.model), optimizer=plain_values(cfg.optimizer), scheduler=plain_values(cfg.scheduler)
+    )
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
@@ -91,8 +93,14 @@ def test_the_slurm_launcher_asks_for_what_the_trainer_will_use(config) -> None:
 
 
 def test_the_optuna_searches_tune_on_validation_only(config) -> None:
-    for name in ("mnist_optuna", "fashion_optuna"):
-        cfg = config(f"hparams_search={name}", hydra=True)
+    for overrides, study in [
+        (["hparams_search=optuna"], "mnist_net2"),
+        (["hparams_search=optuna", "data=fashion", "model=net3"], "fashion_net3"),
+        (["hparams_search=mnist_optuna"], "mnist_net2"),
+        (["hparams_search=fashion_optuna"], "fashion_net3"),
+    ]:
+        cfg = config(*overrides, hydra=True)
+        assert (cfg.hydra.sweeper.study_name, len(cfg.model.channels)) == (study, 3 if study.endswith("net3") else 2)
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
         assert {"optimizer", "optimizer.lr", "model.padding", "data.batch_size"} <= set(cfg.hydra.sweeper.params)
         assert cfg.optimized_metric == "val/acc" and cfg.data.val_size > 0 and cfg.test is False

@@ -11,13 +11,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnn_exp import callbacks, checkpoints
+from cnn_exp import callbacks, checkpoints, record
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _check_run_settings, _training_state, write_json
+from cnn_exp.resume import training_state
+from cnn_exp.run import _check_run_settings
 from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run
 
 # 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps. Dropout, shifts and flips
@@ -176,15 +177,14 @@ def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
     assert checkpoints.load(target)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
-    metrics = tmp_path / "metrics.json"
-    write_json(metrics, {"status": "finished"})
+    record.write(tmp_path, {"status": "finished"})
 
     def full_disk(fd: int) -> None:  # the text is written, but cannot reach the disk
         raise OSError("No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
-        write_json(metrics, {"status": "running", "epochs": 3})
+        record.write(tmp_path, {"status": "running", "epochs": 3})
     assert read_metrics(tmp_path) == {"status": "finished"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "metrics.json"]  # no temporary file left
 
@@ -309,12 +309,12 @@ def test_a_checkpoint_continues_only_with_its_own_optimizer_and_schedule_and_epo
     Classifier(saved["net"], saved["optimizer"], saved["scheduler"]).on_load_checkpoint(checkpoint)  # the same: fine
     # `trained` ran epochs 0-2: up to max_epochs=2 nothing is left (max_epochs=3 is caught after fit, above).
     with pytest.raises(UserError, match=r"has already trained to trainer\.max_epochs=2: nothing left to train"):
-        _training_state(str(path), 2)
-    assert _training_state(str(path), 5)["global_step"] == checkpoint["global_step"]
+        training_state(str(path), 2)
+    assert training_state(str(path), 5)["global_step"] == checkpoint["global_step"]
     plain = tmp_path / "weights.pt"
     torch.save({"conv1.weight": torch.zeros(6, 1, 5, 5)}, plain)
     with pytest.raises(UserError, match=r"is not a checkpoint written by train\.py"):
-        _training_state(str(plain), 5)
+        training_state(str(plain), 5)
 
 
 def test_values_of_the_wrong_kind_are_named() -> None:

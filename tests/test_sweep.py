@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from cnn_exp.run import write_json
+from cnn_exp import record
 from cnn_exp.sweep import summarize
 from tests.conftest import QUICK, ROOT, read_metrics, run
 
@@ -91,8 +91,9 @@ def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> No
 
 
 def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(paths: list[str]) -> None:
-    search = ["hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", "data.val_size=200", "trainer.max_epochs=1"]
-    run("train.py", "-m", *paths, *search)
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "data.val_size=200", "trainer.max_epochs=1"]
+    proc = run("train.py", "-m", *paths, *search)
+    assert "Study name: mnist_net2" in proc.stdout + proc.stderr  # named after the data and model chosen
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
     assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
@@ -135,7 +136,7 @@ def test_the_summary_names_how_each_job_ended_and_sorts_by_any_metric(tmp_path: 
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
         if result:
-            write_json(tmp_path / job / "metrics.json", result)
+            record.write(tmp_path / job, result)
     rows, metric = summarize(tmp_path, "train/loss")
     assert metric == "train/loss" and [row["job"] for row in rows][:2] == ["0", "1"]  # lower loss first
     assert [row["status"] for row in rows][2:] == [

@@ -1,0 +1,92 @@
+"""The run record: metrics.json in every run directory, what train.py and test.py write and the sweep summary and
+resume read.
+
+It holds the run's status, and once finished its metrics; train.py adds progress (epochs, steps), wall time,
+the run's key settings and where the run is. It is always valid JSON: a non-finite number (a diverged loss) is
+written as null, which Python's json would otherwise write as NaN, a token other JSON readers refuse.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cnn_exp import atomic
+from cnn_exp.errors import is_number
+
+NAME = "metrics.json"
+
+# How a run ended, or that it has not: a run killed without a chance to say so stays "running".
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
+
+# The names under which Classifier logs its epoch metrics, in the order metrics.json lists them.
+METRICS = [f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "acc")]
+
+
+def path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / NAME
+
+
+def write(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Replace the run's record whole: a reader (or a kill mid-write) sees the old one or the new one."""
+    atomic.write_text(path(run_dir), json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
+
+
+def read(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's record, or None where there is none: no file, or one that is not a record (not JSON, not an
+    object, no known status, metrics that are not numbers). What it is read for decides whether that is an error.
+
+    A metric that was not a finite number reads as null (None).
+    """
+    try:
+        record = json.loads(path(run_dir).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if _is_record(record) else None
+
+
+def _is_record(record: Any) -> bool:
+    """The parts that readers use have the types they expect."""
+    if not isinstance(record, dict) or record.get("status") not in STATUSES:
+        return False
+    metrics, settings, error = record.get("metrics", {}), record.get("settings", {}), record.get("error", "")
+    return (
+        isinstance(metrics, dict)
+        and all(value is None or is_number(value) for value in metrics.values())
+        and isinstance(settings, dict)
+        and isinstance(error, str)
+    )
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    """The run's key settings, kept in its record: the config groups chosen and the values most often swept."""
+    hydra = HydraConfig.get()
+    padding = cfg.model.padding  # one int for every conv layer, or a list with one per layer
+    return {
+        **{
+            group: hydra.runtime.choices.get(group)
+            for group in ("experiment", "data", "model", "optimizer", "scheduler")
+        },
+        "seed": cfg.seed,
+        "lr": cfg.optimizer.lr,
+        "batch_size": cfg.data.batch_size,
+        "val_size": cfg.data.val_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "padding": OmegaConf.to_container(padding, resolve=True) if OmegaConf.is_config(padding) else padding,
+        "overrides": list(hydra.overrides.task),
+    }
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float, however deeply nested, turned into None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value

@@ -1,0 +1,114 @@
+"""Stopping a run cleanly on the signals that schedulers and terminals send, with its exact training state saved.
+
+SLURM (at preemption and at the time limit), Kubernetes and systemd send SIGTERM, then SIGKILL after a grace
+period; a terminal sends SIGINT (Ctrl-C). Lightning alone acts on SIGTERM only at the end of an epoch, which can be
+past the grace period, and then exits 0. Here the run finishes the batch in hand, saves `step.ckpt`, and stops with
+`Interrupted`, which the entry points turn into the shell's exit status (128 + the signal's number).
+
+Under SLURM, the signal SLURM sends ahead of the time limit (`#SBATCH --signal=USR1@90`, Lightning's
+`SLURMEnvironment.requeue_signal`) does the same and then asks SLURM to requeue the job, as Lightning's
+auto-requeue does, which is turned off for it: Lightning would save from inside the signal handler, in the
+middle of an optimizer step, and a requeued run would not continue exactly.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(BaseException):
+    """A run stopped by a signal. Not an Exception: in a sweep it must stop the sweep, not fail one job."""
+
+    def __init__(self, signum: int, requeued: bool = False) -> None:
+        self.signum, self.requeued = signum, requeued
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def slurm_requeue_signal() -> int | None:
+    """The signal SLURM sends ahead of the time limit when this process is a SLURM job, else None."""
+    if not SLURMEnvironment.detect():
+        return None
+    return int(SLURMEnvironment().requeue_signal or signal.SIGUSR1)
+
+
+class StopOnSignal(L.Callback):
+    """Ends training or testing at the next batch boundary after a signal, saving the exact state first.
+
+    `handling()` installs the handlers for the whole task. While a Trainer runs, a signal only sets a flag and the
+    batch in hand finishes (a validation in progress too, a few seconds); before and after, there is nothing
+    half-done to save and the run stops at once. A second signal stops it at once in any case.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self.received: int | None = None
+        self.running = False
+
+    @contextmanager
+    def handling(self) -> Iterator["StopOnSignal"]:
+        """Install the handlers (main thread only: Python delivers signals there) and restore the old ones after."""
+        signals = [signal.SIGTERM, signal.SIGINT]
+        if (requeue := slurm_requeue_signal()) is not None:
+            signals.append(requeue)
+        previous = {signum: signal.getsignal(signum) for signum in signals}
+        for signum in signals:
+            signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.running or self.received is not None:
+            raise Interrupted(signum)
+        self.received = signum
+        log.warning("%s received: stopping after this batch", signal.Signals(signum).name)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.running = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.received is not None:
+            # The same moment a step checkpoint is taken at: resume continues with the next batch.
+            trainer.save_checkpoint(self.dirpath / "step.ckpt")
+            self._stop(trainer)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.received is not None:  # training had ended: a resume runs the whole test again
+            self._stop(trainer)
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        signum, self.received, self.running = self.received, None, False
+        requeued = signum == slurm_requeue_signal() and trainer.is_global_zero and _requeue()
+        raise Interrupted(signum, requeued)
+
+
+def _requeue() -> bool:
+    """Ask SLURM to put this job back in its queue, as Lightning's auto-requeue does; True if it agreed."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("could not requeue SLURM job %s: %s", job, err)
+        return False
+    if done.returncode:
+        log.error("scontrol requeue %s failed: %s", job, done.stderr.strip())
+    return done.returncode == 0
