@@ -10,6 +10,7 @@ checkpoints can be continued at all. The rest of resuming lives with what it res
 - data.py: the MNISTDataModule saves its position in the epoch (state_dict) and serves the rest of that epoch.
 """
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints, record
+from cnn_exp import checkpoints, record, rundir
 from cnn_exp.errors import UserError
 
 
@@ -29,21 +30,50 @@ def resumable(resume: str | None) -> bool:
     return saved is not None and saved["status"] != record.FINISHED
 
 
+def _run_dir(resume: str | None, new: str) -> str:
+    """hydra.run.dir: the run named by resume=<run dir> when it can be resumed, else a new one: a wrong resume= then
+    fails in a new run directory instead of writing Hydra's files into the directory it names. A SLURM job's run
+    is named for the job, so that when SLURM requeues it (same job id) it finds its own run again and continues."""
+    if resumable(resume):
+        return str(resume)
+    job = rundir.slurm_job()
+    return str(Path(new).parent / f"slurm-{job}") if job else new
+
+
+_subdirs: dict[str, str] = {}
+
+
+def _hydra_subdir(output_dir: str, time: str) -> str:
+    """hydra.output_subdir, where Hydra records the config: `.hydra` for a new run; in a directory that already holds
+    a run (a resume, a requeued job, a refused start), `.hydra/resumed-<time>`, so how the run was started is kept.
+
+    Resolved once a run, just before Hydra writes there: the directory's lock is taken now (cnn_exp/rundir.py).
+    Another process working there gets a record of its own and is refused when its task starts."""
+    if output_dir not in _subdirs:
+        if not rundir.claim(output_dir):
+            _subdirs[output_dir] = f".hydra/refused-{time}-{os.getpid()}"
+        elif rundir.holds_a_run(output_dir):
+            _subdirs[output_dir] = f".hydra/resumed-{time}"
+        else:
+            _subdirs[output_dir] = ".hydra"
+    return _subdirs[output_dir]
+
+
 # conf/hydra/default.yaml uses these two to choose the run directory. They are registered here, on import, because
 # Hydra resolves hydra.run.dir before it calls train(): train.py imports cnn_exp.run, which imports this module,
 # before @hydra.main composes the config.
-# hydra.run.dir: the run named by resume=<run dir> when it can be resumed, else a new one: a wrong resume= then fails
-# in a new run directory instead of writing Hydra's files into the directory it names.
-OmegaConf.register_new_resolver("run_dir", lambda resume, new: resume if resumable(resume) else new, replace=True)
-# hydra.output_subdir: a resumed run keeps the .hydra/ record of how it was started, and adds one of each resume.
-OmegaConf.register_new_resolver(
-    "hydra_subdir", lambda resume, time: f".hydra/resumed-{time}" if resumable(resume) else ".hydra", replace=True
-)
+OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
 
 
-def resumed_run(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
-    """The config and settings of the run `resume=` names, pointed at its newest checkpoint and where it lies now."""
-    run_dir = Path(cfg.resume)
+def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, dict[str, Any]]:
+    """The config and settings of the run `resume=` names, pointed at its newest checkpoint and where it lies now.
+
+    `requeued`: a scheduler started the same command again in the run's own directory (a requeued SLURM job),
+    which continues the run there as if resumed.
+    """
+    run_dir = Path(cfg.paths.output_dir if requeued else cfg.resume)
+    named = f"hydra.run.dir={run_dir}" if requeued else f"resume={cfg.resume}"
     try:
         # Hydra's record of the composed config keeps its interpolations: resolved now, its paths name the run
         # directory where it lies now (moved or copied since), and paths.* overrides reach every use.
@@ -52,20 +82,27 @@ def resumed_run(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         saved = None
     saved_record = record.read(run_dir)
     if saved is None or saved_record is None or not isinstance(saved_record.get("settings"), dict):
-        raise UserError(f"resume={cfg.resume}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)")
+        raise UserError(f"{named}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)")
     # Refused before anything is written: its metrics.json holds the run's results.
     if saved_record["status"] == record.FINISHED:
         raise UserError(
-            f"resume={cfg.resume}: this run already finished, there is nothing to continue. Test a checkpoint of it "
+            f"{named}: this run already finished, there is nothing to continue. Test a checkpoint of it "
             "with test.py ckpt_path=..., or train it on in a new run: "
             f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} trainer.max_epochs=N"
         )
     candidates = [run_dir / "checkpoints" / name for name in ("step.ckpt", "last.ckpt")]
     candidates = [path for path in candidates if path.is_file()]
     if not candidates:
-        raise UserError(f"resume={cfg.resume}: no step.ckpt or last.ckpt in {run_dir / 'checkpoints'} to continue from")
+        raise UserError(f"{named}: no step.ckpt or last.ckpt in {run_dir / 'checkpoints'} to continue from")
     # Only where the data is may differ (another machine); anything else would silently not apply.
     given = list(HydraConfig.get().overrides.task)
+    if requeued and given != list(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")):
+        raise UserError(
+            f"{run_dir} holds an unfinished run of another command: continue it with resume={run_dir}, or choose "
+            "another hydra.run.dir"
+        )
+    if requeued:
+        given = []
     if extra := [o for o in given if not o.startswith(("resume=", "hydra.", "paths.data_dir=", "paths.data_mirror="))]:
         raise UserError(
             f"resume= continues a run with its own config and takes no other settings ({' '.join(extra)}). "
@@ -75,7 +112,7 @@ def resumed_run(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         if any(o.startswith(f"paths.{key}=") for o in given):
             saved.paths[key] = cfg.paths[key]
     saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
-    saved.resume = cfg.resume
+    saved.resume = str(run_dir)
     # Lightning's CSV logger empties a metrics.csv it finds: the resumed part goes beside it instead.
     for node in (saved.get("logger") or {}).values():
         if node and str(node.get("_target_", "")).endswith("CSVLogger"):

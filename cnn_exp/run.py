@@ -5,6 +5,7 @@ Read top down: the error wrapper, train, test, then their helpers in the order t
 
 import functools
 import logging
+import math
 import os
 import sys
 import time
@@ -21,15 +22,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints, record, resume
+from cnn_exp import checkpoints, record, resume, rundir, sweep
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole
+from cnn_exp.signals import Interrupted, StopOnSignal, slurm_requeue_signal
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,12 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
     def wrapper(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
+        except Interrupted as stop:
+            print(_stopped_message(stop, cfg.paths.output_dir), file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                # The jobs after this one must not start: the summary lists them as not run.
+                sweep.write_stopped(Path(HydraConfig.get().sweep.dir), cfg.get("optimized_metric") or "val/acc")
+            sys.exit(stop.exit_code)
         except Exception as err:
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 log.exception("job failed: %s", _error_text(err))
@@ -56,8 +65,18 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
             if cause is None:
                 raise
             sys.exit(f"error: {cause}")
+        finally:
+            rundir.release(cfg.paths.output_dir)
 
     return wrapper
+
+
+def _stopped_message(stop: Interrupted, output_dir: str) -> str:
+    if not any((Path(output_dir) / "checkpoints").glob("*.ckpt")):
+        return f"{stop.name}: stopped before anything was trained; start the run again"
+    if stop.requeued:
+        return f"{stop.name}: the training state is saved and SLURM requeued the job; it continues in {output_dir}"
+    return f"{stop.name}: stopped, the training state is saved. Continue with: python train.py resume={output_dir}"
 
 
 @reports_user_errors
@@ -65,13 +84,26 @@ def train(cfg: DictConfig) -> float | None:
     """Fit the configured model, test it unless `test=false`, and write metrics.json; return `optimized_metric`.
 
     metrics.json is written when training starts (status running) and again however the run ends: finished,
-    failed (with the error) or interrupted (Ctrl-C). Only a finished run reports metrics. With `resume=<run dir>`
-    the run continues in that directory, with its config, from its newest checkpoint.
+    failed (with the error) or interrupted (a signal: Ctrl-C, a scheduler's SIGTERM). Only a finished run reports
+    metrics, and only finite ones. With `resume=<run dir>` the run continues in that directory, with its config,
+    from its newest checkpoint; so does a requeued SLURM job that finds its own unfinished run.
     """
     _silence_known_warnings()
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    cfg, settings = resume.resumed_run(cfg) if cfg.get("resume") else (cfg, record.settings(cfg))
+    rundir.check_claimed(output_dir)
+    if cfg.get("resume"):
+        cfg, settings = resume.resumed_run(cfg)
+    elif rundir.holds_a_run(output_dir):
+        if not (rundir.requeued() and (record.read(output_dir) or {}).get("status") != record.FINISHED):
+            raise UserError(
+                f"{output_dir} already holds a run: choose another hydra.run.dir (a new run never replaces one), "
+                f"or continue an unfinished one with resume={output_dir}"
+            )
+        cfg, settings = resume.resumed_run(cfg, requeued=True)
+        log.info("requeued: continuing the run in %s", output_dir)
+    else:
+        settings = record.settings(cfg)
     # A missing, damaged, unsafe or foreign file fails now, before any work.
     start_step = (
         resume.training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume"))["global_step"]
@@ -90,7 +122,10 @@ def train(cfg: DictConfig) -> float | None:
     )
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
     loggers = _instantiate_each(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg, loggers), logger=loggers or False)
+    stopper = StopOnSignal(output_dir / "checkpoints", save=cfg.trainer.get("enable_checkpointing") is not False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[*_callbacks(cfg, loggers), stopper], logger=loggers or False, plugins=_plugins(cfg)
+    )
     settings["parameters"] = sum(p.numel() for p in model.net.parameters())
     settings["threads"] = torch.get_num_threads()
 
@@ -104,19 +139,24 @@ def train(cfg: DictConfig) -> float | None:
             )
 
     write_record({"status": record.RUNNING})
-    # Unless training finishes or fails, it was interrupted: Lightning turns Ctrl-C into SystemExit.
+    # Unless training finishes, fails or is stopped by a signal, something else ended it (SystemExit).
     result: dict[str, Any] = {"status": record.INTERRUPTED}
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        if cfg.ckpt_path and trainer.global_step == start_step and not trainer.interrupted:
-            raise UserError(resume.nothing_left_message(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume")))
-        metrics = _epoch_metrics(trainer)
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
-        if cfg.test:
-            # The best checkpoint on val/acc when there is one; else the weights training ended with.
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-            metrics |= _epoch_metrics(trainer)
+        with stopper.handling():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            trained = trainer.global_step > start_step
+            if cfg.ckpt_path and not trained and not cfg.get("resume"):
+                raise UserError(resume.nothing_left_message(cfg.ckpt_path, cfg.trainer.max_epochs, None))
+            # Without anything trained, a resumed run had ended its training before it stopped, in its final test.
+            metrics = _epoch_metrics(trainer) if trained else _restored_metrics(trainer, model, datamodule)
+            _check_trained(model, metrics)
+            checkpoint = trainer.checkpoint_callback
+            best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
+            if cfg.test:
+                # The best checkpoint on val/acc when there is one; else the weights training ended with.
+                trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+                metrics |= _epoch_metrics(trainer)
+                _check_trained(model, metrics)
         _log_hparams(trainer, settings, metrics)
         result = {
             "status": record.FINISHED,
@@ -124,6 +164,10 @@ def train(cfg: DictConfig) -> float | None:
             "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
             "tested": (best or "final weights") if cfg.test else None,
         }
+    except Interrupted as stop:
+        result = {"status": record.INTERRUPTED, "signal": stop.name, "requeued": stop.requeued}
+        result["resume"] = f"python train.py resume={output_dir}"
+        raise
     except Exception as err:
         result = {"status": record.FAILED, "error": _error_text(err)}
         raise
@@ -198,6 +242,37 @@ def _not_a_litlogger_advert(log_record: logging.LogRecord) -> bool:
     return "litlogger" not in log_record.getMessage()
 
 
+def _plugins(cfg: DictConfig) -> list[Any]:
+    """The Trainer's configured plugins; under SLURM, also its environment without Lightning's auto-requeue, whose
+    signal StopOnSignal acts on at a batch boundary instead (cnn_exp/signals.py says why)."""
+    plugins = [instantiate(node) for node in cfg.trainer.get("plugins") or []]
+    if slurm_requeue_signal() is not None:
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: MNISTDataModule) -> dict[str, float]:
+    """The last epoch's metrics of a run whose training had ended before it stopped: the train means from the epoch
+    sums its checkpoint holds, the validation measured again (the same weights give the same numbers)."""
+    metrics = {"train/loss": float(model.train_loss.compute()), "train/acc": float(model.train_acc.compute())}
+    if datamodule.hparams.val_size:
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        metrics |= _epoch_metrics(trainer)
+    return metrics
+
+
+def _check_trained(model: L.LightningModule, metrics: dict[str, float]) -> None:
+    """A finished run's numbers are finite, from finite weights; a last step can blow the weights up unseen."""
+    broken = [f"{name} is {value}" for name, value in metrics.items() if not math.isfinite(value)]
+    if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
+        broken.insert(0, "the network's weights are not all finite")
+    if broken:
+        raise UserError(
+            f"training diverged: {', '.join(broken)}. Lower optimizer.lr (now {model.hparams.optimizer.get('lr')}) "
+            "or choose another optimizer."
+        )
+
+
 def _check_monitored_metrics(cfg: DictConfig) -> None:
     """Early stopping on a validation metric needs a validation split; without one Lightning fails after epoch 1."""
     for key, node in (cfg.callbacks or {}).items():
@@ -216,6 +291,11 @@ def _check_run_settings(cfg: DictConfig) -> None:
         raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
     if threads is not None and (not is_whole(threads) or threads < 1):
         raise UserError(f"threads={threads} must be a number of CPU threads (1 or more), or null for the default")
+    # Lightning takes 0 and reports the untrained network's scores as the run's; -1 (with max_steps) has no end.
+    for key in ("max_epochs", "max_steps"):
+        value = cfg.trainer.get(key)
+        if value is not None and (not is_whole(value) or value == 0 or value < -1):
+            raise UserError(f"trainer.{key}={value} must be a whole number of at least 1 (or -1: no limit)")
 
 
 @rank_zero_only

@@ -35,7 +35,12 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
 
     @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
     def exit_code(self) -> int:
+        """The shell's convention: 130 for SIGINT, 143 for SIGTERM."""
         return 128 + self.signum
 
 
@@ -54,8 +59,8 @@ class StopOnSignal(L.Callback):
     half-done to save and the run stops at once. A second signal stops it at once in any case.
     """
 
-    def __init__(self, dirpath: str | Path) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str | Path, save: bool = True) -> None:
+        self.dirpath, self.save = Path(dirpath), save
         self.received: int | None = None
         self.running = False
 
@@ -83,10 +88,14 @@ class StopOnSignal(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.running = True
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.received is not None:
-            # The same moment a step checkpoint is taken at: resume continues with the next batch.
-            trainer.save_checkpoint(self.dirpath / "step.ckpt")
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Not after an epoch's last batch: its validation and epoch-end checkpoint come first, or a resumed run would
+        # skip them. The next epoch's first batch is seconds away.
+        if self.received is not None and batch_idx + 1 < trainer.num_training_batches:
+            if self.save:  # the moment a step checkpoint is taken at: a resume continues with the next batch
+                trainer.save_checkpoint(self.dirpath / "step.ckpt", weights_only=False)
             self._stop(trainer)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

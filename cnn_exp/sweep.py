@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -96,6 +98,8 @@ def _status(result: dict[str, Any]) -> str:
         return "failed: no metrics.json (stopped before training started)"
     if result["status"] == record.FINISHED:
         return "ok"
+    if result.get("signal"):
+        return f"{result['status']} by {result['signal']}"
     error = result.get("error", "").strip().splitlines()
     return f"{result['status']}: {error[-1]}" if error else result["status"]
 
@@ -104,3 +108,30 @@ def _cell(value: Any, metric: bool) -> str:
     if metric and value is not None:
         return f"{value:.4f}"
     return "" if value is None else str(value).replace("|", "\\|")
+
+
+def write_stopped(sweep_dir: Path, metric: str) -> None:
+    """A sweep stopped by a signal: print and write the summary of the jobs it ran, and of those it never started."""
+    rows, metric = summarize(sweep_dir, metric)
+    ran = [sorted(OmegaConf.load(Path(row["run_dir"]) / ".hydra" / "overrides.yaml")) for row in rows]
+    planned = _planned(sweep_dir)
+    common = set.intersection(*map(set, planned)) if len(planned) > 1 else set()
+    for overrides in planned:
+        if sorted(overrides) not in ran:
+            missing = dict.fromkeys(COLUMNS, None)
+            missing |= {"job": "-", "overrides": " ".join(o for o in overrides if o not in common), "run_dir": ""}
+            rows.append(missing | {"status": "not run: the sweep was stopped"})
+    print(write(sweep_dir, rows, metric))
+
+
+def _planned(sweep_dir: Path) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper expands the sweep it saved in multirun.yaml; [] for another
+    sweeper (an Optuna search chooses its trials as it goes)."""
+    try:
+        hydra = OmegaConf.load(sweep_dir / "multirun.yaml").hydra
+        if not str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return []
+        overrides = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+    except Exception:  # no record of the sweep, or one Hydra cannot read: list only the jobs that ran
+        return []
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]

@@ -1,0 +1,70 @@
+"""A run directory belongs to one run, worked in by one process at a time.
+
+The lock is taken when Hydra resolves where the run's own record of its config goes (`hydra.output_subdir`): that
+is after Hydra has chosen the directory and before it writes anything there, so a second process started on the
+same directory never overwrites the first one's record. It is an flock (through `filelock`): the kernel drops it
+when its process dies, however it dies, so a stale lock of a killed run is simply taken over.
+"""
+
+import os
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from cnn_exp import record
+from cnn_exp.errors import UserError
+
+LOCK = ".lock"
+# The locks this process holds, by resolved directory; None where another process held it.
+_held: dict[Path, FileLock | None] = {}
+
+
+def claim(run_dir: str | Path) -> bool:
+    """Take the directory's lock for this process without waiting (again: no-op); False if another process has it."""
+    key = Path(run_dir).resolve()
+    if _held.get(key) is None:
+        key.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(key / LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            lock = None
+        _held[key] = lock
+    return _held[key] is not None
+
+
+def release(run_dir: str | Path) -> None:
+    """Let the directory go: the job of a sweep ends, the next one runs in the same process."""
+    lock = _held.pop(Path(run_dir).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+def check_claimed(run_dir: str | Path) -> None:
+    """Refuse to work in a directory another process is working in (a second train.py, or a second resume=)."""
+    if not claim(run_dir):
+        raise UserError(
+            f"{run_dir} is in use by another process (a run, or a resume= of it, still going): wait for it to end, "
+            "or choose another directory"
+        )
+
+
+def holds_a_run(run_dir: str | Path) -> bool:
+    """Whether a run already lives here: its record, or checkpoints of one."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    return record.path(run_dir).exists() or (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
+
+
+def requeued() -> bool:
+    """Whether this process is a SLURM job that SLURM started again (after a preemption or a requeue)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def slurm_job() -> str | None:
+    """This SLURM job's id (an array task's id for job arrays) when Lightning sees a SLURM job, else None."""
+    if not SLURMEnvironment.detect():
+        return None
+    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
