@@ -79,6 +79,10 @@ class Classifier(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, self.test_loss, self.test_acc, self.test_confusion)
 
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Class probabilities for a batch of images framed and normalized like the data (cnn_exp/predict.py)."""
+        return self(batch).softmax(dim=1)
+
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
         if not self.hparams.scheduler:

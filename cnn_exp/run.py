@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints, record, resume, rundir, sweep
+from cnn_exp import checkpoints, export, predict, record, resume, rundir, sweep
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole
@@ -189,6 +189,9 @@ def test(cfg: DictConfig) -> float:
             f"test.py rebuilds network and data from the checkpoint: {', '.join(ignored)} settings cannot change "
             "them (batch_size=N sets the test batch size, paths.* where the data is)"
         )
+    # What else test.py does with a checkpoint: predict=PATH (cnn_exp/predict.py), export=onnx (cnn_exp/export.py).
+    if cfg.get("predict") is not None or cfg.get("export") is not None:
+        return predict.run(cfg) if cfg.get("predict") is not None else export.run(cfg)
     path = Path(cfg.ckpt_path)
     checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
     # Data lives where this machine keeps it, not where the checkpoint was trained.

@@ -1,0 +1,94 @@
+"""test.py export=onnx: the trained network as model.onnx for ONNX Runtime, checked against PyTorch before success.
+
+The model takes `images`, a batch of any size of N×1×28×28 float images framed and normalized as in training
+(cnn_exp/predict.py: white on black, (pixel / 255 - mean) / std), and returns `logits`, N×classes (softmax them
+for probabilities). Its metadata holds what a program needs to use it: `classes` (JSON list, in output order),
+`mean`, `std`, `dataset`, and `input`/`output` descriptions; ONNX Runtime reads them with
+`session.get_modelmeta().custom_metadata_map`.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from cnn_exp import atomic
+from cnn_exp.errors import UserError
+from cnn_exp.predict import from_checkpoint
+
+log = logging.getLogger(__name__)
+# The exporter's graph passes report each step at INFO, which the run's console would show: a hundred lines.
+for name in ("onnx_ir", "onnxscript"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+FORMATS = ("onnx",)
+# ONNX Runtime and PyTorch compute the same float32 network with other kernels: their logits differ by rounding
+# (about 1e-6 here). More than this is a wrong export, not rounding.
+TOLERANCE = 1e-4  # |onnx - torch| <= TOLERANCE + TOLERANCE * |torch|, per logit
+CHECKED = 100  # test images the export is checked on
+
+
+def run(cfg: DictConfig) -> None:
+    """Export the checkpoint's network to model.onnx in the run directory, once ONNX Runtime agrees with PyTorch."""
+    if cfg.export not in FORMATS:
+        raise UserError(f"export={cfg.export}: the one format is onnx (export=onnx)")
+    data = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
+    model, datamodule = from_checkpoint(cfg.ckpt_path, **data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    images = datamodule.test_set.tensors[0][:CHECKED].cpu()
+    net = model.net.eval()
+    metadata = {
+        "classes": json.dumps(list(datamodule.classes)),
+        "mean": str(datamodule.hparams.mean),
+        "std": str(datamodule.hparams.std),
+        "dataset": datamodule.hparams.dataset,
+        "input": "images: N×1×28×28 float32, white on black, (pixel / 255 - mean) / std",
+        "output": "logits: N×classes float32, in the order of classes",
+        "checkpoint": str(cfg.ckpt_path),
+    }
+    onnx_model = to_onnx(net, metadata)
+    difference = check(onnx_model, net, images)
+    path = Path(cfg.paths.output_dir) / "model.onnx"
+    with atomic.replace(path, "wb") as f:
+        f.write(onnx_model)
+    log.info(
+        "wrote %s: ONNX Runtime's logits match PyTorch's on %d test images (largest difference %.1e, "
+        "tolerance %.0e absolute + %.0e relative)",
+        path, len(images), difference, TOLERANCE, TOLERANCE,
+    )  # fmt: skip
+
+
+def to_onnx(net: torch.nn.Module, metadata: dict[str, str]) -> bytes:
+    """The network as an ONNX model (torch.export-based exporter), any batch size, with `metadata`."""
+    example = torch.zeros(2, *net.input_shape)  # two: an exporter fixes a dimension of size 1
+    program = torch.onnx.export(
+        net,
+        (example,),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
+    program.model.metadata_props.update(metadata)
+    return program.model_proto.SerializeToString()
+
+
+def check(onnx_model: bytes, net: torch.nn.Module, images: torch.Tensor) -> float:
+    """The largest difference between ONNX Runtime's and PyTorch's logits; a UserError beyond TOLERANCE."""
+    import onnxruntime  # only an export needs it
+
+    session = onnxruntime.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = net(images).numpy()
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    difference = float(np.abs(logits - expected).max())
+    if not np.allclose(logits, expected, rtol=TOLERANCE, atol=TOLERANCE):
+        raise UserError(
+            f"export=onnx: ONNX Runtime's logits differ from PyTorch's by up to {difference:.1e} on test images "
+            f"(tolerance {TOLERANCE:.0e}): model.onnx not written"
+        )
+    return difference

@@ -1,0 +1,319 @@
+"""Classify your own images with a trained checkpoint: `test.py predict=PATH`, and `cnn_exp.load(...)` in Python.
+
+An image is made to look like the data the network was trained on before it sees it (`frame`): grey, white on
+black, its content fitted into 28×28 the way the dataset framed its images, normalized with the checkpoint's own
+mean and std.
+
+- MNIST (LeCun et al.): each digit was "size normalized to fit in a 20×20 pixel box while preserving its aspect
+  ratio", then "centered in a 28×28 image by computing the center of mass of the pixels". Here too: the content
+  fitted into 20×20, its centre of mass put on pixel (14, 14), where it lies in the dataset's images.
+- Fashion-MNIST (Xiao et al., 2017): each product photo was trimmed of its background, its longest edge resized
+  to 28, its shortest edge extended to 28 with the product in the middle, and negated. Here too: the content
+  fitted into 28×28, its box centred.
+"""
+
+import csv
+import glob
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+from PIL import Image, ImageOps, UnidentifiedImageError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from torch.utils.data import DataLoader
+
+from cnn_exp import atomic, checkpoints
+from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
+from cnn_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SIZE = 28  # both datasets' images are 28×28
+# Per dataset: the box its content is fitted into, and whether it is centred by centre of mass (else by its box).
+FRAMING: dict[str, tuple[int, bool]] = {"MNIST": (20, True), "FashionMNIST": (28, False)}
+# Pixels brighter than this share of the content's range (after the background is made black) are content: the
+# box around them is what gets fitted. At 10% the box of the dataset's own images is their 20×20 (MNIST) or
+# 28×28 (Fashion-MNIST) box again, so a dataset image read back from a file comes out as it was stored.
+CONTENT = 0.1
+# An image whose brightest and darkest pixels differ by less than this (of 255) has nothing drawn on it.
+BLANK = 16
+TOP = 3  # classes listed per image
+SHOWN = 64  # images drawn in predictions.png; a larger folder shows its first 64
+# What Predictor.predict takes: files, Pillow images, tensors or numpy arrays of pixels, or a list of them.
+Images = str | Path | Image.Image | torch.Tensor | np.ndarray | Sequence["Images"]
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Read any image file Pillow knows (PNG, JPEG, BMP, ...) as grey; a file it cannot read is a UserError."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes now, so a damaged file fails here and not later
+            image = ImageOps.exif_transpose(image)  # a phone photo stands the way it was taken
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image (Pillow cannot read it as PNG, JPEG, BMP or another format)") from None
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{path}: too large to be a picture of one item ({Image.MAX_IMAGE_PIXELS} pixels at most)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: damaged or truncated image ({str(err).strip() or type(err).__name__})") from None
+    return grey(image)
+
+
+def grey(image: Image.Image) -> Image.Image:
+    """One grey channel; transparent parts (a drawing app's empty canvas) become white paper."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        paper = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(paper, image.convert("RGBA"))
+    return image.convert("L")
+
+
+def frame(image: Image.Image, dataset: str, name: str = "image") -> torch.Tensor:
+    """A grey image as its dataset would have stored it: 28×28, white content on black, values 0 to 1.
+
+    Light background (the median of its outermost pixels): inverted. Levels: the background (2nd percentile)
+    becomes black and the brightest pixel white, as in the datasets' own images. Then the content's box is fitted
+    and centred as the dataset did (see the module's docstring). An image with nothing on it is a UserError.
+    """
+    box, by_mass = FRAMING[dataset]
+    pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if np.median(border) > 127:
+        pixels = 255 - pixels
+    low, high = np.percentile(pixels, 2), pixels.max()
+    if high - low < BLANK:
+        raise UserError(f"{name}: blank, there is nothing on it to classify")
+    pixels = np.clip((pixels - low) / (high - low), 0, 1)
+    rows, cols = np.nonzero(pixels > CONTENT)
+    content = pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = content.shape
+    scale = box / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Pillow's resampling filters average over the pixels they shrink: grey edges, as the datasets' anti-aliasing.
+    fitted = np.asarray(
+        Image.fromarray(np.round(content * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR),
+        dtype=np.float32,
+    )
+    height, width = fitted.shape
+    if by_mass:
+        mass = fitted.sum()
+        centre_row = (fitted.sum(axis=1) * np.arange(height)).sum() / mass
+        centre_col = (fitted.sum(axis=0) * np.arange(width)).sum() / mass
+        top, left = round(SIZE // 2 - centre_row), round(SIZE // 2 - centre_col)
+    else:
+        top, left = (SIZE - height + 1) // 2, (SIZE - width + 1) // 2
+    top, left = min(max(top, 0), SIZE - height), min(max(left, 0), SIZE - width)  # the content stays whole
+    canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
+    canvas[top : top + height, left : left + width] = fitted
+    return torch.from_numpy(canvas / 255)
+
+
+def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, MNISTDataModule]:
+    """The trained model and its data settings (dataset, mean, std, classes), loaded as safely as test.py does.
+
+    `data` overrides data settings (where the data lies: data_dir, mirror, batch_size); nothing else may differ.
+    """
+    checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
+    try:
+        model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **data)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
+    model.eval()
+    return model, datamodule
+
+
+@dataclass
+class Predictor:
+    """A trained network with its preprocessing and class names built in (made by `cnn_exp.load`)."""
+
+    model: Classifier
+    dataset: str
+    mean: float
+    std: float
+    classes: list[str]
+
+    def prepare(self, images: Images) -> torch.Tensor:
+        """What the network sees: an N×1×28×28 batch, framed (see `frame`) and normalized.
+
+        `images`: image files, Pillow images, or pixels as tensors or arrays (values 0-255, or 0-1 in floats)
+        of one image (H×W) or a batch (N×H×W, N×1×H×W as torchvision holds MNIST, or N×3×H×W in colour); one,
+        or a list. All are framed the same way, so a dataset image in any of these forms comes out as the dataset
+        stored it.
+        """
+        return self.normalize(torch.stack([frame(picture, self.dataset) for picture in _pictures(images)]))
+
+    def normalize(self, framed: torch.Tensor) -> torch.Tensor:
+        """Framed 28×28 images (0 to 1, white on black) as the network's input: a batch normalized like its data."""
+        return ((framed - self.mean) / self.std).reshape(-1, 1, SIZE, SIZE)
+
+    @torch.inference_mode()
+    def predict(self, images: Images) -> torch.Tensor:
+        """Class probabilities, N×classes: row i for image i, column j for `classes[j]`."""
+        batch = self.prepare(images).to(self.model.device)
+        return self.model.predict_step(batch, 0).cpu()
+
+    def top(self, probabilities: torch.Tensor, k: int = TOP) -> list[list[tuple[str, float]]]:
+        """Per image, its k likeliest classes by name with their probabilities, likeliest first."""
+        values, indices = probabilities.topk(min(k, len(self.classes)), dim=1)
+        return [
+            [(self.classes[i], p) for i, p in zip(row_indices, row_values, strict=True)]
+            for row_indices, row_values in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+
+
+def load(path: str | Path) -> Predictor:
+    """A checkpoint of train.py, ready to classify images: `cnn_exp.load("…/best.ckpt").predict(["a.png"])`.
+
+    Loaded as safely as test.py loads it (no code stored in the file ever runs), with the checkpoint's own
+    normalization and class names.
+    """
+    model, datamodule = from_checkpoint(path)
+    data = datamodule.hparams
+    return Predictor(model, data.dataset, data.mean, data.std, list(datamodule.classes))
+
+
+def _pictures(images: Images) -> list[Image.Image]:
+    """Grey Pillow images from what `Predictor.prepare` takes."""
+    if isinstance(images, str | Path):
+        return [read_image(images)]
+    if isinstance(images, Image.Image):
+        return [grey(images)]
+    if isinstance(images, torch.Tensor | np.ndarray):
+        pixels = torch.as_tensor(images).detach().cpu()
+        pixels = pixels[None, None] if pixels.dim() == 2 else pixels[:, None] if pixels.dim() == 3 else pixels
+        if pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
+            raise ValueError(
+                f"pixels of shape {list(images.shape)}: give H×W, N×H×W, N×1×H×W or N×3×H×W (grey or colour images)"
+            )
+        if pixels.is_floating_point():
+            pixels = pixels.clamp(0, 1) * 255
+        pixels = pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return [grey(Image.fromarray(image.squeeze(-1).numpy())) for image in pixels]
+    if isinstance(images, Sequence):
+        return [picture for item in images for picture in _pictures(item)]
+    raise TypeError(f"cannot classify a {type(images).__name__}: give files, Pillow images, tensors or arrays")
+
+
+def image_files(spec: str) -> list[Path]:
+    """The files predict= names: one file, every file in a folder (not its subfolders or hidden files), or a glob."""
+    if not spec.strip():  # Path("") would be the current folder
+        raise UserError("predict= needs an image file, a folder of images or a glob")
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"predict={spec}: the folder holds no files")
+        return files
+    if path.is_file():
+        return [path]
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+        if not files:
+            raise UserError(f"predict={spec}: the pattern matches no file")
+        return files
+    raise UserError(f"predict={spec}: no such file or folder")
+
+
+@dataclass
+class Prediction:
+    """One file's prediction, as predict= prints, writes and draws it."""
+
+    file: Path
+    seen: torch.Tensor  # the framed image, as the network saw it before normalization
+    top: list[tuple[str, float]]
+
+
+def run(cfg: DictConfig) -> None:
+    """test.py predict=PATH: classify the images PATH names; print, and write predictions.csv and .png."""
+    if cfg.get("export"):
+        raise UserError("predict= and export= are two separate runs of test.py: give one of them")
+    files = image_files(str(cfg.predict))
+    predictor = load(cfg.ckpt_path)
+    framed, read, bad = [], [], []
+    for file in files:
+        try:
+            framed.append(frame(read_image(file), predictor.dataset, name=str(file)))
+            read.append(file)
+        except UserError as err:
+            bad.append(str(err))
+    if not read:  # one file: its error; a folder or glob: each file's
+        raise UserError(
+            f"predict={bad[0]}"
+            if Path(str(cfg.predict)).is_file()
+            else f"predict={cfg.predict}: none is an image it can read: {'; '.join(bad)}"
+        )
+    for reason in bad:  # the others are classified all the same
+        log.warning("skipped %s", reason)
+
+    # One device and process: predicting a few images needs no more, and the files keep their order.
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[], devices=1, num_nodes=1, strategy="auto",
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    seen = torch.stack(framed)
+    loader = DataLoader(predictor.normalize(seen), batch_size=cfg.get("batch_size") or 256)
+    probabilities = torch.cat(trainer.predict(predictor.model, dataloaders=loader))
+    predictions = [
+        Prediction(file, image, top)
+        for file, image, top in zip(read, seen, predictor.top(probabilities.float()), strict=True)
+    ]
+    output_dir = Path(cfg.paths.output_dir)
+    _print(predictions)
+    write_csv(output_dir / "predictions.csv", predictions)
+    figure(predictions, f"{Path(str(cfg.ckpt_path)).name} on {cfg.predict}").savefig(output_dir / "predictions.png")
+    log.info("%d images classified, %d skipped: %s", len(read), len(bad), output_dir / "predictions.csv")
+
+
+def _print(predictions: list[Prediction]) -> None:
+    """A table: per file, its likeliest classes with their probabilities."""
+    table = Table("file", *(["1st", "2nd", "3rd"][: len(predictions[0].top)]), title="predictions")
+    for prediction in predictions:  # Text: a name like [1].png is not rich markup
+        table.add_row(Text(prediction.file.name), *(Text(f"{name} {p:.1%}") for name, p in prediction.top))
+    Console().print(table)
+
+
+def write_csv(path: Path, predictions: list[Prediction]) -> None:
+    """One row per image: file, predicted class, its probability, and the top classes as `name=p; ...`."""
+    with atomic.replace(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "predicted", "probability", "top3"])
+        for prediction in predictions:
+            (name, p), *_ = prediction.top
+            ranked = "; ".join(f"{c}={q:.4f}" for c, q in prediction.top)
+            writer.writerow([str(prediction.file), name, f"{p:.4f}", ranked])
+
+
+def figure(predictions: list[Prediction], title: str) -> Figure:
+    """Each image as the network saw it (the first SHOWN of them), with its file name and prediction below."""
+    shown = predictions[:SHOWN]
+    columns = max(1, min(8, len(shown)))
+    rows = math.ceil(len(shown) / columns)
+    if len(predictions) > SHOWN:
+        title += f" (the first {SHOWN} of {len(predictions)})"
+    result = Figure(figsize=(1.7 * columns, 2.0 * rows + 0.5), layout="constrained")
+    result.suptitle(title, fontsize=9)
+    for i, prediction in enumerate(shown):
+        ax = result.add_subplot(rows, columns, i + 1)
+        ax.imshow(prediction.seen, cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        name, p = prediction.top[0]
+        ax.set_xlabel(f"{_short(prediction.file.name)}\n{name} {p:.0%}", fontsize=8)
+    return result
+
+
+def _short(name: str, width: int = 16) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
