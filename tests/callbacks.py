@@ -48,3 +48,25 @@ class SignalAt(L.Callback):
                 # and Python then installs no KeyboardInterrupt handler.
                 signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class SignalInTest(L.Callback):
+    """Sends its own process a real signal when the final test starts (training has ended, the test has not), once:
+    the file `once` marks that it did, so the resumed run gets past it."""
+
+    def __init__(self, once: str, signal: str = "SIGKILL") -> None:
+        self.once, self.signal = Path(once), signal
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if not self.once.exists():
+            self.once.touch()
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class BlowUpWeights(L.Callback):
+    """Makes the last training step leave weights that are not finite, as a diverging last step does."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step == trainer.max_epochs * trainer.num_training_batches:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("inf"))

@@ -144,23 +144,6 @@ def test_a_resume_of_a_wrong_directory_writes_nothing_into_it(paths: list[str], 
     assert [p.name for p in (tmp_path / "not_a_run").iterdir()] == ["notes.txt"]
 
 
-def test_ctrl_c_stops_cleanly_keeps_the_checkpoints_and_records_it(paths: list[str], tmp_path: Path) -> None:
-    proc = run(
-        "train.py",
-        *paths,
-        *RESUMABLE,
-        "+callbacks.stop._target_=tests.callbacks.SignalAt",
-        "+callbacks.stop.step=23",
-        "+callbacks.stop.signal=SIGINT",
-        f"hydra.run.dir={tmp_path}",
-        check=False,
-    )
-    assert proc.returncode != 0
-    result = read_metrics(tmp_path)
-    assert result["status"] == "interrupted" and "metrics" not in result
-    assert checkpoints.load(tmp_path / "checkpoints" / "step.ckpt")["global_step"] == 20
-
-
 def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,156 @@
+"""What schedulers and terminals do to a run, done for real: SIGTERM, SIGINT, SLURM's requeue signal, a kill during
+the final test, a second process in the same run directory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cnn_exp import checkpoints
+from tests.conftest import MIRROR, ROOT, read_metrics, run
+
+pytestmark = pytest.mark.slow
+
+# 800 training images in batches of 50: 16 steps an epoch; dropout, shifts and flips draw random numbers every step.
+RUN = [
+    "data=fashion",
+    "data.shift=2",
+    "data.flip=true",
+    "model.dropout=0.3",
+    "data.val_size=200",
+    "data.batch_size=50",
+    "trainer.max_epochs=2",
+    "seed=5",
+    "callbacks.step_checkpoint.every_n_train_steps=5",
+]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
+    """The metrics of the run never stopped, which every stopped and continued run must end with."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    run("train.py", f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"hydra.run.dir={run_dir}", *RUN)
+    return read_metrics(run_dir)
+
+
+def signal_at(step: int, name: str) -> list[str]:
+    return [
+        "+callbacks.stop._target_=tests.callbacks.SignalAt",
+        f"+callbacks.stop.step={step}",
+        f"+callbacks.stop.signal={name}",
+    ]
+
+
+def test_sigterm_saves_the_exact_state_exits_143_and_resume_ends_as_if_never_stopped(
+    paths: list[str], tmp_path: Path, whole: dict
+) -> None:
+    proc = run("train.py", *paths, *RUN, *signal_at(7, "SIGTERM"), f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 143
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"SIGTERM: stopped, the training state is saved. Continue with: python train.py resume={tmp_path}"
+    )
+    stopped = read_metrics(tmp_path)
+    assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGTERM" and "metrics" not in stopped
+    # The signal came as step 7 began: that batch finished, then the state was saved.
+    assert stopped["steps"] == 8 == checkpoints.load(tmp_path / "checkpoints" / "step.ckpt")["global_step"]
+    run("train.py", f"resume={tmp_path}")
+    resumed = read_metrics(tmp_path)
+    assert resumed["status"] == "finished" and resumed["metrics"] == whole["metrics"]
+
+
+def test_ctrl_c_exits_130_with_the_state_saved(paths: list[str], tmp_path: Path) -> None:
+    proc = run("train.py", *paths, *RUN, *signal_at(20, "SIGINT"), f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 130 and f"python train.py resume={tmp_path}" in proc.stderr
+    assert read_metrics(tmp_path)["signal"] == "SIGINT"
+    assert checkpoints.load(tmp_path / "checkpoints" / "step.ckpt")["global_step"] == 21
+
+
+def test_a_run_killed_in_its_final_test_is_finished_by_resume_with_the_same_test(
+    paths: list[str], tmp_path: Path, whole: dict
+) -> None:
+    kill = ["+callbacks.kill._target_=tests.callbacks.SignalInTest", f"+callbacks.kill.once={tmp_path / 'killed'}"]
+    run_dir = tmp_path / "run"
+    assert run("train.py", *paths, *RUN, *kill, f"hydra.run.dir={run_dir}", check=False).returncode == -9
+    assert read_metrics(run_dir)["status"] == "running"
+    run("train.py", f"resume={run_dir}")
+    resumed = read_metrics(run_dir)
+    assert resumed["status"] == "finished" and resumed["metrics"] == whole["metrics"]
+    assert Path(resumed["tested"]).name == Path(whole["tested"]).name  # the checkpoint the run would have tested
+
+
+def test_a_sigterm_stops_a_sweep_and_its_summary_lists_the_jobs_never_run(paths: list[str]) -> None:
+    proc = run("train.py", "-m", *paths, *RUN, *signal_at(3, "SIGTERM"), "optimizer.lr=0.05,0.1,0.2", check=False)
+    assert proc.returncode == 143
+    log_dir = Path(next(p for p in paths if p.startswith("paths.log_dir=")).partition("=")[2])
+    (sweep,) = (log_dir / "train" / "multiruns").iterdir()
+    table = (sweep / "summary.md").read_text()
+    assert table in proc.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "overrides" not in line]
+    assert len(rows) == 3
+    assert "interrupted by SIGTERM" in rows[0] and "optimizer.lr=0.05" in rows[0]
+    assert all("not run: the sweep was stopped" in row for row in rows[1:])
+    assert {row.split(" | ")[1] for row in rows[1:]} == {"optimizer.lr=0.1", "optimizer.lr=0.2"}
+
+
+def test_a_slurm_job_requeued_on_its_signal_continues_its_own_run(tmp_path: Path, data_dir: Path, whole: dict) -> None:
+    """SLURM simulated: its variables, its requeue signal (SIGUSR1), and a stand-in scontrol that records the call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "CNN_EXP_DATA_MIRROR"} | slurm
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    command = [sys.executable, "train.py", f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}",
+               f"paths.log_dir={tmp_path / 'outputs'}", *RUN, *signal_at(7, "SIGUSR1")]  # fmt: skip
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 128 + signal.SIGUSR1, first.stderr[-2000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    run_dir = tmp_path / "outputs" / "train" / "runs" / "slurm-4242"
+    stopped = read_metrics(run_dir)
+    assert stopped["status"] == "interrupted" and stopped["requeued"] and stopped["steps"] == 8
+    # SLURM starts the same command again, with the same job id.
+    again = subprocess.run(command, cwd=ROOT, env=env | {"SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = read_metrics(run_dir)
+    assert resumed["status"] == "finished" and resumed["metrics"] == whole["metrics"]
+    assert len(list((run_dir / ".hydra").glob("resumed-*"))) == 1
+
+
+def test_one_process_per_run_directory_and_a_new_run_never_replaces_one(paths: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "train.py", *paths, *RUN, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while read_status(run_dir) != "running":  # waits on the file, not on time
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.1)
+        started = (run_dir / ".hydra" / "config.yaml").read_text()
+        for second in (f"hydra.run.dir={run_dir}", f"resume={run_dir}"):
+            proc = run("train.py", *paths, *RUN, second, check=False)
+            assert proc.returncode == 1 and f"error: {run_dir} is in use by another process" in proc.stderr
+        assert (run_dir / ".hydra" / "config.yaml").read_text() == started
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 143
+    finally:
+        first.kill()
+    before = (run_dir / "metrics.json").read_text()
+    proc = run("train.py", *paths, *RUN, f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 1 and f"error: {run_dir} already holds a run" in proc.stderr
+    assert (run_dir / "metrics.json").read_text() == before
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == started
+
+
+def read_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
