@@ -43,7 +43,7 @@ class SignalAt(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple, batch_idx: int
     ) -> None:
         if trainer.global_step == self.step and trainer.ckpt_path is None:
-            if self.signal == "SIGINT":
+            if self.signal == "SIGINT" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
                 # As in a terminal: a test runner started in the background hands its children SIGINT ignored,
                 # and Python then installs no KeyboardInterrupt handler.
                 signal.signal(signal.SIGINT, signal.default_int_handler)
