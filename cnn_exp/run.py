@@ -20,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +27,7 @@ from cnn_exp import atomic, checkpoints
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole
+from cnn_exp.tensorboard import log_hparams
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def train(cfg: DictConfig) -> float | None:
             )
 
     record({"status": "running"})
+    log_hparams(trainer, settings)
     # Unless training finishes or fails, it was interrupted: Lightning turns Ctrl-C into SystemExit.
     result: dict[str, Any] = {"status": "interrupted"}
     try:
@@ -160,7 +161,6 @@ def train(cfg: DictConfig) -> float | None:
             # The best checkpoint on val/acc when there is one; else the weights training ended with.
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
             metrics |= _epoch_metrics(trainer)
-        _log_hparams(trainer, settings, metrics)
         result = {
             "status": "finished",
             "metrics": metrics,
@@ -173,21 +173,6 @@ def train(cfg: DictConfig) -> float | None:
     finally:
         record(result)
     return result["metrics"].get(cfg.get("optimized_metric"))
-
-
-def _log_hparams(trainer: L.Trainer, settings: dict[str, Any], metrics: dict[str, float]) -> None:
-    """TensorBoard's HParams tab: the run's settings and command-line values beside its final metrics.
-
-    The metrics go under hparams/ tags, written once: the train/val/test curves keep only what training logged.
-    """
-    params = {key: value for key, value in settings.items() if key != "overrides" and value is not None}
-    for override in settings["overrides"]:
-        key, _, value = override.lstrip("+~").partition("=")
-        if value and not key.startswith(("paths.", "hydra.")):
-            params.setdefault(key, value)
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, {f"hparams/{name}": value for name, value in metrics.items()})
 
 
 def _set_threads(threads: int | None) -> None:
