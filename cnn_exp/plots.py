@@ -62,6 +62,7 @@ def image_grid(
     rows = max(1, math.ceil(len(images) / columns))
     figure = Figure(figsize=(1.05 * columns, 1.35 * rows + 0.3), layout="constrained")
     figure.suptitle(title, fontsize=9)
+    size = 11 if max(map(len, classes)) <= 2 else 9  # digits can be larger than Fashion-MNIST's names
     for i, (image, label, prediction) in enumerate(
         zip(images.cpu(), labels.tolist(), predictions.tolist(), strict=True)
     ):
@@ -71,7 +72,7 @@ def image_grid(
         ax.set_yticks([])
         wrong = label != prediction
         caption = f"{classes[label]}\n→ {classes[prediction]}" if wrong else classes[label]
-        ax.set_xlabel(caption, fontsize=9, color="red" if wrong else "black", linespacing=1.0)
+        ax.set_xlabel(caption, fontsize=size, color="red" if wrong else "black", linespacing=1.0)
     return figure
 
 
@@ -111,7 +112,7 @@ def sweep_figure(values: dict[str, list[Any]], scores: list[float], metric: str,
         cells: dict[tuple[int, int], list[float]] = {}
         for row, column, score in zip(values[keys[0]], values[keys[1]], scores, strict=True):
             cells.setdefault((rows.index(row), columns.index(column)), []).append(score)
-        grid = torch.full((len(rows), len(columns)), math.nan)
+        grid = torch.full((len(rows), len(columns)), math.nan, dtype=torch.float64)
         for (r, c), cell in cells.items():
             grid[r, c] = sum(cell) / len(cell)
         figure = Figure(figsize=(2.2 + 1.1 * len(columns), 1.6 + 0.7 * len(rows)), layout="constrained")

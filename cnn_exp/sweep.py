@@ -61,8 +61,11 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
 
 
 def _swept_values(jobs: Any, common: set[str]) -> list[dict[str, str]]:
-    """Each job's value of every key that not all jobs set alike: "" where a job leaves it at its default."""
+    """Each job's value of every key that not all jobs set alike: "" where a job leaves it at its default.
+    A lone job varies nothing."""
     values = [dict(_key_value(o) for o in overrides if o not in common) for overrides in jobs]
+    if len(values) < 2:
+        return [{} for _ in values]
     keys = list(dict.fromkeys(key for job in values for key in job))
     return [{key: job.get(key, "") for key in keys} for job in values]
 
@@ -121,7 +124,7 @@ def seed_table(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     for setting, jobs in groups.items():
         entry: dict[str, Any] = dict(zip(settings, setting, strict=True))
         entry["jobs"] = len(jobs)
-        entry["seeds"] = " ".join(str(job["seed"]) for job in jobs)
+        entry["seeds"] = " ".join(sorted((str(job["seed"]) for job in jobs), key=_value))
         for name in METRICS:
             scores = [job[name] for job in jobs if job[name] is not None]
             entry[f"{name} mean"] = statistics.fmean(scores) if scores else None
@@ -157,7 +160,9 @@ def _value(text: str) -> Any:
 
 def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
-    lines += [f"| {' | '.join(_cell(row[column], column in METRICS) for column in columns)} |" for row in rows]
+    for row in rows:
+        cells = (_cell(row[column], column in METRICS and isinstance(row[column], float)) for column in columns)
+        lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,7 @@ class TensorBoardLogger(tensorboard.TensorBoardLogger):
             version = _continued(Path(save_dir) / name)
             version = run_name() if version is None else version
         super().__init__(save_dir, name=name, version=version, **kwargs)
+        self._graph_logged = False
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -47,8 +48,10 @@ class TensorBoardLogger(tensorboard.TensorBoardLogger):
     def log_graph(self, model: L.LightningModule, input_array: torch.Tensor | None = None) -> None:
         net = getattr(model, "net", model)
         example = model.example_input_array if input_array is None else input_array
-        if not self._log_graph or example is None:
+        # Lightning asks again for the final test: one graph a run.
+        if not self._log_graph or example is None or self._graph_logged:
             return
+        self._graph_logged = True
         # torch names each node <class>/<type>[<layer>]/…: dropping the network's class and the types leaves the
         # layers, conv1 … out, as the graph's top-level boxes. SummaryWriter.add_graph does the same minus the renaming.
         graph_def, step_stats = graph(net, example.to(model.device))
