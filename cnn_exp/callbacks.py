@@ -376,7 +376,8 @@ class EpochTable(L.Callback):
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
-        figure = curves_figure(self.rows, f"{self.dirpath.name}: loss and accuracy per epoch")
+        run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
+        figure = curves_figure(self.rows, f"loss and accuracy per epoch: {run}")
         with atomic.replace(self.dirpath / "curves.png", "wb") as f:
             figure.savefig(f, format="png", dpi=100)
 
