@@ -1,4 +1,5 @@
-"""Callbacks that show a run as it goes: progress bar, layer table, step-0 scores, confusion matrices, test report."""
+"""Callbacks that show a run as it goes: progress bar, layer table, step-0 scores, confusion matrices, test report,
+and the epoch table with its curves."""
 
 import csv
 import logging
@@ -17,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from cnn_exp import atomic
 from cnn_exp.errors import UserError, is_whole
-from cnn_exp.plots import confusion_figure, image_grid
+from cnn_exp.plots import confusion_figure, curves_figure, image_grid
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +206,10 @@ class ConfusionMatrix(L.Callback):
         tensorboard = _tensorboard(trainer)
         due = self.every_n_epochs and trainer.current_epoch % self.every_n_epochs == 0
         if tensorboard and trainer.is_global_zero and due:
-            figure = confusion_figure(matrix, classes, f"validation, epoch {trainer.current_epoch}")
-            tensorboard.experiment.add_figure("val/confusion_matrix", figure, global_step=trainer.global_step)
+            title = f"validation, epoch {trainer.current_epoch + 1}"
+            for tag, kind in (("val/confusion_matrix", "counts"), ("val/confusion_rates", "rates")):
+                figure = confusion_figure(matrix, classes, title, [kind])
+                tensorboard.experiment.add_figure(tag, figure, global_step=trainer.global_step)
 
 
 class TestReport(L.Callback):
@@ -214,7 +218,7 @@ class TestReport(L.Callback):
     accuracy and a grid of sample predictions in TensorBoard.
     """
 
-    def __init__(self, dirpath: str, samples: int = 32, misclassified: int = 32, confused_pairs: int = 5) -> None:
+    def __init__(self, dirpath: str, samples: int = 16, misclassified: int = 16, confused_pairs: int = 5) -> None:
         for name, value in (("samples", samples), ("misclassified", misclassified), ("confused_pairs", confused_pairs)):
             if not is_whole(value) or value < 0:
                 raise UserError(f"callbacks.test_report.{name}={value} must be a count: 0 (none) or more")
@@ -258,15 +262,19 @@ class TestReport(L.Callback):
             writer.writerow(["class", "images", "correct", "accuracy"])
             for row in zip(classes, images.tolist(), matrix.diag().tolist(), accuracy.tolist(), strict=True):
                 writer.writerow([*row[:3], f"{row[3]:.4f}"])
-        figures = {"confusion_matrix": confusion_figure(matrix, classes, "test set")}
+        # The file shows counts and rates side by side; TensorBoard, which shrinks an image to its card, one each.
+        confusion_figure(matrix, classes, "test set").savefig(self.dirpath / "confusion_matrix.png", dpi=100)
+        figures = {
+            "confusion_matrix": confusion_figure(matrix, classes, "test set", ["counts"]),
+            "confusion_rates": confusion_figure(matrix, classes, "test set", ["rates"]),
+        }
         grids = {"misclassified": (self._wrong, self.misclassified, "misclassified test images: true → predicted")}
-        grids["predictions"] = (self._samples, self.samples, "test images: true → predicted")
+        grids["predictions"] = (self._samples, self.samples, "test images (red: wrong, true → predicted)")
         for name, (parts, count, title) in grids.items():
             if count and (chosen := self._take(parts, count)) and len(chosen[0]):  # none asked for, or none wrong
                 figures[name] = image_grid(*chosen, classes, title)
-        for name in ("confusion_matrix", "misclassified"):
-            if name in figures:
-                figures[name].savefig(self.dirpath / f"{name}.png", dpi=100)
+        if "misclassified" in figures:
+            figures["misclassified"].savefig(self.dirpath / "misclassified.png", dpi=100)
         if tensorboard := _tensorboard(trainer):
             for name, figure in figures.items():
                 tensorboard.experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step)
@@ -290,3 +298,90 @@ class TestReport(L.Callback):
                 true, predicted = divmod(index, len(classes))
                 pairs.add_row(classes[true], classes[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
         Console().print(table, pairs)
+
+
+class EpochTable(L.Callback):
+    """`epochs.csv` (one row per epoch: train and validation loss and accuracy, learning rate, seconds) and
+    `curves.png` (loss and accuracy against epoch) in `dirpath`, rewritten as each epoch ends, whatever the loggers.
+
+    An epoch's train metrics are logged after every callback's epoch-end hook, so its row is completed when the
+    next epoch starts or training ends. The rows travel in checkpoints: a resumed run keeps its earlier epochs.
+    """
+
+    FIELDS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "seconds")
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.rows: list[dict[str, Any]] = []
+        self._epoch: dict[str, Any] | None = None  # the running epoch: its number, lr, metrics known so far
+        self._started = monotonic()  # when the running epoch started
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # state_dict reads the metrics of an epoch that a checkpoint ends
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._begin(trainer)  # also for a run resumed mid-epoch, whose epoch start Lightning skips
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._begin(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch is not None and not trainer.sanity_checking:
+            self._epoch |= {name: _metric(trainer, name) for name in ("val/loss", "val/acc")}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch is not None:
+            self._epoch["ended"] = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        running = None
+        if self._epoch is not None:
+            running = self._epoch | {"seconds": monotonic() - self._started}
+            # A checkpoint written as the epoch ends (after its train metrics were logged) holds them too: a run
+            # resumed from it starts with the next epoch, in a process that never saw them.
+            if running.get("ended") and self._trainer is not None:
+                running |= {name: _metric(self._trainer, name) for name in ("train/loss", "train/acc")}
+        return {"rows": self.rows, "running": running}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+        self._epoch = state_dict.get("running")
+        self._started = monotonic() - (self._epoch or {}).pop("seconds", 0.0)
+
+    def _begin(self, trainer: L.Trainer) -> None:
+        number = trainer.current_epoch + 1  # counted from 1, as metrics.json's "epochs"
+        if self._epoch is not None and self._epoch["epoch"] == number:
+            return  # begun already, by on_train_start or before the checkpoint this run resumed from
+        self._finish(trainer)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._epoch = {"epoch": number, "lr": optimizer.param_groups[0]["lr"] if optimizer else None}
+        self._started = monotonic()
+
+    def _finish(self, trainer: L.Trainer) -> None:
+        if self._epoch is None:
+            return
+        row = {name: self._epoch.get(name) for name in self.FIELDS}
+        for name in ("train/loss", "train/acc"):
+            row[name] = self._epoch.get(name, _metric(trainer, name))
+        row["seconds"] = round(monotonic() - self._started, 2)
+        self.rows.append(row)
+        self._epoch = None
+        if not trainer.is_global_zero:
+            return
+        with atomic.replace(self.dirpath / "epochs.csv", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
+        run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
+        figure = curves_figure(self.rows, f"loss and accuracy per epoch: {run}")
+        with atomic.replace(self.dirpath / "curves.png", "wb") as f:
+            figure.savefig(f, format="png", dpi=100)
+
+
+def _metric(trainer: L.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)

@@ -1,37 +1,158 @@
-"""The figures a person looks at: a confusion matrix with class names, and a grid of images with their labels."""
+"""The figures a person looks at: confusion matrices, labelled image grids, a run's curves, a sweep's results.
+
+TensorBoard shows an image shrunk to its card (about 400 pixels wide), so the figures meant for it are drawn about
+that size with large type: one matrix or one narrow grid per image, not several side by side.
+"""
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from torchmetrics.classification import MulticlassConfusionMatrix
+
+# What a confusion figure can show: images per (true, predicted) pair, or each row's share of its true class.
+KINDS = ("counts", "rates")
 
 
-def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Figure:
-    """Counts per (true, predicted) class pair, drawn by torchmetrics on a figure large enough for the names."""
-    figure = Figure(figsize=(9, 8), layout="constrained")
-    ax = figure.add_subplot()
-    MulticlassConfusionMatrix(num_classes=len(classes)).plot(val=matrix.cpu(), ax=ax, labels=classes)
-    ax.tick_params(axis="x", labelrotation=45)
-    ax.set_title(title)
+def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str, kinds: Sequence[str] = KINDS) -> Figure:
+    """One panel per kind side by side, each with the class names on its axes and a colour scale."""
+    figure = Figure(figsize=(4.4 * len(kinds), 4.0), layout="constrained")
+    for i, kind in enumerate(kinds, start=1):
+        ax = figure.add_subplot(1, len(kinds), i)
+        _confusion_panel(figure, ax, matrix.cpu().double(), classes, kind)
+        ax.set_title(f"{title}: {'% of each true class' if kind == 'rates' else 'images'}", fontsize=10)
     return figure
+
+
+def _confusion_panel(figure: Figure, ax: Axes, matrix: torch.Tensor, classes: list[str], kind: str) -> None:
+    rates = kind == "rates"
+    shown = 100 * matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1) if rates else matrix
+    image = ax.imshow(shown.numpy(), cmap="Blues", vmin=0, vmax=100 if rates else max(float(shown.max()), 1))
+    colorbar = figure.colorbar(image, ax=ax, shrink=0.8)
+    colorbar.set_label("% of the true class" if rates else "images", fontsize=9)
+    colorbar.ax.tick_params(labelsize=8)
+    # Empty cells stay blank, so the mistakes stand out; a rate that rounds to 0 % reads "<1".
+    dark = 0.55 * float(image.norm.vmax)
+    size = 8 if len(classes) <= 10 else 6
+    for (true, predicted), value in zip(
+        torch.cartesian_prod(*[torch.arange(len(classes))] * 2).tolist(), shown.flatten().tolist(), strict=True
+    ):
+        if matrix[true, predicted] == 0:
+            continue
+        text = "<1" if rates and value < 0.5 else f"{value:.0f}"
+        color = "white" if value > dark else "black"
+        ax.text(predicted, true, text, ha="center", va="center", fontsize=size, color=color)
+    ticks = range(len(classes))
+    long = max(map(len, classes)) > 2
+    ax.set_xticks(
+        ticks, classes, fontsize=9, rotation=45 if long else 0, ha="right" if long else "center", rotation_mode="anchor"
+    )
+    ax.set_yticks(ticks, classes, fontsize=9)
+    ax.set_xlabel("predicted class", fontsize=9)
+    ax.set_ylabel("true class", fontsize=9)
 
 
 def image_grid(
     images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, classes: list[str], title: str
 ) -> Figure:
-    """Images with `true → predicted` under each, red where the prediction is wrong."""
-    columns = max(1, min(8, len(images)))
+    """Images with their class under each; a wrong prediction in red, as `true → predicted`."""
+    columns = max(1, min(4, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
-    figure = Figure(figsize=(1.6 * columns, 1.9 * rows + 0.5), layout="constrained")
-    figure.suptitle(title)
+    figure = Figure(figsize=(1.05 * columns, 1.35 * rows + 0.3), layout="constrained")
+    figure.suptitle(title, fontsize=9)
+    size = 11 if max(map(len, classes)) <= 2 else 9  # digits can be larger than Fashion-MNIST's names
     for i, (image, label, prediction) in enumerate(
         zip(images.cpu(), labels.tolist(), predictions.tolist(), strict=True)
     ):
         ax = figure.add_subplot(rows, columns, i + 1)
-        ax.imshow(image.squeeze(0), cmap="gray")
+        ax.imshow(image.float().squeeze(0), cmap="gray")
         ax.set_xticks([])
         ax.set_yticks([])
-        color = "black" if label == prediction else "red"
-        ax.set_xlabel(f"{classes[label]} → {classes[prediction]}", fontsize=8, color=color)
+        wrong = label != prediction
+        caption = f"{classes[label]}\n→ {classes[prediction]}" if wrong else classes[label]
+        ax.set_xlabel(caption, fontsize=size, color="red" if wrong else "black", linespacing=1.0)
     return figure
+
+
+def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
+    """Loss and accuracy against epoch, train and validation, from a run's epochs.csv rows."""
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure.suptitle(title, fontsize=11)
+    epochs = [row["epoch"] for row in rows]
+    for i, metric in enumerate(("loss", "acc"), start=1):
+        ax = figure.add_subplot(1, 2, i)
+        for split, style in (("train", "o-"), ("val", "s--")):
+            points = [
+                (e, row[f"{split}/{metric}"])
+                for e, row in zip(epochs, rows, strict=True)
+                if row.get(f"{split}/{metric}") is not None
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return figure
+
+
+def sweep_figure(values: dict[str, list[Any]], scores: list[float], metric: str, title: str) -> Figure:
+    """The metric against each swept key: a heatmap for two keys, else one panel per key (each job a dot, the
+    mean of jobs with the same value a line). Jobs that share a cell or value (other seeds) are averaged.
+
+    `values` maps each key to one value per job, in the order of `scores`.
+    """
+    keys = list(values)
+    levels = {key: _ordered(values[key]) for key in keys}
+    if len(keys) == 2:
+        rows, columns = levels[keys[0]], levels[keys[1]]
+        cells: dict[tuple[int, int], list[float]] = {}
+        for row, column, score in zip(values[keys[0]], values[keys[1]], scores, strict=True):
+            cells.setdefault((rows.index(row), columns.index(column)), []).append(score)
+        grid = torch.full((len(rows), len(columns)), math.nan, dtype=torch.float64)
+        for (r, c), cell in cells.items():
+            grid[r, c] = sum(cell) / len(cell)
+        figure = Figure(figsize=(2.2 + 1.1 * len(columns), 1.6 + 0.7 * len(rows)), layout="constrained")
+        ax = figure.add_subplot()
+        image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
+        figure.colorbar(image, ax=ax).set_label(metric)
+        low, high = image.norm.vmin, image.norm.vmax
+        for (r, c), cell in cells.items():
+            mean = sum(cell) / len(cell)
+            light = high == low or (mean - low) / (high - low) > 0.6
+            text = f"{mean:.4f}" + (f"\n{len(cell)} jobs" if len(cell) > 1 else "")
+            ax.text(c, r, text, ha="center", va="center", fontsize=9, color="black" if light else "white")
+        ax.set_xticks(range(len(columns)), map(str, columns))
+        ax.set_yticks(range(len(rows)), map(str, rows))
+        ax.set_xlabel(keys[1])
+        ax.set_ylabel(keys[0])
+    else:
+        figure = Figure(figsize=(4.2 * len(keys), 3.6), layout="constrained")
+        for i, key in enumerate(keys, start=1):
+            ax = figure.add_subplot(1, len(keys), i)
+            ordered = levels[key]
+            positions = [ordered.index(value) for value in values[key]]
+            ax.plot(positions, scores, "o", alpha=0.5, label="a job")
+            means = [
+                sum(s for p, s in zip(positions, scores, strict=True) if p == level) / positions.count(level)
+                for level in range(len(ordered))
+            ]
+            ax.plot(range(len(ordered)), means, "-", color="black", label="mean")
+            ax.set_xticks(range(len(ordered)), map(str, ordered))
+            ax.set_xlabel(key)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        figure.axes[0].legend()
+    figure.suptitle(title, fontsize=11)
+    return figure
+
+
+def _ordered(values: list[Any]) -> list[Any]:
+    """Distinct values, numbers in numeric order, anything else as text."""
+    distinct = list(dict.fromkeys(values))
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct):
+        return sorted(distinct)
+    return sorted(distinct, key=str)

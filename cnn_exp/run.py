@@ -24,7 +24,6 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,6 +32,7 @@ from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole
 from cnn_exp.signals import Interrupted, StopOnSignal, slurm_requeue_signal
+from cnn_exp.tensorboard import log_hparams
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def train(cfg: DictConfig) -> float | None:
             )
 
     write_record({"status": record.RUNNING})
+    log_hparams(trainer, settings)
     # Unless training finishes, fails or is stopped by a signal, something else ended it (SystemExit).
     result: dict[str, Any] = {"status": record.INTERRUPTED}
     try:
@@ -157,7 +158,6 @@ def train(cfg: DictConfig) -> float | None:
                 trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
                 metrics |= _epoch_metrics(trainer)
                 _check_trained(model, metrics)
-        _log_hparams(trainer, settings, metrics)
         result = {
             "status": record.FINISHED,
             "metrics": metrics,
@@ -379,21 +379,6 @@ def _callbacks(cfg: DictConfig, loggers: list[Any]) -> list[Any]:
 
 def _epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {name: float(trainer.callback_metrics[name]) for name in record.METRICS if name in trainer.callback_metrics}
-
-
-def _log_hparams(trainer: L.Trainer, settings: dict[str, Any], metrics: dict[str, float]) -> None:
-    """TensorBoard's HParams tab: the run's settings and command-line values beside its final metrics.
-
-    The metrics go under hparams/ tags, written once: the train/val/test curves keep only what training logged.
-    """
-    params = {key: value for key, value in settings.items() if key != "overrides" and value is not None}
-    for override in settings["overrides"]:
-        key, _, value = override.lstrip("+~").partition("=")
-        if value and not key.startswith(("paths.", "hydra.")):
-            params.setdefault(key, value)
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, {f"hparams/{name}": value for name, value in metrics.items()})
 
 
 def _error_text(err: BaseException) -> str:

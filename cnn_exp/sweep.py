@@ -1,20 +1,29 @@
-"""The table at the end of a sweep: one row per job, best first, from each job's metrics.json."""
+"""The results of a sweep: one row per job, best first, from each job's metrics.json, with a column per swept key;
+a picture of the optimized metric against the swept keys; and, when the jobs differ by seed, mean ± std over seeds.
+"""
 
 import csv
+import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import atomic, record
+from cnn_exp.plots import sweep_figure
 
 METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
+# Besides these, summary.csv has one column per swept key, after "job".
 COLUMNS = ["job", "overrides", *METRICS, "epochs", "wall_time_s", "status", "run_dir"]
+# How a sweep tells its jobs which keys it varies (set in the sweep's process, inherited by every job).
+SWEPT_KEYS = "CNN_EXP_SWEPT_KEYS"
 
 
 def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, Any]], str]:
@@ -46,23 +55,129 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
         )
     if not any(metric in metrics for metrics in scores.values()):
         metric = "test/acc"
+    rows = [_with_keys(row, swept) for row, swept in zip(rows, _swept_values(overrides.values(), common), strict=True)]
     sign = 1 if metric.endswith("loss") else -1  # best first
     rows.sort(key=lambda row: (metric not in scores[row["job"]], sign * scores[row["job"]].get(metric, 0)))
     return rows, metric
 
 
+def _swept_values(jobs: Any, common: set[str]) -> list[dict[str, str]]:
+    """Each job's value of every key that not all jobs set alike: "" where a job leaves it at its default.
+    A lone job varies nothing."""
+    values = [dict(_key_value(o) for o in overrides if o not in common) for overrides in jobs]
+    if len(values) < 2:
+        return [{} for _ in values]
+    keys = list(dict.fromkeys(key for job in values for key in job))
+    return [{key: job.get(key, "") for key in keys} for job in values]
+
+
+def _key_value(override: str) -> tuple[str, str]:
+    """`+model.dropout=0.5` → ("model.dropout", "0.5"); a deletion `~key` has the value "~"."""
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value if not key.startswith("~") else "~"
+
+
+def _with_keys(row: dict[str, Any], swept: dict[str, str]) -> dict[str, Any]:
+    """The row with the swept keys' columns after "job"; a key named like a column of ours keeps ours."""
+    return {"job": row["job"], **{k: v for k, v in swept.items() if k not in row}, **row}
+
+
+def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The swept keys' columns of summarize's rows."""
+    return [column for column in rows[0] if column not in COLUMNS] if rows else []
+
+
 def write(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> str:
-    """Write summary.csv and summary.md into the sweep directory; return the Markdown table."""
+    """Write summary.csv, summary.md and summary.png into the sweep directory, and seeds.csv when the jobs differ
+    by seed; return the Markdown text (the tables)."""
+    columns = list(rows[0]) if rows else COLUMNS
     # Each file is replaced whole: parallel jobs (joblib) may rewrite them at the same moment.
     with atomic.replace(sweep_dir / "summary.csv", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"| {' | '.join(COLUMNS)} |", f"|{'---|' * len(COLUMNS)}"]
-    lines += [f"| {' | '.join(_cell(row[column], column in METRICS) for column in COLUMNS)} |" for row in rows]
-    table = f"Sweep {sweep_dir}: {len(rows)} jobs, best {metric} first\n\n" + "\n".join(lines) + "\n"
-    atomic.write_text(sweep_dir / "summary.md", table)
+    text = f"Sweep {sweep_dir}: {len(rows)} jobs, best {metric} first\n\n" + _markdown(rows, columns)
+    keys = swept_keys(rows)
+    if "seed" in keys:
+        groups = seed_table(rows, metric)
+        with atomic.replace(sweep_dir / "seeds.csv", newline="") as f:
+            writer = csv.DictWriter(f, list(groups[0]) if groups else ["jobs"])
+            writer.writeheader()
+            writer.writerows(groups)
+        shown = [{**g, **{m: _mean_std(g[f"{m} mean"], g[f"{m} std"]) for m in METRICS}} for g in groups]
+        shown = [{k: v for k, v in g.items() if not k.endswith((" mean", " std"))} for g in shown]
+        text += f"\nOver seeds: mean ± sample std of each setting's finished jobs, best {metric} first\n\n"
+        text += _markdown(shown, list(shown[0]) if shown else ["jobs"])
+    atomic.write_text(sweep_dir / "summary.md", text)
+    _picture(sweep_dir / "summary.png", rows, keys, metric)
+    return text
+
+
+def seed_table(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One row per setting (the swept keys but seed): its seeds, and the mean and sample standard deviation of each
+    metric over its finished jobs (std empty for one job), best `metric` first."""
+    settings = [key for key in swept_keys(rows) if key != "seed"]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            groups.setdefault(tuple(row[key] for key in settings), []).append(row)
+    table = []
+    for setting, jobs in groups.items():
+        entry: dict[str, Any] = dict(zip(settings, setting, strict=True))
+        entry["jobs"] = len(jobs)
+        entry["seeds"] = " ".join(sorted((str(job["seed"]) for job in jobs), key=_value))
+        for name in METRICS:
+            scores = [job[name] for job in jobs if job[name] is not None]
+            entry[f"{name} mean"] = statistics.fmean(scores) if scores else None
+            entry[f"{name} std"] = statistics.stdev(scores) if len(scores) > 1 else None
+        table.append(entry)
+    sign = 1 if metric.endswith("loss") else -1
+    table.sort(key=lambda g: (g.get(f"{metric} mean") is None, sign * (g.get(f"{metric} mean") or 0)))
     return table
+
+
+def _picture(path: Path, rows: list[dict[str, Any]], keys: list[str], metric: str) -> None:
+    """summary.png: `metric` of the finished jobs against the swept keys, averaged over seeds when seed is swept."""
+    done = [row for row in rows if row["status"] == "ok" and row.get(metric) is not None]
+    settings = [key for key in keys if key != "seed"] or keys
+    if not done or not settings:
+        return
+    values = {key: [_value(row[key]) for row in done] for key in settings}
+    over = ", mean over seeds" if "seed" in keys and settings != keys else ""
+    title = f"{metric} of {len(done)} finished jobs{over}"
+    figure = sweep_figure(values, [row[metric] for row in done], metric, title)
+    with atomic.replace(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=100)
+
+
+def _value(text: str) -> Any:
+    """An override's value as a number where it is one, so the picture orders 0.05 before 0.1 before 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
+    for row in rows:
+        cells = (_cell(row[column], column in METRICS and isinstance(row[column], float)) for column in columns)
+        lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+
+
+def running_sweep_keys() -> list[str] | None:
+    """In a sweep's job: the keys the sweep varies (None when no sweep told, e.g. without SweepSummary)."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN or SWEPT_KEYS not in os.environ:
+        return None
+    return [key for key in os.environ[SWEPT_KEYS].split(",") if key]
 
 
 class SweepSummary(Callback):
@@ -71,6 +186,15 @@ class SweepSummary(Callback):
     The files are also rewritten after each job, so a long sweep can be followed as it runs, and a sweep that
     ends in an error of its own (an Optuna search whose every trial failed) still leaves its table behind.
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A job sees only its own values; run names and TensorBoard's HParams need to know which keys vary: those
+        # given as a list, range or interval on the command line or in the sweeper's params (Optuna's search space).
+        params = config.hydra.sweeper.get("params") or {}
+        given = [*config.hydra.overrides.task, *(f"{key}={value}" for key, value in params.items())]
+        parsed = OverridesParser.create().parse_overrides(given)
+        keys = dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override())
+        os.environ[SWEPT_KEYS] = ",".join(keys)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
@@ -118,7 +242,8 @@ def write_stopped(sweep_dir: Path, metric: str) -> None:
     common = set.intersection(*map(set, planned)) if len(planned) > 1 else set()
     for overrides in planned:
         if sorted(overrides) not in ran:
-            missing = dict.fromkeys(COLUMNS, None)
+            missing = dict.fromkeys(rows[0] if rows else COLUMNS, None)
+            missing |= {key: value for key, value in map(_key_value, overrides) if key in missing}
             missing |= {"job": "-", "overrides": " ".join(o for o in overrides if o not in common), "run_dir": ""}
             rows.append(missing | {"status": "not run: the sweep was stopped"})
     print(write(sweep_dir, rows, metric))

@@ -24,9 +24,9 @@ def test_a_run_writes_metrics_checkpoints_events_config_and_log(trained: Path) -
     assert len(checkpoints) == 2 and "last.ckpt" in checkpoints and checkpoints[0].startswith("best-epoch")
     assert result["tested"] == result["best"]["checkpoint"] == str(trained / "checkpoints" / checkpoints[0])
     tags = set()
-    for events in (trained / "tensorboard").glob("events.out.tfevents.*"):
+    for events in (trained / "tensorboard").rglob("events.out.tfevents.*"):
         tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
-    assert {"train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= tags
+    assert {"train/loss_step", "loss/train", "acc/train", "loss/val", "acc/val", "test/loss", "test/acc"} <= tags
     assert "lr-SGD" in tags
     assert (trained / "config.yaml").read_text().count("seed: 7") == 2  # top level and data.seed
     assert (trained / "train.log").exists()
@@ -174,7 +174,7 @@ def test_under_ddp_each_rank_trains_on_its_own_shard_and_one_rank_writes_results
     assert set(ddp["metrics"]) == METRICS
     assert not (tmp_path / "outputs").exists(), "the second process must not start a run directory of its own"
     # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: rank zero's process alone wrote them.
-    writers = {path.name.split(".")[-2] for path in (tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*")}
+    writers = {path.name.split(".")[-2] for path in (tmp_path / "ddp" / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(writers) == 1
 
     run("train.py", *paths, *learns, "data.batch_size=50", f"hydra.run.dir={tmp_path / 'single'}")

@@ -69,7 +69,8 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert resumed["status"] == "finished" and resumed["steps"] == whole["steps"] == 48
     assert resumed["metrics"] == whole["metrics"]  # identical, to the last bit, test included
     assert resumed["settings"] == whole["settings"] | {"overrides": resumed["settings"]["overrides"]}
-    assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one TensorBoard run, continued
+    (tensorboard_run,) = (killed / "tensorboard").iterdir()
+    assert len(list(tensorboard_run.glob("events.out.tfevents.*"))) >= 2  # one TensorBoard run, continued
     assert not (tmp_path / "started").exists()  # nothing written where the run was started
     assert resumed["tested"].startswith(str(killed / "checkpoints"))
     assert Path(resumed["best"]["checkpoint"]).name == Path(whole["best"]["checkpoint"]).name

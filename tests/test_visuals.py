@@ -1,0 +1,216 @@
+"""What a user looks at: TensorBoard's run names, tags, HParams, graph and images; a run's epochs.csv and curves.png;
+a sweep's swept-key columns, summary.png and mean ± std over seeds."""
+
+import csv
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from cnn_exp import sweep
+from cnn_exp.plots import sweep_figure
+from cnn_exp.tensorboard import job_values, short_keys
+from tests.conftest import QUICK, read_metrics, run
+
+CURVES = ["acc/train", "acc/val", "loss/train", "loss/val"]
+
+
+def tensorboard_run(run_dir: Path) -> tuple[str, EventAccumulator]:
+    """The run's one TensorBoard run: its folder name (TensorBoard's run name ends in it) and its events."""
+    (folder,) = (run_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return folder.name, events
+
+
+def hparams_of(events: EventAccumulator) -> tuple[plugin_data_pb2.SessionStartInfo, list]:
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    return start, experiment
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_shows_in_tensorboard_under_its_name_curves_first_with_its_settings_and_layers(trained: Path) -> None:
+    name, events = tensorboard_run(trained)
+    assert name.startswith("net2-mnist-20")  # model, data, start time
+    tags = events.Tags()
+    scalars = set(tags["scalars"])
+    assert set(CURVES) <= scalars and {"test/acc", "test/loss"} <= scalars
+    # TensorBoard orders charts by the text before the first "/": the epoch curves' groups come first.
+    assert sorted({tag.split("/")[0] for tag in scalars})[:2] == ["acc", "loss"]
+    assert not scalars & {"epoch", "train/acc", "train/loss", "val/acc", "val/loss"}
+    assert not any(tag.startswith("hparams/") for tag in scalars)
+    metrics = read_metrics(trained)["metrics"]
+    for tag, metric in [("acc/val", "val/acc"), ("loss/train", "train/loss"), ("test/acc", "test/acc")]:
+        assert events.Scalars(tag)[-1].value == pytest.approx(metrics[metric], rel=1e-6)
+    assert len(events.Scalars("acc/val")) == 3  # one a validation epoch
+
+    start, experiment = hparams_of(events)
+    hparams = start.hparams
+    assert hparams["optimizer.lr"].number_value == pytest.approx(0.1) and "lr" not in hparams  # once, by its key
+    assert hparams["seed"].string_value == "7" and hparams["data.val_size"].string_value == "200"  # ints as ints
+    assert hparams["model"].string_value == "net2" and hparams["model.padding"].string_value == "0"
+    # The HParams metrics are the run's own curves and test results: no copies of them under other tags.
+    assert [m.name.tag for m in experiment.metric_infos][:4] == ["acc/val", "loss/val", "test/acc", "test/loss"]
+    assert {m.name.tag for m in experiment.metric_infos} <= scalars
+    # Set on the command line: shown first (TensorBoard shows 5 hparams until asked), marked as differing.
+    shown = [info.name for info in experiment.hparam_infos if info.differs]
+    assert {"seed", "data.val_size", "trainer.max_epochs"} <= set(shown)
+    assert start.group_name == name
+
+    graph = events.Graph()
+    top = {node.name.split("/")[0] for node in graph.node}
+    assert {"conv1", "conv1_relu", "conv1_pool", "conv2", "flatten", "fc1", "fc2", "out"} <= top
+    assert not any(level.startswith(("Classifier", "ConvNet", "Conv2d[")) for level in top)
+
+    images = set(tags["images"])
+    assert {"val/confusion_matrix", "val/confusion_rates", "test/confusion_matrix", "test/confusion_rates"} <= images
+    for tag in ("val/confusion_rates", "test/predictions", "test/misclassified"):
+        image = events.Images(tag)[-1]
+        assert image.width <= 450, "drawn about a TensorBoard card's width, so its text stays legible"
+
+
+def test_a_run_writes_epochs_csv_and_curves_png_that_agree_with_metrics_json(trained: Path) -> None:
+    result = read_metrics(trained)
+    rows = read_csv(trained / "epochs.csv")
+    assert list(rows[0]) == ["epoch", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "seconds"]
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3] and len(rows) == result["epochs"]
+    for name in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert float(rows[-1][name]) == result["metrics"][name]
+    assert len({row["val/acc"] for row in rows}) > 1, "each epoch its own values"
+    _, events = tensorboard_run(trained)
+    assert [float(row["val/acc"]) for row in rows] == pytest.approx([s.value for s in events.Scalars("acc/val")])
+    assert all(float(row["lr"]) == 0.1 and float(row["seconds"]) > 0 for row in rows)
+    with Image.open(trained / "curves.png") as image:
+        assert image.format == "PNG" and image.width >= 600
+
+
+def job(sweep_dir: Path, number: int, overrides: list[str], result: dict | None) -> None:
+    """A job directory as Hydra and train.py leave it: its overrides, and its metrics.json (None: none written)."""
+    (sweep_dir / str(number) / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), sweep_dir / str(number) / ".hydra" / "overrides.yaml")
+    if result is not None:
+        (sweep_dir / str(number) / "metrics.json").write_text(json.dumps(result))
+
+
+def finished(val_acc: float, test_acc: float) -> dict:
+    metrics = {"val/acc": val_acc, "val/loss": 1 - val_acc, "test/acc": test_acc, "test/loss": 1 - test_acc}
+    return {"status": "finished", "metrics": metrics, "epochs": 2, "wall_time_s": 1.0}
+
+
+def test_a_seed_sweep_gets_key_columns_a_picture_and_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    common = ["paths.log_dir=/x", "trainer.max_epochs=2"]
+    scores = {(0.05, 1): 0.80, (0.05, 2): 0.90, (0.05, 3): 0.85, (0.1, 1): 0.70, (0.1, 2): 0.75, (0.1, 3): None}
+    for number, ((lr, seed), acc) in enumerate(scores.items()):
+        failed = {"status": "failed", "error": "training diverged"}
+        job(
+            tmp_path,
+            number,
+            [*common, f"optimizer.lr={lr}", f"seed={seed}"],
+            failed if acc is None else finished(acc, acc - 0.01),
+        )
+    rows, metric = sweep.summarize(tmp_path, "val/acc")
+    text = sweep.write(tmp_path, rows, metric)
+
+    summary = read_csv(tmp_path / "summary.csv")
+    assert list(summary[0])[:4] == ["job", "optimizer.lr", "seed", "overrides"]
+    for row in summary:
+        assert row["overrides"] == f"optimizer.lr={row['optimizer.lr']} seed={row['seed']}"
+        expected = scores[(float(row["optimizer.lr"]), int(row["seed"]))]
+        assert (float(row["val/acc"]) if row["val/acc"] else None) == expected
+
+    groups = {row["optimizer.lr"]: row for row in read_csv(tmp_path / "seeds.csv")}
+    assert list(groups) == ["0.05", "0.1"]  # best mean val/acc first
+    assert groups["0.05"]["jobs"] == "3" and groups["0.05"]["seeds"] == "1 2 3"
+    assert float(groups["0.05"]["val/acc mean"]) == pytest.approx(0.85)
+    assert float(groups["0.05"]["val/acc std"]) == pytest.approx(0.05)  # sample std of 0.80, 0.90, 0.85
+    assert float(groups["0.05"]["test/acc mean"]) == pytest.approx(0.84)
+    assert groups["0.1"]["jobs"] == "2" and groups["0.1"]["seeds"] == "1 2"  # the failed seed 3 left out
+    assert float(groups["0.1"]["val/acc std"]) == pytest.approx(statistics.stdev([0.70, 0.75]))
+    assert "| 0.05 | 3 | 1 2 3 | 0.8500 ± 0.0500 |" in text and (tmp_path / "summary.md").read_text() == text
+
+    with Image.open(tmp_path / "summary.png") as image:
+        assert image.format == "PNG" and image.width >= 300
+
+
+def test_the_summary_of_a_sweep_without_seeds_has_no_seed_table(tmp_path: Path) -> None:
+    for number, (lr, padding) in enumerate([(0.05, 0), (0.05, 2), (0.1, 0), (0.1, 2)]):
+        job(tmp_path, number, [f"optimizer.lr={lr}", f"model.padding={padding}"], finished(lr + padding / 10, lr))
+    sweep.write(tmp_path, *sweep.summarize(tmp_path, "val/acc"))
+    assert list(read_csv(tmp_path / "summary.csv")[0])[:3] == ["job", "optimizer.lr", "model.padding"]
+    assert (tmp_path / "summary.png").is_file() and not (tmp_path / "seeds.csv").exists()
+    assert "Over seeds" not in (tmp_path / "summary.md").read_text()
+
+
+def test_two_swept_keys_are_drawn_as_a_heatmap_of_the_mean_over_seeds() -> None:
+    values = {"optimizer.lr": [0.1, 0.05, 0.1, 0.05, 0.1], "model.padding": [0, 0, 2, 2, 2]}
+    figure = sweep_figure(values, [0.5, 0.6, 0.7, 0.8, 0.9], "val/acc", "title")
+    (image,) = figure.axes[0].images
+    # Rows: lr 0.05 then 0.1 (numeric order); columns: padding 0, 2. The cell of lr 0.1, padding 2 has two jobs.
+    assert image.get_array().tolist() == [[0.6, 0.8], [0.5, 0.8]]
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["0.05", "0.1"]
+    assert figure.axes[1].get_ylabel() == "val/acc"  # the colour scale
+    figure = sweep_figure({"optimizer.lr": [0.05, 0.1, 1]}, [0.9, 0.8, 0.1], "val/acc", "title")
+    assert len(figure.axes) == 1 and [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["0.05", "0.1", "1"]
+
+
+def test_a_job_is_named_by_the_values_its_sweep_varies() -> None:
+    overrides = ["paths.data_dir=/d", "data.val_size=200", "optimizer.lr=0.1", "model.padding=2", "+model.dropout=0.5"]
+    values = job_values(overrides, ["optimizer.lr", "model.padding", "model.dropout"])
+    assert short_keys(values) == {"lr": "0.1", "padding": "2", "dropout": "0.5"}
+    assert list(job_values(overrides, None)) == ["data.val_size", "optimizer.lr", "model.padding", "model.dropout"]
+    # Two keys ending alike keep their full names.
+    assert list(short_keys({"model.padding": 0, "data.padding": 1, "seed": 2})) == [
+        "model.padding",
+        "data.padding",
+        "seed",
+    ]
+
+
+def test_the_sweep_tells_its_jobs_which_keys_it_varies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sweep.SWEPT_KEYS, raising=False)
+    task = ["paths.log_dir=/x", "optimizer.lr=0.05,0.1", "seed=range(3)", "model=net2", "data.val_size=200"]
+    params = {"data.batch_size": "choice(32, 64)", "optimizer": "sgd"}  # Optuna's search space; a fixed value
+    config = OmegaConf.create({"hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}})
+    sweep.SweepSummary().on_multirun_start(config)
+    assert os.environ[sweep.SWEPT_KEYS] == "optimizer.lr,seed,data.batch_size"
+
+
+@pytest.mark.slow
+def test_a_sweeps_jobs_are_named_and_compared_by_what_they_vary(paths: list[str]) -> None:
+    quick = [*QUICK, "++trainer.limit_train_batches=4", "callbacks.confusion_matrix.every_n_epochs=0"]
+    run("train.py", "-m", *paths, *quick, "optimizer.lr=0.05,0.1", "seed=1,2")
+    log_dir = Path(next(p for p in paths if p.startswith("paths.log_dir=")).partition("=")[2])
+    (sweep_dir,) = (log_dir / "train" / "multiruns").iterdir()
+    summary = read_csv(sweep_dir / "summary.csv")
+    assert len(summary) == 4 and list(summary[0])[:3] == ["job", "optimizer.lr", "seed"]
+    results = {}
+    for row in summary:
+        job_dir = Path(row["run_dir"])
+        name, events = tensorboard_run(job_dir)
+        assert name == f"lr={row['optimizer.lr']},seed={row['seed']}"
+        start, experiment = hparams_of(events)
+        assert {info.name for info in experiment.hparam_infos if info.differs} == {"optimizer.lr", "seed"}
+        assert start.group_name == f"{name} ({sweep_dir.name}/{job_dir.name})"
+        assert start.hparams["seed"].string_value == row["seed"]
+        results[(row["optimizer.lr"], row["seed"])] = read_metrics(job_dir)["metrics"]
+        assert (job_dir / "epochs.csv").is_file() and (job_dir / "curves.png").is_file()
+    for group in read_csv(sweep_dir / "seeds.csv"):
+        for metric in ("val/acc", "test/loss"):
+            scores = [results[(group["optimizer.lr"], seed)][metric] for seed in ("1", "2")]
+            assert float(group[f"{metric} mean"]) == pytest.approx(statistics.fmean(scores))
+            assert float(group[f"{metric} std"]) == pytest.approx(statistics.stdev(scores))
+    assert (sweep_dir / "summary.png").is_file()
+    assert not math.isnan(float(summary[0]["val/acc"]))
