@@ -12,9 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import rich
-import rich.syntax
-import rich.tree
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -24,7 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import atomic, checkpoints
+from cnn_exp import atomic, checkpoints, console
+from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole
@@ -125,7 +123,8 @@ def train(cfg: DictConfig) -> float | None:
     )
     _check_monitored_metrics(cfg)
     _check_run_settings(cfg)
-    print_config(cfg, output_dir / "config.yaml")
+    save_config(cfg, output_dir / "config.yaml")
+    console.print_run_header(cfg, output_dir)
     _set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -158,7 +157,7 @@ def train(cfg: DictConfig) -> float | None:
         best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
         if cfg.test:
             # The best checkpoint on val/acc when there is one; else the weights training ended with.
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             metrics |= _epoch_metrics(trainer)
         _log_hparams(trainer, settings, metrics)
         result = {
@@ -166,6 +165,7 @@ def train(cfg: DictConfig) -> float | None:
             "metrics": metrics,
             "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
             "tested": (best or "final weights") if cfg.test else None,
+            "early_stopping": next((c.stopped for c in trainer.callbacks if isinstance(c, EarlyStopping)), None),
         }
     except Exception as err:
         result = {"status": "failed", "error": _error_text(err)}
@@ -339,9 +339,8 @@ def test(cfg: DictConfig) -> float:
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
 
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_callbacks(cfg, loggers=[]))
-    trainer.test(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = _epoch_metrics(trainer)
-    log.info("test/acc %.4f  test/loss %.4f", metrics["test/acc"], metrics["test/loss"])
     write_json(
         Path(cfg.paths.output_dir) / "metrics.json",
         {
@@ -357,13 +356,8 @@ def test(cfg: DictConfig) -> float:
 
 
 @rank_zero_only
-def print_config(cfg: DictConfig, save_to: Path) -> None:
-    """Print the composed config as a tree, one branch per group, and save it resolved with the run."""
-    tree = rich.tree.Tree("config", guide_style="dim")
-    for key, node in cfg.items():
-        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else f"{node}\n"
-        tree.add(str(key)).add(rich.syntax.Syntax(text, "yaml"))
-    rich.print(tree)
+def save_config(cfg: DictConfig, save_to: Path) -> None:
+    """Save the composed config, resolved, with the run."""
     save_to.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, save_to, resolve=True)
 
