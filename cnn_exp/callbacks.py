@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from rich.console import Console
@@ -88,8 +89,9 @@ class ProgressBar(RichProgressBar):
     most `refresh_rate` times a second: at hundreds of batches a second, most of that work was never shown.
     """
 
-    def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
-        super().__init__(refresh_rate=refresh_rate, **kwargs)
+    def __init__(self, refresh_rate: int = 10, theme: RichProgressBarTheme | None = None, **kwargs: Any) -> None:
+        theme = theme or RichProgressBarTheme(metrics_text_delimiter="\n")  # a line per split (get_metrics)
+        super().__init__(refresh_rate=refresh_rate, theme=theme, **kwargs)
         self._fed_at = -math.inf
         self._unfed_batch: int | None = None  # the newest batch the bar has not been told of
 
@@ -147,6 +149,17 @@ class ProgressBar(RichProgressBar):
         last_loader = dataloader_idx == len(trainer.num_test_batches) - 1
         if last_loader and batch_idx + 1 >= self.total_test_batches_current_dataloader:
             self._stop_progress()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The numbers beside the bar, a line per split (train first, as metrics.json lists them), so that they
+        read alike in any terminal instead of wrapping mid-pair: `train: loss 0.312 acc 0.905` / `val: ...`."""
+        lines: dict[str, list[str]] = {}
+        for name, value in super().get_metrics(trainer, pl_module).items():
+            split, _, metric = name.rpartition("/")
+            text = f"{value:{self.theme.metrics_format}}" if isinstance(value, float) else str(value)
+            lines.setdefault(split or name, []).append(f"{metric} {text}" if split else text)
+        splits = sorted(lines, key=lambda split: ("train", "val").index(split) if split in ("train", "val") else 2)
+        return {split: " ".join(lines[split]) for split in splits}
 
     def _get_train_description(self, current_epoch: int) -> str:
         # Counted from 1: the last of 2 epochs reads Epoch 2/2 (Lightning's own bar reads Epoch 1/1).

@@ -185,23 +185,24 @@ def _print(line: str, style: str | None = None) -> None:
 
 
 def result_text(record: dict[str, Any], brief: bool = False) -> str:
-    """How a run ended, in one line, from its metrics.json: its final metrics, or what stopped it."""
+    """How a run ended, from its metrics.json: its final metrics, or what stopped it. One line when `brief` (a
+    sweep job's), else a line of how it went and a line of metrics."""
     status = record.get("status", "failed before it started")
     if status != "finished":
         error = str(record.get("error", "")).strip().splitlines()
         return f"{status}: {error[-1]}" if error else status
+    how = [f"{record['epochs']} epoch{'s' if record['epochs'] != 1 else ''}"] if "epochs" in record else []
+    if stopped := record.get("early_stopping"):
+        how.append(f"stopped early ({stopped['monitor']}, patience {stopped['patience']})")
+    if record.get("tested") and not brief:
+        how.append(f"tested {Path(record['tested']).name}")
     metrics = record.get("metrics", {})
     names = ["val/acc", "test/acc"] if brief else ["val/acc", "val/loss", "test/acc", "test/loss"]
-    parts = [f"{name} {metrics[name]:.4f}" for name in names if name in metrics]
-    if "epochs" in record:
-        parts.append(f"{record['epochs']} epoch{'s' if record['epochs'] != 1 else ''}")
-    if stopped := record.get("early_stopping"):
-        parts.append(f"stopped early ({stopped['monitor']}, patience {stopped['patience']})")
-    if record.get("tested") and not brief:
-        parts.append(f"tested {Path(record['tested']).name}")
-    if "wall_time_s" in record:
-        parts.append(f"{record['wall_time_s']:.0f} s")
-    return "finished: " + " · ".join(parts)
+    shown = " · ".join(f"{name} {metrics[name]:.4f}" for name in names if name in metrics)
+    took = f" in {record['wall_time_s']:.0f} s" if "wall_time_s" in record else ""
+    if brief:
+        return f"finished{took}: {' · '.join([*how, shown])}"
+    return f"finished{took}" + (f": {', '.join(how)}" if how else "") + f"\n{shown}"
 
 
 def _short(override: str) -> str:

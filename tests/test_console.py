@@ -44,9 +44,12 @@ def fit(tmp_path: Path, *callbacks: L.Callback, max_epochs: int) -> L.Trainer:
 
 
 def bar_line(text: str) -> tuple[str, dict[str, str]]:
-    """The progress bar's final line (a console that is not a terminal gets only that): its epoch and numbers."""
-    (line,) = [line for line in text.splitlines() if line.startswith("Epoch")]
-    return line.split("━")[0].strip(), dict(re.findall(r"(\S+): ([-\d.]+)", line))
+    """The progress bar's final state (a console that is not a terminal gets only that): its epoch, and its numbers
+    (`train: loss 2.290 acc 0.179`, then an indented `val: ...` line) under metrics.json's names."""
+    (bar,) = re.findall(r"^Epoch .*\n(?: +\S.*\n)*", text, re.MULTILINE)
+    shown = {f"{split}/{name}": value for split, pairs in re.findall(r"(\w+): ([^:]*?)\s*(?=\n|$)", bar, re.M)
+             for name, value in re.findall(r"(\w+) ([-\d.]+)", pairs)}  # fmt: skip
+    return bar.split("━")[0].strip(), shown
 
 
 @pytest.mark.parametrize("max_epochs", [1, 2])
@@ -153,28 +156,31 @@ def test_a_runs_console_fits_a_screen_and_ends_on_its_results(
     stopped = result["early_stopping"]
     assert (stopped["epoch"], stopped["monitor"], stopped["patience"], result["epochs"]) == (2, "val/acc", 1, 2)
     assert f"early stopping after epoch 2: {stopped['reason']}" in proc.stdout
-    last = proc.stdout.splitlines()[-2:]
-    assert last[0].startswith("finished: ") and f"test/acc {result['metrics']['test/acc']:.4f}" in last[0]
-    assert last[1] == f"results in {tmp_path}"
+    last = proc.stdout.splitlines()[-3:]
+    shown_last = ["val/acc", "val/loss", "test/acc", "test/loss"]
+    took = f"finished in {result['wall_time_s']:.0f} s: 2 epochs, stopped early (val/acc, patience 1), tested "
+    assert last[0] == took + Path(result["tested"]).name
+    assert last[1] == " · ".join(f"{name} {result['metrics'][name]:.4f}" for name in shown_last)
+    assert last[2] == f"results in {tmp_path}"
 
 
 @pytest.mark.slow
 def test_a_sweep_prints_a_start_and_a_result_line_per_job(paths: list[str]) -> None:
     """Before: 855 lines for 4 jobs. Each job's own output (bar, tables, log lines) goes to its train.log."""
-    proc = run("train.py", "-m", *paths, *QUICK, "test=false", "optimizer.lr=0.01,1e12", check=False)
+    proc = run("train.py", "-m", *paths, *QUICK, "test=false", "optimizer.lr=0.01,1000000.0", check=False)
     sweep = Path(proc.stdout.splitlines()[0].removeprefix("sweep: "))
     assert proc.stdout.startswith("sweep: ") and sweep.is_dir()
     jobs = proc.stdout.splitlines()[1:5]
     ok = read_metrics(sweep / "0")["metrics"]
     assert jobs == [
         "job 0: optimizer.lr=0.01",
-        f"job 0: finished: val/acc {ok['val/acc']:.4f} · 1 epoch · {read_metrics(sweep / '0')['wall_time_s']:.0f} s",
-        "job 1: optimizer.lr=1e12",
+        f"job 0: finished in {read_metrics(sweep / '0')['wall_time_s']:.0f} s: 1 epoch · val/acc {ok['val/acc']:.4f}",
+        "job 1: optimizer.lr=1000000.0",
         "job 1: failed: " + read_metrics(sweep / "1")["error"].splitlines()[-1] + " (see 1/train.log)",
     ]
     rest = "\n".join(proc.stdout.splitlines()[5:])
     assert rest.lstrip().startswith(f"Sweep {sweep}")  # then only the sweep summary
-    assert "job " not in rest and "━" not in rest and "ConvNet" not in rest
+    assert not re.search(r"^job \d+: ", rest, re.MULTILINE) and "━" not in rest and "ConvNet" not in rest
     assert "untrained network" in (sweep / "0" / "train.log").read_text()
 
 
