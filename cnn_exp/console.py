@@ -38,6 +38,8 @@ NOISE = [
     ("lightning", r"Seed set to "),  # the header shows the seed
     ("lightning", r"Trainer already configured with model summary"),  # LayerTable is our model summary
     ("lightning", r"(GPU|TPU|HPU) available: False"),  # nothing to choose from
+    ("lightning", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES: "),  # "GPU available: True (cuda), used: True" says it
+    ("lightning", r"Initializing distributed: GLOBAL_RANK: "),  # one per process; the next line counts them
     ("lightning", r"💡 Tip: "),  # cloud services advertised at every start
     ("lightning", r"`Trainer\.fit` stopped: `max_epochs="),  # the bar's last line reads Epoch N/N
     # Which checkpoint was tested is in the result line and metrics.json.
@@ -54,9 +56,8 @@ class Quiet(logging.Filter):
     """Keeps the NOISE lines off the handler it is attached to."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(
-            record.name.startswith(name) and re.match(pattern, record.getMessage()) for name, pattern in NOISE
-        )
+        message = re.sub(r"^\[rank: \d+\] ", "", record.getMessage())  # Lightning's prefix on other ranks' lines
+        return not any(record.name.startswith(name) and re.match(pattern, message) for name, pattern in NOISE)
 
 
 class Handler(logging.Handler):
@@ -131,7 +132,9 @@ GROUPS = ["experiment", "data", "model", "optimizer", "scheduler", "trainer", "l
 
 
 def _setting(name: str, value: Any) -> str:
-    return f"{value} {name}" if name in ("epochs", "validation images") else f"{name} {value}"
+    if name in ("epochs", "validation images"):
+        return f"{value} {name.removesuffix('s') if value == 1 else name}"
+    return f"{name} {value}"
 
 
 class JobLines(Callback):
@@ -162,8 +165,12 @@ class JobLines(Callback):
         get().quiet = True
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        from lightning.pytorch.utilities import rank_zero_only  # loaded by now: the job has run
+
         multirun = config.hydra.mode == RunMode.MULTIRUN
         get().quiet = False
+        if rank_zero_only.rank != 0:  # under DDP every rank runs the job; one reports it
+            return
         run_dir = Path(config.hydra.runtime.output_dir)
         try:
             record = json.loads((run_dir / "metrics.json").read_text())

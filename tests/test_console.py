@@ -74,6 +74,7 @@ def test_log_lines_print_on_the_bars_console_above_it(tmp_path: Path, screen: St
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
+        logging.captureWarnings(False)  # which the handler turned on
     lines = screen.getvalue().splitlines()
     untrained = next(i for i, line in enumerate(lines) if line.startswith("untrained network, 16 images"))
     assert untrained < next(i for i, line in enumerate(lines) if line.startswith("Epoch 1/1"))
@@ -103,8 +104,10 @@ def test_early_stopping_says_when_and_why(tmp_path: Path) -> None:
     ("name", "message", "shown"),
     [
         ("lightning.fabric.utilities.seed", "Seed set to 0", False),
+        ("lightning.fabric.utilities.seed", "[rank: 1] Seed set to 0", False),
         ("lightning.pytorch.utilities.rank_zero", "GPU available: False, used: False", False),
         ("lightning.pytorch.utilities.rank_zero", "GPU available: True (cuda), used: True", True),
+        ("lightning.pytorch.accelerators.cuda", "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]", False),
         ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud uploads and versioning, try", False),
         ("lightning.pytorch.utilities.rank_zero", "`Trainer.fit` stopped: `max_epochs=2` reached.", False),
         ("lightning.pytorch.utilities.rank_zero", "`Trainer.fit` stopped: `max_steps=6` reached.", True),
