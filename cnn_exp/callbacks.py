@@ -129,8 +129,11 @@ class ProgressBar(RichProgressBar):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The epoch's train/* metrics are logged after every callback's on_train_epoch_end, so the bar would end on
         # the previous epoch's (or, after one epoch, none). Shown now, and the bar ended: what follows (early
-        # stopping, the test) is printed below its final state, which then holds the numbers metrics.json records.
-        self._update_metrics(trainer, pl_module)
+        # stopping, the test) is printed below its final state, which then holds the numbers metrics.json records
+        # (and not the last step's).
+        if self.is_enabled and self._metric_component is not None:
+            metrics = self.get_metrics(trainer, pl_module)
+            self._metric_component.update({split: text for split, text in metrics.items() if " step" not in split})
         self._stop_progress()
 
     def on_test_batch_end(
@@ -150,12 +153,20 @@ class ProgressBar(RichProgressBar):
         if last_loader and batch_idx + 1 >= self.total_test_batches_current_dataloader:
             self._stop_progress()
 
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        columns = super().configure_columns(trainer)
+        columns[1].bar_width = 20  # half Lightning's: the numbers beside it fit 100 columns unwrapped
+        return columns
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """The numbers beside the bar, a line per split (train first, as metrics.json lists them), so that they
-        read alike in any terminal instead of wrapping mid-pair: `train: loss 0.312 acc 0.905` / `val: ...`."""
+        """The numbers beside the bar, a line per split, train first as metrics.json lists them (`train: loss 0.312
+        acc 0.905`, `val: ...`), then the last logged step's (`train step: loss 0.298`): so they read alike in any
+        terminal instead of wrapping mid-pair."""
         lines: dict[str, list[str]] = {}
         for name, value in super().get_metrics(trainer, pl_module).items():
             split, _, metric = name.rpartition("/")
+            if metric.endswith("_step"):
+                split, metric = f"{split} step", metric.removesuffix("_step")
             text = f"{value:{self.theme.metrics_format}}" if isinstance(value, float) else str(value)
             lines.setdefault(split or name, []).append(f"{metric} {text}" if split else text)
         splits = sorted(lines, key=lambda split: ("train", "val").index(split) if split in ("train", "val") else 2)

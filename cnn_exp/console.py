@@ -33,7 +33,7 @@ def get() -> Console:
     return rich.get_console()
 
 
-# Lines no one can act on, kept off the console (the run's log file keeps them): (logger name prefix, pattern).
+# Information no one can act on, kept off the console (the run's log file keeps it): (logger name prefix, pattern).
 NOISE = [
     ("lightning", r"Seed set to "),  # the header shows the seed
     ("lightning", r"Trainer already configured with model summary"),  # LayerTable is our model summary
@@ -53,9 +53,11 @@ NOISE = [
 
 
 class Quiet(logging.Filter):
-    """Keeps the NOISE lines off the handler it is attached to."""
+    """Keeps the NOISE lines off the handler it is attached to; warnings and errors always pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
         message = re.sub(r"^\[rank: \d+\] ", "", record.getMessage())  # Lightning's prefix on other ranks' lines
         return not any(record.name.startswith(name) and re.match(pattern, message) for name, pattern in NOISE)
 

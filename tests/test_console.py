@@ -32,13 +32,14 @@ def screen() -> Iterator[StringIO]:
     rich.reconfigure()
 
 
-def fit(tmp_path: Path, *callbacks: L.Callback, max_epochs: int) -> L.Trainer:
-    """A few epochs of Network2 on 64 random images, validated on them too."""
+def fit(tmp_path: Path, *callbacks: L.Callback, max_epochs: int, log_every_n_steps: int = 50) -> L.Trainer:
+    """A few epochs of Network2 on 64 random images (4 batches), validated on them too."""
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
     loader = DataLoader(data, batch_size=16)
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        log_every_n_steps=log_every_n_steps)  # fmt: skip
     trainer.fit(Classifier(net=net("net2"), optimizer=SGD), loader, loader)
     return trainer
 
@@ -52,12 +53,15 @@ def bar_line(text: str) -> tuple[str, dict[str, str]]:
     return bar.split("━")[0].strip(), shown
 
 
-@pytest.mark.parametrize("max_epochs", [1, 2])
+@pytest.mark.parametrize(("max_epochs", "log_every_n_steps"), [(1, 50), (2, 1)])
 def test_the_bar_ends_on_the_last_epochs_numbers_counted_from_one(
-    tmp_path: Path, screen: StringIO, max_epochs: int
+    tmp_path: Path, screen: StringIO, max_epochs: int, log_every_n_steps: int
 ) -> None:
-    """Before: Epoch 1/1 after 2 epochs, and the previous epoch's train numbers (none at all after 1 epoch)."""
-    trainer = fit(tmp_path, ProgressBar(console_kwargs={"file": screen, "width": 300}), max_epochs=max_epochs)
+    """Before: Epoch 1/1 after 2 epochs, and the previous epoch's train numbers (none at all after 1 epoch).
+    A step's loss (train/loss_step, logged every log_every_n_steps) is shown while training, not at the end."""
+    bar = ProgressBar(console_kwargs={"file": screen, "width": 300})
+    trainer = fit(tmp_path, bar, max_epochs=max_epochs, log_every_n_steps=log_every_n_steps)
+    assert ("train/loss_step" in trainer.progress_bar_metrics) is (log_every_n_steps == 1)
     epoch, shown = bar_line(screen.getvalue())
     assert epoch == f"Epoch {max_epochs}/{max_epochs}"
     # callback_metrics is what run.py writes to metrics.json.
