@@ -191,6 +191,7 @@ def test_a_sweep_prints_a_start_and_a_result_line_per_job(paths: list[str]) -> N
     assert "untrained network" in (sweep / "0" / "train.log").read_text()
 
 
+@pytest.mark.slow  # the entry scripts import torch and Lightning before Hydra reads --help
 @pytest.mark.parametrize("script", ["train.py", "test.py"])
 def test_help_fits_a_screen_and_names_the_choices(script: str) -> None:
     text = run(script, "--help").stdout
