@@ -1,9 +1,9 @@
 """What a run prints: one Rich console for the progress bar, tables and log lines, and what goes on it.
 
 A single run prints a short header (what was chosen and overridden, where the run is written), the layer table,
-its progress, and one result line. In a sweep each job prints one line when it starts and one when it ends; the
-rest of a job's output goes to its own log file (train.log). The full resolved config is in each run's config.yaml
-(`python train.py --cfg job` prints it).
+its progress, and its result (how it went, its metrics, where they are). In a sweep each job prints one line when
+it starts and one when it ends; the rest of a job's output goes to its own log file (train.log). The full resolved
+config is in each run's config.yaml (`python train.py --cfg job` prints it).
 """
 
 import json
@@ -140,7 +140,7 @@ def _setting(name: str, value: Any) -> str:
 
 
 class JobLines(Callback):
-    """Hydra callback: one result line at the end of a run; in a sweep, a job's start and result lines only.
+    """Hydra callback: a run's result at its end; in a sweep, a job's start line and result line only.
 
     A sweep job's own output (layer table, progress bar, tables, log lines) stays off the console: its log file
     and result files keep the details, and the console shows the sweep at a glance.
