@@ -1,5 +1,5 @@
-"""Callbacks that show a run as it goes: progress bar, layer table, step-0 scores, confusion matrices, test report,
-and the epoch table with its curves."""
+"""Callbacks that show a run as it goes: progress bar, layer table, early stopping, step-0 scores, confusion
+matrices, test report, and the epoch table with its curves."""
 
 import csv
 import logging
@@ -11,14 +11,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cnn_exp import atomic
+from cnn_exp import atomic, console
 from cnn_exp.errors import UserError, is_whole
 from cnn_exp.plots import confusion_figure, curves_figure, image_grid
 
@@ -79,16 +81,23 @@ def _log_per_class(trainer: L.Trainer, split: str, classes: list[str], accuracy:
 
 
 class ProgressBar(RichProgressBar):
-    """Rich's progress bar, handed the step count and metrics only as often as it redraws them.
+    """Rich's progress bar on the run's console (cnn_exp/console.py), handed the step count and metrics only as often
+    as it redraws them, counting epochs from 1, and ending on the run's final numbers.
 
     Lightning's bar gathers the count and every progress-bar metric after each training batch (~0.1 ms), yet draws at
     most `refresh_rate` times a second: at hundreds of batches a second, most of that work was never shown.
     """
 
-    def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
-        super().__init__(refresh_rate=refresh_rate, **kwargs)
+    def __init__(self, refresh_rate: int = 10, theme: RichProgressBarTheme | None = None, **kwargs: Any) -> None:
+        theme = theme or RichProgressBarTheme(metrics_text_delimiter="\n")  # a line per split (get_metrics)
+        super().__init__(refresh_rate=refresh_rate, theme=theme, **kwargs)
         self._fed_at = -math.inf
         self._unfed_batch: int | None = None  # the newest batch the bar has not been told of
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if console.get().quiet:  # a sweep job: the console shows its start and result lines only
+            self.disable()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -105,10 +114,68 @@ class ProgressBar(RichProgressBar):
         self._feed_unfed(trainer, pl_module)
         super().on_validation_start(trainer, pl_module)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:  # two batches through an untrained network: not numbers to show beside epoch 1
+            self.reset_dataloader_idx_tracker()
+            return
+        super().on_validation_end(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # An epoch cut short (max_steps, a stop signal) ends on a batch that may not have been shown yet.
         self._feed_unfed(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The epoch's train/* metrics are logged after every callback's on_train_epoch_end, so the bar would end on
+        # the previous epoch's (or, after one epoch, none). Shown now, and the bar ended: what follows (early
+        # stopping, the test) is printed below its final state, which then holds the numbers metrics.json records
+        # (and not the last step's).
+        if self.is_enabled and self._metric_component is not None:
+            metrics = self.get_metrics(trainer, pl_module)
+            self._metric_component.update({split: text for split, text in metrics.items() if " step" not in split})
+        self._stop_progress()
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self.is_disabled:
+            return
+        # Ended at its last batch: the test report's tables come after the finished bar, not around a live one.
+        last_loader = dataloader_idx == len(trainer.num_test_batches) - 1
+        if last_loader and batch_idx + 1 >= self.total_test_batches_current_dataloader:
+            self._stop_progress()
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        columns = super().configure_columns(trainer)
+        columns[1].bar_width = 20  # half Lightning's: the numbers beside it fit 100 columns unwrapped
+        return columns
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The numbers beside the bar, a line per split, train first as metrics.json lists them (`train: loss 0.312
+        acc 0.905`, `val: ...`), then the last logged step's (`train step: loss 0.298`): so they read alike in any
+        terminal instead of wrapping mid-pair."""
+        lines: dict[str, list[str]] = {}
+        for name, value in super().get_metrics(trainer, pl_module).items():
+            split, _, metric = name.rpartition("/")
+            if metric.endswith("_step"):
+                split, metric = f"{split} step", metric.removesuffix("_step")
+            text = f"{value:{self.theme.metrics_format}}" if isinstance(value, float) else str(value)
+            lines.setdefault(split or name, []).append(f"{metric} {text}" if split else text)
+        splits = sorted(lines, key=lambda split: ("train", "val").index(split) if split in ("train", "val") else 2)
+        return {split: " ".join(lines[split]) for split in splits}
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Counted from 1: the last of 2 epochs reads Epoch 2/2 (Lightning's own bar reads Epoch 1/1).
+        total = self.trainer.max_epochs
+        description = f"Epoch {current_epoch + 1}" + (f"/{total}" if total and total > 0 else "")
+        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
 
     def _feed_unfed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._unfed_batch is not None:
@@ -143,12 +210,63 @@ class LayerTable(ModelSummary):
         for row in rows:
             table.add_row(*map(str, row.values()))
         table.add_row("total", *[""] * 5, f"{total:,}", style="bold")
-        Console().print(table)
+        console.get().print(table)
         lines = [f"# {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         lines += ["| " + " | ".join(map(str, row.values())) + " |" for row in rows]
         lines.append("| total |" + " |" * 5 + f" {total:,} |")
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "architecture.md").write_text("\n".join(lines) + "\n")
+
+
+class EarlyStopping(LightningEarlyStopping):
+    """Lightning's early stopping, which says when it stopped and why: on the console once training has ended, and
+    as `stopped` (what metrics.json records)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.best_epoch: int | None = None  # counted from 1, as the progress bar counts
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        best = self.best_score
+        super()._run_early_stopping_check(trainer)
+        if self.best_score is not best:  # a new best: Lightning keeps the tensor of the improving value
+            self.best_epoch = trainer.current_epoch + 1
+
+    @property
+    def stopped(self) -> dict[str, Any] | None:
+        """When and why training stopped early, or None if it did not."""
+        if self.stopping_reason == EarlyStoppingReason.NOT_STOPPED:
+            return None
+        return {
+            "epoch": self.stopped_epoch + 1,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "patience": self.patience,
+            "min_delta": abs(self.min_delta),
+            "best": float(self.best_score),
+            "best_epoch": self.best_epoch,
+            "reason": self._reason(),
+        }
+
+    def _reason(self) -> str:
+        if self.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+            best = f"{float(self.best_score):.4f}" + (f" at epoch {self.best_epoch}" if self.best_epoch else "")
+            times = f"{self.wait_count} validation{'s' if self.wait_count != 1 else ''}"
+            return f"{self.monitor} has not improved on its best ({best}) for {times} (patience {self.patience})"
+        # Lightning's words for the other reasons (a threshold passed, a value not finite).
+        return (self.stopping_reason_message or self.stopping_reason.name).removesuffix(" Signaling Trainer to stop.")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Now, not when it decided: the progress bar has ended by now, so this line comes below its final state.
+        if (stopped := self.stopped) and trainer.is_global_zero:
+            log.info("early stopping after epoch %d: %s", stopped["epoch"], stopped["reason"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_epoch = state_dict.get("best_epoch")
 
 
 class UntrainedScores(L.Callback):
@@ -297,7 +415,7 @@ class TestReport(L.Callback):
             if count:
                 true, predicted = divmod(index, len(classes))
                 pairs.add_row(classes[true], classes[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
-        Console().print(table, pairs)
+        console.get().print(table, pairs)
 
 
 class EpochTable(L.Callback):

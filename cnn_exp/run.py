@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import rich
-import rich.syntax
-import rich.tree
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -27,7 +24,8 @@ from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSu
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints, export, predict, record, resume, rundir, sweep
+from cnn_exp import checkpoints, console, export, predict, record, resume, rundir, sweep
+from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole
@@ -112,7 +110,8 @@ def train(cfg: DictConfig) -> float | None:
     )
     _check_monitored_metrics(cfg)
     _check_run_settings(cfg)
-    print_config(cfg, output_dir / "config.yaml")
+    save_config(cfg, output_dir / "config.yaml")
+    console.print_run_header(cfg, output_dir)
     _set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -155,7 +154,7 @@ def train(cfg: DictConfig) -> float | None:
             best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
             if cfg.test:
                 # The best checkpoint on val/acc when there is one; else the weights training ended with.
-                trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+                trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
                 metrics |= _epoch_metrics(trainer)
                 _check_trained(model, metrics)
         result = {
@@ -163,6 +162,7 @@ def train(cfg: DictConfig) -> float | None:
             "metrics": metrics,
             "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
             "tested": (best or "final weights") if cfg.test else None,
+            "early_stopping": next((c.stopped for c in trainer.callbacks if isinstance(c, EarlyStopping)), None),
         }
     except Interrupted as stop:
         result = {"status": record.INTERRUPTED, "signal": stop.name, "requeued": stop.requeued}
@@ -215,10 +215,9 @@ def test(cfg: DictConfig) -> float:
         raise UserError(f"ckpt_path={path} holds weights that are not finite numbers (its training diverged)")
 
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_callbacks(cfg, loggers=[]))
-    trainer.test(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = _epoch_metrics(trainer)
     _check_trained(model, metrics)
-    log.info("test/acc %.4f  test/loss %.4f", metrics["test/acc"], metrics["test/loss"])
     record.write(
         cfg.paths.output_dir,
         {
@@ -312,13 +311,8 @@ def _check_run_settings(cfg: DictConfig) -> None:
 
 
 @rank_zero_only
-def print_config(cfg: DictConfig, save_to: Path) -> None:
-    """Print the composed config as a tree, one branch per group, and save it resolved with the run."""
-    tree = rich.tree.Tree("config", guide_style="dim")
-    for key, node in cfg.items():
-        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else f"{node}\n"
-        tree.add(str(key)).add(rich.syntax.Syntax(text, "yaml"))
-    rich.print(tree)
+def save_config(cfg: DictConfig, save_to: Path) -> None:
+    """Save the composed config, resolved, with the run (the console shows a short header instead)."""
     save_to.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, save_to, resolve=True)
 
