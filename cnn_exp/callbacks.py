@@ -163,6 +163,8 @@ class ProgressBar(RichProgressBar):
         terminal instead of wrapping mid-pair."""
         lines: dict[str, list[str]] = {}
         for name, value in super().get_metrics(trainer, pl_module).items():
+            if name == "v_num":  # the logger's version: the run's name, which the header already gave
+                continue
             split, _, metric = name.rpartition("/")
             if metric.endswith("_step"):
                 split, metric = f"{split} step", metric.removesuffix("_step")
