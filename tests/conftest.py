@@ -1,4 +1,10 @@
-"""Shared fixtures: the small real datasets in tests/data, and train.py / test.py run the way a user runs them."""
+"""Shared fixtures: the small real datasets in tests/data, and train.py / test.py run the way a user runs them.
+
+`python -m pytest` runs the whole suite on every core (pytest-xdist, `-n auto` in pyproject.toml); `-m "not slow"`
+leaves out the tests that take more than ~5 s (mark such a test `@pytest.mark.slow`), and `-n 0` runs in one
+process. Tests that must run a script as a user does use `run()`; the rest run the task in this process
+(`run_here()`, Hydra's compose API) or call what they test directly.
+"""
 
 import json
 import os
@@ -8,25 +14,67 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from filelock import FileLock
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from cnn_exp import run as tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 # The first 1,000 training and 200 test images of each dataset, written by tests/make_data.py.
 MIRROR = ROOT / "tests" / "data"
 # Small and quick: 800 training and 200 validation images.
 QUICK = ["data.val_size=200", "trainer.max_epochs=1"]
+# One torch thread per process: pytest -n runs a test per core, and more threads than cores only fight for them.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+torch.set_num_threads(1)  # this process too: its tests train in-process, beside another worker's
 
 
-def run(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run an entry script from the project root, as the README does, without the user's data-mirror variable."""
-    env = {key: value for key, value in os.environ.items() if key != "CNN_EXP_DATA_MIRROR"}
+def run(script: str, *overrides: str, check: bool = True, one_thread: bool = True) -> subprocess.CompletedProcess:
+    """Run an entry script from the project root, as the README does, without the user's data-mirror variable.
+
+    With `one_thread=False` torch picks its own number of threads, as for a user.
+    """
+    env = {key: value for key, value in os.environ.items() if key != "CNN_EXP_DATA_MIRROR" and key not in ONE_THREAD}
     proc = subprocess.run(
-        [sys.executable, script, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, script, *overrides],
+        cwd=ROOT,
+        env=env | ONE_THREAD if one_thread else env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and proc.returncode:
         raise AssertionError(
             f"{script} {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def run_here(script: str, run_dir: Path, *overrides: str) -> Any:
+    """Run what `script` (train.py, test.py) runs, in this process, on the config the script composes.
+
+    For what a subprocess proves nothing more about, such as a setting refused before or while training: as in
+    the script, a mistake of the user's ends it with SystemExit("error: ..."), the message the script prints.
+    A setting Hydra cannot compose raises Hydra's ConfigCompositionException. `run_dir` stands for hydra.run.dir.
+    """
+    task = {"train.py": tasks.train, "test.py": tasks.test}[script]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(Path(script).stem, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as Hydra hands a task its config
+    environ = dict(os.environ)  # Lightning's seed_everything leaves its seed there
+    try:
+        return task(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
@@ -45,10 +93,21 @@ def assert_no_result(run_dir: Path, error: str) -> None:
         assert error.removeprefix("error: ") in result["error"]
 
 
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder the pytest-xdist workers of one run share (the documented pattern), else this run's own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One data directory for the session: the first run fills it from tests/data, later runs find it full."""
-    return tmp_path_factory.mktemp("data")
+    """One data directory for the run: the first run fills it from tests/data, later runs find it full.
+
+    Workers fill it at the same time; each file is copied whole or not at all (MNISTDataModule.prepare_data).
+    """
+    path = shared(tmp_path_factory) / "data"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture
@@ -61,9 +120,31 @@ def paths(tmp_path: Path, data_dir: Path) -> list[str]:
 TRAINED = ["data.val_size=200", "trainer.max_epochs=3", "trainer.log_every_n_steps=4", "seed=7"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the `trained` run is slow: training it takes longer than any quick test."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """One finished `train.py` run, shared by the tests that inspect a run's outputs."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    run("train.py", f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"hydra.run.dir={run_dir}", *TRAINED)
+    """One finished `train.py` run, shared by the tests that inspect a run's outputs (they only read it).
+
+    The first worker to need it trains it; the others wait on the lock and find it done.
+    """
+    folder = shared(tmp_path_factory)
+    run_dir = folder / "trained"
+    with FileLock(folder / "trained.lock"):
+        if not run_dir.exists():
+            run(
+                "train.py",
+                f"paths.data_dir={data_dir}",
+                f"paths.data_mirror={MIRROR}",
+                f"hydra.run.dir={run_dir}",
+                *TRAINED,
+            )
+    if not (run_dir / "metrics.json").is_file() or read_metrics(run_dir)["status"] != "finished":
+        pytest.fail(f"the shared `trained` run in {run_dir} did not finish (see the first test that used it)")
     return run_dir

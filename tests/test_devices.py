@@ -1,4 +1,5 @@
-"""The GPU options on the CPU: bf16 mixed precision, channels-last, torch.compile, and data placed on the device."""
+"""The GPU options on the CPU: bf16 mixed precision, channels-last, torch.compile, and data placed on the device;
+on a machine with a GPU, the data kept there and a run on it."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ import torch
 
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from tests.conftest import MIRROR
+from tests.conftest import MIRROR, QUICK, read_metrics, run
 from tests.test_classifier import SGD, net
 
 
@@ -45,6 +46,7 @@ def test_bf16_mixed_precision_trains_on_the_cpu(mnist: MNISTDataModule, tmp_path
     assert model.net.conv1.weight.dtype == torch.float32  # mixed: the weights stay fp32
 
 
+@pytest.mark.slow
 def test_compile_builds_and_trains_a_step(mnist: MNISTDataModule, tmp_path: Path) -> None:
     model = Classifier(net=net("net2", compile=True), optimizer=SGD)
     assert model.hparams.net["compile"] is True and model._train_forward == model.forward
@@ -67,3 +69,27 @@ def test_the_data_goes_once_to_the_device_the_trainer_trains_on(tmp_path: Path) 
     for split in (data.train_set, data.val_set, data.test_set):
         assert all(tensor.device.type == "meta" for tensor in split.tensors)
     assert data.train_set.tensors[0].shape == (900, 1, 28, 28)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_data_stays_there_and_a_run_finishes(paths: list[str], tmp_path: Path) -> None:
+    data = MNISTDataModule("MNIST", str(tmp_path / "data"), str(MIRROR), batch_size=50, val_size=100)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(Classifier(net=net("net2"), optimizer=SGD), datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    for split in (data.train_set, data.val_set):
+        assert all(tensor.is_cuda for tensor in split.tensors)
+    # A batch is gathered where the images are (InMemoryDataset.__getitems__): only its indices travel.
+    indices = [0, 7, 899]
+    images, labels = data.train_set.__getitems__(indices)
+    assert images.is_cuda and labels.is_cuda
+    assert torch.equal(images, data.train_set.tensors[0][indices])
+    assert torch.equal(labels, data.train_set.tensors[1][indices])
+    images, labels = next(iter(data.train_dataloader()))
+    assert images.is_cuda and images.shape == (50, 1, 28, 28) and labels.is_cuda
+
+    run("train.py", *paths, *QUICK, "trainer=gpu", f"hydra.run.dir={tmp_path / 'run'}")
+    result = read_metrics(tmp_path / "run")
+    assert result["status"] == "finished" and result["epochs"] == 1 and "test/acc" in result["metrics"]

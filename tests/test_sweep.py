@@ -25,6 +25,7 @@ def read_summary(sweep: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_sweep_summary_lists_every_job_with_its_own_numbers_best_first(paths: list[str]) -> None:
     proc = run("train.py", "-m", *paths, *QUICK, "model.padding=0,2", "optimizer.lr=0.02,0.1")
     (sweep,) = sweep_dirs(paths)
@@ -55,6 +56,7 @@ def test_a_sweep_summary_lists_every_job_with_its_own_numbers_best_first(paths: 
     assert [line.split(" | ")[3] for line in lines[1:]] == [row["overrides"] for row in rows]
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_listed_the_others_run_and_the_sweep_exits_nonzero(paths: list[str]) -> None:
     # Padding 0 with 5×5 kernels makes net3's last feature map vanish (fails before training); lr 1e6 diverges.
     grid = ["model=net3", "model.kernel_size=5", "model.padding=0,2", "optimizer.lr=0.1,1e6"]
@@ -70,6 +72,7 @@ def test_a_failed_job_is_listed_the_others_run_and_the_sweep_exits_nonzero(paths
     assert read_summary(sweep)[0]["overrides"] == "model.padding=2 optimizer.lr=0.1"  # the one that finished
 
 
+@pytest.mark.slow
 def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> None:
     command = [sys.executable, "train.py", "-m", *paths, *QUICK, "test=false", "++trainer.limit_train_batches=2"]
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
@@ -78,6 +81,7 @@ def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> No
     assert len(sweeps) == 2 and all(read_summary(sweep)[0]["status"] == "ok" for sweep in sweeps)
 
 
+@pytest.mark.slow
 def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(paths: list[str]) -> None:
     search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "data.val_size=200", "trainer.max_epochs=1"]
     proc = run("train.py", "-m", *paths, *search)
@@ -91,6 +95,7 @@ def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(pat
     assert best.best_value == max(float(row["val/acc"]) for row in rows) == float(rows[0]["val/acc"])
 
 
+@pytest.mark.slow
 def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: list[str]) -> None:
     search = ["hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", "model.kernel_size=40"]
     proc = run("train.py", "-m", *paths, *search, check=False)
@@ -100,9 +105,11 @@ def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: 
     assert len(rows) == 2 and all(row["status"].startswith("failed: model: the feature map vanishes") for row in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> None:
-    run("train.py", "-m", *paths, *QUICK, f"hydra/launcher={launcher}", "model.padding=0,1")
+    # Torch's own number of threads, as for a user: the joblib launcher must lower it itself.
+    run("train.py", "-m", *paths, *QUICK, f"hydra/launcher={launcher}", "model.padding=0,1", one_thread=False)
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
     assert sorted(row["overrides"] for row in rows) == ["model.padding=0", "model.padding=1"]
