@@ -18,7 +18,7 @@ import torch
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from cnn_exp import run as tasks
 
@@ -148,3 +148,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     if not (run_dir / "metrics.json").is_file() or read_metrics(run_dir)["status"] != "finished":
         pytest.fail(f"the shared `trained` run in {run_dir} did not finish (see the first test that used it)")
     return run_dir
+
+
+def composed(group: str, name: str, **overrides: object) -> dict:
+    """One config group's option as Hydra composes it (its defaults list included: net3 extends net2, fashion
+    extends mnist), with `overrides` merged in, resolved to plain values."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"{group}={name}"])
+    with open_dict(cfg):
+        cfg[group] = OmegaConf.merge(cfg[group], overrides)
+    return OmegaConf.to_container(cfg[group], resolve=True)

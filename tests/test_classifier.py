@@ -6,17 +6,16 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.model_summary import ModelSummary
-from omegaconf import OmegaConf
 
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from tests.conftest import MIRROR, ROOT
+from tests.conftest import MIRROR, composed
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
 
 
 def net(name: str, **overrides: object) -> dict:
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), overrides))
+    return composed("model", name, **overrides)
 
 
 def plain(value: object) -> bool:

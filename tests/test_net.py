@@ -3,11 +3,10 @@
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
-from tests.conftest import ROOT
+from tests.conftest import composed
 
 # Parameter names and shapes as the notebook prints them (network.named_parameters()).
 NETWORK2 = {
@@ -31,8 +30,7 @@ NETWORK3 = {
 
 
 def config(name: str, **overrides: object) -> dict:
-    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), overrides)
-    return OmegaConf.to_container(cfg)
+    return composed("model", name, **overrides)
 
 
 def build(name: str, **overrides: object) -> ConvNet:

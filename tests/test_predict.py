@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from torchvision.datasets import MNIST, FashionMNIST
 
@@ -20,7 +20,7 @@ from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
-from tests.conftest import MIRROR, ROOT, run
+from tests.conftest import MIRROR, ROOT, composed, run
 from tests.test_classifier import net
 
 FILES = 40  # test images saved as files, each both as stored and as drawn
@@ -29,11 +29,7 @@ FILES = 40  # test images saved as files, each both as stored and as drawn
 def data_module(dataset: str, data_dir: Path) -> MNISTDataModule:
     """The dataset's own settings (conf/data), on the small data."""
     name = {"MNIST": "mnist", "FashionMNIST": "fashion"}[dataset]
-    settings = OmegaConf.merge(
-        OmegaConf.load(ROOT / "conf" / "data" / f"{name}.yaml"),
-        {"data_dir": str(data_dir), "mirror": str(MIRROR), "seed": 0, "val_size": 0},
-    )
-    settings = OmegaConf.to_container(settings, resolve=True)
+    settings = composed("data", name, data_dir=str(data_dir), mirror=str(MIRROR), seed=0, val_size=0)
     settings.pop("_target_")
     return MNISTDataModule(**settings)
 
