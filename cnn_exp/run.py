@@ -132,6 +132,8 @@ def train(cfg: DictConfig) -> float | None:
     # The model first: a network that cannot be built fails before any data is read.
     model = Classifier(net=_plain(cfg.model), optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler))
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
+    if cfg.ckpt_path:  # before anything is recorded: a refused resume= leaves its run's record as it was
+        checkpoints.check_training_state(checkpoints.load(cfg.ckpt_path), cfg.ckpt_path, model, datamodule)
     loggers = _instantiate_each(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg, loggers), logger=loggers or False)
     settings["parameters"] = sum(p.numel() for p in model.net.parameters())
