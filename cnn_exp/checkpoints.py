@@ -292,7 +292,7 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             if getattr(self, key) and not self._own(getattr(self, key)):
                 log.warning("the checkpoint's %s=%s lies outside %s: dropped", key, getattr(self, key), self.dirpath)
                 setattr(self, key, "")
-        if not self.last_model_path:  # else Lightning, finding last.ckpt there, would write last-v1.ckpt beside it
+        if self.save_last and not self.last_model_path:  # else Lightning, finding last.ckpt, writes last-v1.ckpt
             self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
         for path in [path for path in self.best_k_models if not self._own(path)]:
             log.warning("the checkpoint's best_k_models names %s, outside %s: dropped", path, self.dirpath)
