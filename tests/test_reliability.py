@@ -50,6 +50,7 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert read_metrics(killed)["status"] == "running"  # what a killed run leaves: no result
     assert checkpoints.load(killed / "checkpoints" / "step.ckpt")["global_step"] == 20
     assert checkpoints.load(killed / "checkpoints" / "last.ckpt")["global_step"] == 16
+    shutil.copy(killed / "checkpoints" / "last.ckpt", tmp_path / "epoch0.ckpt")  # the resume rewrites last.ckpt
     started = (killed / ".hydra" / "overrides.yaml").read_text()
 
     proc = run("train.py", f"resume={killed}", "trainer.max_epochs=5", check=False)
@@ -84,7 +85,7 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
         "train.py",
         *paths,
         *RESUMABLE,
-        f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}",
+        f"ckpt_path={tmp_path / 'epoch0.ckpt'}",
         f"hydra.run.dir={tmp_path / 'new'}",
     )
     again = read_metrics(tmp_path / "new")["metrics"]
