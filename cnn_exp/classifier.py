@@ -6,10 +6,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class, instantiate
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cnn_exp import checkpoints
 from cnn_exp.errors import UserError, is_number
 
 
@@ -18,7 +18,9 @@ class Classifier(L.LightningModule):
 
     It takes the configs of the network, optimizer and scheduler as plain dicts and builds them itself, so the
     hyperparameters saved in a checkpoint are plain values: the checkpoint alone rebuilds the model, and it
-    loads under torch's safe `weights_only` default.
+    loads under torch's safe `weights_only` default. It builds them only from the classes that
+    `cnn_exp.checkpoints.BUILDS` allows, from plain values, never with Hydra's instantiate: settings read back from
+    a checkpoint cannot name code, even where a path to this class skipped the checkpoint's own check.
     """
 
     def __init__(self, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
@@ -26,8 +28,12 @@ class Classifier(L.LightningModule):
         lr = optimizer.get("lr", 1)
         if not is_number(lr) or lr <= 0:
             raise UserError(f"optimizer.lr={lr} must be positive")
+        # Optimizer and scheduler are built when training starts: their settings are refused now, before any work.
+        checkpoints.checked_class(optimizer, "optimizer", where="optimizer")
+        if scheduler:
+            checkpoints.checked_class(scheduler, "scheduler", where="scheduler")
         self.save_hyperparameters()
-        self.net = instantiate(net)
+        self.net = checkpoints.build(net, "net", where="model")
         self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
         # One blank image: the model summary then shows every layer's input and output shape.
         self.example_input_array = torch.zeros(1, *self.net.input_shape)
@@ -84,10 +90,11 @@ class Classifier(L.LightningModule):
         return self(batch).softmax(dim=1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        optimizer = checkpoints.build(self.hparams.optimizer, "optimizer", self.parameters(), where="optimizer")
         if not self.hparams.scheduler:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": instantiate(self.hparams.scheduler)(optimizer)}
+        scheduler = checkpoints.build(self.hparams.scheduler, "scheduler", optimizer, where="scheduler")
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not keep the random state; dropout and augmentation draw from it (from the GPU's own
@@ -97,10 +104,20 @@ class Classifier(L.LightningModule):
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another network than this run's, naming what differs."""
+        self.check_checkpoint(checkpoint)
+        # Set when training starts, not now: between here and the first step Lightning traces the network for
+        # TensorBoard's graph in training mode, and its dropout draws from the generator.
+        self._rng_state = {key: checkpoint[key] for key in ("rng_state", "cuda_rng_state") if key in checkpoint}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another network, optimizer or schedule than this run's, naming what differs.
+
+        Also called before training starts (cnn_exp.checkpoints.check_training_state), so that a refusal leaves
+        the run's record as it was.
+        """
         saved, ours = checkpoint.get("hyper_parameters", {}).get("net", {}), self.hparams.net
         # A setting absent from an older checkpoint had the network's default then.
-        signature = inspect.signature(get_class(ours["_target_"])).parameters.items()
+        signature = inspect.signature(type(self.net)).parameters.items()
         defaults = {name: parameter.default for name, parameter in signature}
         then, now = {**defaults, **saved}, {**defaults, **ours}
         # How the network runs (memory format, compilation) may change between runs; what it is may not.
@@ -120,9 +137,6 @@ class Classifier(L.LightningModule):
                     f"the checkpoint continues its own {group} ({_short(then)}), not this run's ({_short(now)}): "
                     f"give the same {group} settings, or train a new run from the start"
                 )
-        # Set when training starts, not now: between here and the first step Lightning traces the network for
-        # TensorBoard's graph in training mode, and its dropout draws from the generator.
-        self._rng_state = {key: checkpoint[key] for key in ("rng_state", "cuda_rng_state") if key in checkpoint}
 
     def on_train_start(self) -> None:
         state, self._rng_state = self._rng_state, {}

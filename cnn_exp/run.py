@@ -120,6 +120,8 @@ def train(cfg: DictConfig) -> float | None:
         net=plain_values(cfg.model), optimizer=plain_values(cfg.optimizer), scheduler=plain_values(cfg.scheduler)
     )
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
+    if cfg.ckpt_path:  # before anything is recorded: a refused resume= leaves its run's record as it was
+        checkpoints.check_training_state(checkpoints.load(cfg.ckpt_path), cfg.ckpt_path, model, datamodule)
     loggers = _instantiate_each(cfg.get("logger"), "logger")
     stopper = StopOnSignal(output_dir / "checkpoints", save=cfg.trainer.get("enable_checkpointing") is not False)
     trainer: L.Trainer = instantiate(

@@ -1,0 +1,391 @@
+"""A checkpoint is input: it never decides what code runs or what gets deleted, and one that cannot continue a run is
+refused before training, leaving the run's record as it was. last.ckpt always holds the newest epoch's end.
+
+The crafted files start from one real run of train.py, shared by the whole module.
+"""
+
+import collections
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch import callbacks as lightning_callbacks
+from omegaconf import OmegaConf
+
+from cnn_exp import checkpoints
+from cnn_exp.checkpoints import ModelCheckpoint, SafeCheckpointIO
+from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
+from cnn_exp.errors import UserError
+from cnn_exp.run import _plain
+from tests.conftest import MIRROR, ROOT, read_metrics, run
+
+# Network2 with a learning rate so high that its best epoch is its first: 2 epochs of 8 steps (800 images in batches
+# of 100). step.ckpt every 5 steps, saved as Lightning's save_weights_only=true writes it: weights, no training state.
+HIGH_LR = [
+    "data.val_size=200",
+    "trainer.max_epochs=2",
+    "seed=7",
+    "optimizer.lr=0.5",
+    "test=false",
+    "logger=csv",
+    "callbacks.step_checkpoint.every_n_train_steps=5",
+    "+callbacks.step_checkpoint.save_weights_only=true",
+]
+
+
+@pytest.fixture(scope="module")
+def high_lr(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("high_lr")
+    run("train.py", f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"hydra.run.dir={run_dir}", *HIGH_LR)
+    return run_dir
+
+
+@pytest.fixture
+def last(high_lr: Path) -> dict[str, Any]:
+    """The run's last.ckpt, as plain data to craft from."""
+    return torch.load(high_lr / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def opener(marker: Path) -> dict[str, Any]:
+    """Settings that Hydra's instantiate turns into open(marker, "w"): a call that leaves a file behind."""
+    return {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
+
+
+def unfinished(run_dir: Path, to: Path) -> Path:
+    """A copy of a finished run made to look killed, with one more epoch left to train: what resume= continues."""
+    shutil.copytree(run_dir, to)
+    config = OmegaConf.load(to / ".hydra" / "config.yaml")
+    config.trainer.max_epochs = 3
+    OmegaConf.save(config, to / ".hydra" / "config.yaml")
+    record = read_metrics(to)
+    record["status"] = "interrupted"
+    del record["metrics"]
+    (to / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    return to
+
+
+def name_files(checkpoint: dict[str, Any], folder: Path, name: str) -> None:
+    """Make every checkpoint callback's state in `checkpoint` name `name` as its files, recorded in `folder`."""
+    for state in checkpoint["callbacks"].values():
+        state |= {"dirpath": str(folder), "best_model_path": name, "kth_best_model_path": name}
+        if state["monitor"]:  # the best-by-val/acc callback: its ranking and last.ckpt
+            score = torch.tensor(0.0)
+            state |= {"best_k_models": {name: score}, "kth_value": score, "best_model_score": score}
+            state["last_model_path"] = name
+
+
+@pytest.mark.slow
+def test_last_ckpt_is_the_newest_epoch_even_when_an_earlier_one_was_best(high_lr: Path) -> None:
+    last = checkpoints.load(high_lr / "checkpoints" / "last.ckpt")
+    best = checkpoints.load(read_metrics(high_lr)["best"]["checkpoint"])
+    assert best["epoch"] == 0  # the high learning rate made the first epoch the best...
+    assert (last["epoch"], last["global_step"]) == (1, 16)  # ...and last.ckpt is still the end of the last one
+
+
+# (what to craft, the key path the refusal names)
+CRAFTED = {
+    "net": (lambda c, m: c["hyper_parameters"].update(net=opener(m)), "hyper_parameters.net._target_=builtins.open"),
+    "net value": (
+        lambda c, m: c["hyper_parameters"]["net"].update(channels=opener(m)),
+        "hyper_parameters.net.channels._target_",
+    ),
+    "optimizer": (
+        lambda c, m: c["hyper_parameters"].update(optimizer=opener(m)),
+        "hyper_parameters.optimizer._target_=builtins.open",
+    ),
+    "optimizer value": (
+        lambda c, m: c["hyper_parameters"]["optimizer"].update(betas=opener(m)),
+        "hyper_parameters.optimizer.betas._target_",
+    ),
+    "optimizer value in a list": (
+        lambda c, m: c["hyper_parameters"]["optimizer"].update(betas=[0.9, opener(m)]),
+        "hyper_parameters.optimizer.betas[1]._target_",
+    ),
+    "scheduler": (
+        lambda c, m: c["hyper_parameters"].update(scheduler=opener(m)),
+        "hyper_parameters.scheduler._target_=builtins.open",
+    ),
+    "data setting": (
+        lambda c, m: c["datamodule_hyper_parameters"].update(classes=opener(m)),
+        "datamodule_hyper_parameters.classes._target_",
+    ),
+    "data settings": (
+        lambda c, m: c.update(datamodule_hyper_parameters=opener(m)),
+        "datamodule_hyper_parameters._target_",
+    ),
+    "Lightning's instantiator": (
+        lambda c, m: c["hyper_parameters"].update(_instantiator="builtins.open", file=str(m)),
+        "hyper_parameters._instantiator is not a setting of the model",
+    ),
+    "Lightning's old key": (lambda c, m: c.update(hparams={"net": opener(m)}), "hparams: settings under a key"),
+    "Lightning's settings type": (
+        lambda c, m: c.update(hparams_type=collections.OrderedDict),  # a class torch's safe load does build
+        "hparams_type is not a name",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CRAFTED)
+def test_a_checkpoint_whose_settings_name_code_is_refused_before_anything_is_built(
+    case: str, last: dict[str, Any], tmp_path: Path
+) -> None:
+    craft, key_path = CRAFTED[case]
+    marker, path = tmp_path / "marker", tmp_path / "crafted.ckpt"
+    crafted = copy.deepcopy(last)
+    craft(crafted, marker)
+    torch.save(crafted, path)
+    # The file is real: Hydra, building what it names, calls open() and leaves the marker.
+    with contextlib.suppress(Exception):
+        instantiate({"hyper_parameters": crafted["hyper_parameters"], "data": crafted["datamodule_hyper_parameters"]})
+    with contextlib.suppress(Exception):
+        instantiate(crafted.get("hparams", {}))
+    if case not in ("Lightning's instantiator", "Lightning's settings type"):  # these two would call other things
+        assert marker.exists()
+        marker.unlink()
+
+    refusal = re.escape(f"ckpt_path={path} refused: {key_path}")
+    with pytest.raises(UserError, match=refusal):
+        checkpoints.load(path)
+    with pytest.raises(UserError, match=refusal):  # Lightning's own reads (resume, test of the best checkpoint)
+        SafeCheckpointIO().load_checkpoint(path)
+    if case in ("net", "net value", "optimizer", "optimizer value", "scheduler"):
+        # A path that skipped the check (Lightning's load_from_checkpoint reads the file itself) builds nothing either.
+        where = key_path.removeprefix("hyper_parameters.").replace("net.", "model.", 1).split("=")[0]
+        with pytest.raises(UserError, match=re.escape(where)):
+            Classifier.load_from_checkpoint(path, weights_only=True).configure_optimizers()
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["test.py", "train.py"])
+def test_the_entry_points_refuse_it_in_one_line(script: str, last: dict[str, Any], tmp_path: Path) -> None:
+    marker, path = tmp_path / "marker", tmp_path / "crafted.ckpt"
+    last["hyper_parameters"]["optimizer"]["betas"] = opener(marker)
+    torch.save(last, path)
+    proc = run(script, f"ckpt_path={path}", "trainer.max_epochs=5", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: ckpt_path={path} refused: hyper_parameters.optimizer.betas._target_ is" in proc.stderr
+    assert not marker.exists()
+
+
+def test_configs_build_their_classes_without_hydra_and_name_what_they_may_not() -> None:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        for optimizer, scheduler in (("sgd", "none"), ("adam", "cosine"), ("adamw", "step")):  # every option once
+            cfg = compose("train", overrides=[f"optimizer={optimizer}", f"scheduler={scheduler}"])
+            model = Classifier(_plain(cfg.model), _plain(cfg.optimizer), _plain(cfg.scheduler))
+            built = model.configure_optimizers()
+            built = built if isinstance(built, dict) else {"optimizer": built}
+            assert type(built["optimizer"]).__name__.lower() == optimizer
+            assert (scheduler == "none") == ("lr_scheduler" not in built)
+        cfg = compose("train", overrides=["+optimizer.momentum._target_=builtins.print"])
+        with pytest.raises(UserError, match=r"^optimizer\.momentum\._target_ is an instruction"):
+            Classifier(_plain(cfg.model), _plain(cfg.optimizer), _plain(cfg.scheduler))
+    net = {"_target_": "cnn_exp.net.ConvNet"}
+    sgd = {"_target_": "torch.optim.SGD", "lr": 0.1}
+    for settings, message in [
+        ({"_target_": "os.system"}, r"model\._target_=os\.system is not a class this project builds"),
+        ({**net, "kernel_size": "5"}, r"model\.kernel_size='5' is not a whole number or a list"),
+        ({**net, "_args_": [1]}, r"model\._args_ is an instruction"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            Classifier(settings, sgd)
+    for scheduler, message in [
+        ({"_target_": "torch.optim.lr_scheduler.LambdaLR", "lr_lambda": "x"}, r"scheduler\.lr_lambda='x' is not"),
+        ({"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": True}, r"step_size=True is not a whole number"),
+        ({"_target_": "torch.optim.SGD"}, r"scheduler\._target_=torch\.optim\.SGD is not a class"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            Classifier(net, sgd, scheduler)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_may_name_only_files_in_its_own_folder(last: dict[str, Any], tmp_path: Path) -> None:
+    folder, path = tmp_path / "run" / "checkpoints", tmp_path / "crafted.ckpt"
+    for name in (f"{folder}/../../victim.txt", str(tmp_path / "victim.txt"), "relative.ckpt", "s3://bucket/x.ckpt"):
+        crafted = copy.deepcopy(last)
+        name_files(crafted, folder, name)
+        torch.save(crafted, path)
+        with pytest.raises(UserError, match=re.escape("refused: callbacks.ModelCheckpoint{'monitor'")) as refused:
+            checkpoints.load(path)
+        assert f"_model_path={name!r} lies outside {str(folder)!r}" in str(refused.value)
+    # An old checkpoint that Lightning upgrades: the upgrade moves its file name into the callback's state.
+    old = {"pytorch-lightning_version": "0.9.0", "epoch": 0, "global_step": 0, "state_dict": {}}
+    torch.save(old | {"checkpoint_callback_best_model_path": "/victim"}, path)
+    with pytest.raises(UserError, match=r"best_model_path='/victim' names a file, but callbacks\.ModelCheckpoint"):
+        checkpoints.load(path)
+
+
+def test_checkpoint_io_deletes_only_files_in_a_folder_it_saved_to(tmp_path: Path) -> None:
+    folder, elsewhere = tmp_path / "run" / "checkpoints", tmp_path / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    victim = elsewhere / "victim.ckpt"
+    victim.write_text("precious")
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"step": 1}, folder / "a.ckpt")
+    (folder / "link").symlink_to(elsewhere)
+    (folder / "to-victim.ckpt").symlink_to(victim)
+    (folder / "sub").mkdir()
+    for name in (folder / "link" / "victim.ckpt", folder / ".." / ".." / "elsewhere" / "victim.ckpt", victim):
+        io.remove_checkpoint(name)
+    io.remove_checkpoint(folder / "sub")
+    io.remove_checkpoint(folder / "to-victim.ckpt")  # the link goes, what it points to stays
+    assert victim.read_text() == "precious" and (folder / "sub").is_dir()
+    assert not (folder / "to-victim.ckpt").is_symlink()
+    io.remove_checkpoint(folder / "a.ckpt")
+    assert not (folder / "a.ckpt").exists()
+
+
+def test_restored_state_keeps_only_names_that_resolve_inside_its_folder(tmp_path: Path) -> None:
+    folder, elsewhere = tmp_path / "checkpoints", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "link").symlink_to(elsewhere)
+    victim, own = elsewhere / "victim.ckpt", str(folder / "best-epoch01.ckpt")
+    victim.write_text("precious")
+    callback = ModelCheckpoint(dirpath=folder, monitor="val/acc", mode="max", save_last=True)
+    via_link, low, high = str(folder / "link" / "victim.ckpt"), torch.tensor(0.1), torch.tensor(0.5)
+    callback.load_state_dict(
+        {
+            "dirpath": callback.dirpath,
+            "best_model_path": via_link,
+            "best_model_score": low,
+            "current_score": low,
+            "best_k_models": {via_link: low, own: high},
+            "kth_best_model_path": via_link,
+            "kth_value": low,
+            "last_model_path": via_link,
+        }
+    )
+    # The link's name is gone; the ranking stays consistent (Lightning looks the k-th best up in best_k_models).
+    assert callback.best_k_models == {own: high} and callback.last_model_path == f"{callback.dirpath}/last.ckpt"
+    assert (callback.best_model_path, callback.kth_best_model_path) == (own, own)
+    callback._remove_checkpoint(None, via_link)  # the deletion itself refuses it too
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_lightnings_own_checkpoint_callback_deletes_nothing_outside(
+    last: dict[str, Any], data_dir: Path, tmp_path: Path
+) -> None:
+    """callbacks=none: Lightning's default ModelCheckpoint, which removes the file its state names at its next save."""
+    folder, elsewhere = tmp_path / "checkpoints", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "link").symlink_to(elsewhere)
+    victim = elsewhere / "victim.ckpt"
+    victim.write_text("precious")
+    default = lightning_callbacks.ModelCheckpoint(dirpath=folder)  # what Lightning adds, where it adds it
+    state = default.state_dict() | {"best_model_path": str(folder / "link" / "victim.ckpt")}
+    last["callbacks"] = {default.state_key: state}
+    torch.save(last, tmp_path / "crafted.ckpt")
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=3, logger=False, plugins=[SafeCheckpointIO()],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    model = Classifier(**last["hyper_parameters"])
+    data = MNISTDataModule(**last["datamodule_hyper_parameters"] | {"data_dir": str(data_dir), "mirror": str(MIRROR)})
+    trainer.fit(model, datamodule=data, ckpt_path=tmp_path / "crafted.ckpt")
+    assert trainer.global_step == 24 and Path(trainer.checkpoint_callback.dirpath).resolve() == folder.resolve()
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_never_deletes_a_file_its_checkpoint_names_outside(high_lr: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.ckpt"
+    victim.write_text("precious")
+
+    # Through `..`: refused before anything, the run's record as it was.
+    refused = unfinished(high_lr, tmp_path / "dotdot")
+    folder = refused / "checkpoints"
+    crafted = torch.load(folder / "last.ckpt", weights_only=True)
+    name_files(crafted, folder, f"{folder}/../../elsewhere/victim.ckpt")
+    torch.save(crafted, folder / "last.ckpt")
+    record = (refused / "metrics.json").read_text()
+    proc = run("train.py", f"resume={refused}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: ckpt_path={folder / 'last.ckpt'} refused: callbacks.ModelCheckpoint" in proc.stderr
+    assert (refused / "metrics.json").read_text() == record and victim.read_text() == "precious"
+
+    # Through a link inside the folder: the names are dropped, the run continues, the file stays.
+    linked = unfinished(high_lr, tmp_path / "linked")
+    folder = linked / "checkpoints"
+    (folder / "old").symlink_to(elsewhere)
+    crafted = torch.load(folder / "last.ckpt", weights_only=True)
+    name_files(crafted, folder, str(folder / "old" / "victim.ckpt"))
+    torch.save(crafted, folder / "last.ckpt")
+    proc = run("train.py", f"resume={linked}")
+    assert "lies outside" in proc.stdout + proc.stderr  # each dropped name is named in a warning
+    result = read_metrics(linked)
+    assert result["status"] == "finished" and result["epochs"] == 3
+    assert victim.read_text() == "precious"
+    assert checkpoints.load(folder / "last.ckpt")["epoch"] == 2
+
+
+# What Lightning finds only once training has begun; check_training_state finds before: (what to change, message)
+MISFITS = {
+    "another network's weights": (
+        lambda c: c["state_dict"].update({"net.conv1.weight": torch.zeros(3, 1, 5, 5)}),
+        "holds weights of another network than this run's: net.conv1.weight: [3, 1, 5, 5] in the checkpoint, "
+        "[6, 1, 5, 5] here",
+    ),
+    "an optimizer state for fewer parameters": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0]["params"].pop(),
+        "its optimizer state does not fit this run's network",
+    ),
+    "an optimizer setting of the wrong kind": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr="fast"),
+        "optimizer_states[0].param_groups[0].lr='fast' is not of the kind the optimizer takes",
+    ),
+    "a momentum of the wrong shape": (
+        lambda c: c["optimizer_states"][0]["state"].update({0: {"momentum_buffer": torch.zeros(7)}}),
+        "its optimizer state momentum_buffer of parameter 0 has shape [7], the parameter [6, 1, 5, 5]",
+    ),
+    "a schedule the run does not have": (
+        lambda c: c["lr_schedulers"].append({"last_epoch": 1}),
+        "lr_schedulers holds 1 scheduler states, the run has 0",
+    ),
+    "another dataset": (
+        lambda c: c["MNISTDataModule"].update(dataset="FashionMNIST"),
+        "was trained on FashionMNIST, this run asks for MNIST",
+    ),
+    "no loop state": (lambda c: c.pop("loops"), "has no loops: it is not a training state written by train.py"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MISFITS)
+def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_training(case: str, last: dict[str, Any]) -> None:
+    model, data = Classifier(**last["hyper_parameters"]), MNISTDataModule(**last["datamodule_hyper_parameters"])
+    checkpoints.check_training_state(last, "last.ckpt", model, data)  # the real one fits
+    change, message = MISFITS[case]
+    change(last)
+    with pytest.raises(UserError, match=re.escape(message)):
+        checkpoints.check_training_state(last, "last.ckpt", model, data)
+
+
+@pytest.mark.slow
+def test_weights_only_are_refused_before_training_and_the_run_stays_as_it_was(high_lr: Path, tmp_path: Path) -> None:
+    """step.ckpt, written with Lightning's save_weights_only=true, is the newest file: resume= would continue it."""
+    resumed = unfinished(high_lr, tmp_path / "run")
+    step = resumed / "checkpoints" / "step.ckpt"
+    assert "optimizer_states" not in checkpoints.load(step)  # Lightning's own weights-only file
+    os.utime(step)  # the newest: resume= takes it
+    record = (resumed / "metrics.json").read_text()
+    proc = run("train.py", f"resume={resumed}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: ckpt_path={step} holds weights only (saved with save_weights_only=true)" in proc.stderr
+    assert (resumed / "metrics.json").read_text() == record
