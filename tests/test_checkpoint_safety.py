@@ -27,7 +27,7 @@ from cnn_exp.checkpoints import ModelCheckpoint, SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
-from cnn_exp.run import _plain
+from cnn_exp.run import plain_values as _plain
 from tests.conftest import MIRROR, ROOT, read_metrics, run
 
 # Network2 with a learning rate so high that its best epoch is its first: 2 epochs of 8 steps (800 images in batches

@@ -75,7 +75,7 @@ def test_lightnings_switches_turn_our_callbacks_off_too(config) -> None:
     """trainer.enable_*=false (which Lightning refuses beside such callbacks) and a run without loggers."""
     cfg = config(*(f"++trainer.enable_{name}=false" for name in ("progress_bar", "checkpointing", "model_summary")))
     built = _callbacks(cfg, loggers=[])
-    assert {type(c).__name__ for c in built} == {"UntrainedScores", "ConfusionMatrix", "TestReport"}
+    assert {type(c).__name__ for c in built} == {"UntrainedScores", "ConfusionMatrix", "TestReport", "EpochTable"}
     trainer = instantiate(cfg.trainer, callbacks=built, logger=False)
     assert trainer.progress_bar_callback is None and trainer.checkpoint_callback is None
     cfg = config("~logger")

@@ -63,7 +63,7 @@ def test_the_data_goes_once_to_the_device_the_trainer_trains_on(tmp_path: Path) 
     # No GPU here: the meta device stands in for one; setup must place every split where the strategy says.
     data = MNISTDataModule("MNIST", str(tmp_path), str(MIRROR), val_size=100)
     data.prepare_data()
-    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), lightning_module=None)
     data.setup("fit")
     data.setup("test")
     for split in (data.train_set, data.val_set, data.test_set):

@@ -321,8 +321,11 @@ def test_values_of_the_wrong_kind_are_named() -> None:
     for seed, threads, message in (("abc", None, "seed=abc must be"), (-1, None, "seed=-1 must be"),
                                    (0, 0, "threads=0 must be"), (0, "abc", "threads=abc must be")):  # fmt: skip
         with pytest.raises(UserError, match=message):
-            _check_run_settings(OmegaConf.create({"seed": seed, "threads": threads}))
-    _check_run_settings(OmegaConf.create({"seed": 2**32 - 1, "threads": None}))
+            _check_run_settings(OmegaConf.create({"seed": seed, "threads": threads, "trainer": {}}))
+    _check_run_settings(OmegaConf.create({"seed": 2**32 - 1, "threads": None, "trainer": {"max_epochs": 1}}))
+    for key, value in (("max_epochs", 0), ("max_epochs", True), ("max_steps", -2)):
+        with pytest.raises(UserError, match=rf"trainer\.{key}={value} must be a whole number of at least 1"):
+            _check_run_settings(OmegaConf.create({"seed": 0, "threads": None, "trainer": {key: value}}))
 
 
 class Payload:
