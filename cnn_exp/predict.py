@@ -124,13 +124,21 @@ def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, MNIST
 
     `data` overrides data settings (where the data lies: data_dir, mirror, batch_size); nothing else may differ.
     """
-    checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
+    checkpoint = checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
+    # Without its data settings, the DataModule would fall back to defaults: MNIST, unnormalized.
+    if not isinstance(checkpoint.get("datamodule_hyper_parameters"), dict):
+        raise UserError(
+            f"ckpt_path={path} does not say which data it was trained on (no datamodule_hyper_parameters): "
+            "give a checkpoint written by train.py"
+        )
     try:
         model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **data)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
+    if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
+        raise UserError(f"ckpt_path={path} holds weights that are not finite numbers (its training diverged)")
     model.eval()
     return model, datamodule
 

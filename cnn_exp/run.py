@@ -195,27 +195,11 @@ def test(cfg: DictConfig) -> float:
     if cfg.get("predict") is not None or cfg.get("export") is not None:
         return predict.run(cfg) if cfg.get("predict") is not None else export.run(cfg)
     path = Path(cfg.ckpt_path)
-    checkpoint = checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
-    # Without its data settings, the DataModule would fall back to defaults: MNIST, unnormalized.
-    if not isinstance(checkpoint.get("datamodule_hyper_parameters"), dict):
-        raise UserError(
-            f"ckpt_path={path} does not say which data it was trained on (no datamodule_hyper_parameters): "
-            "test a checkpoint written by train.py"
-        )
     # Data lives where this machine keeps it, not where the checkpoint was trained.
     data_overrides = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
     if cfg.batch_size:
         data_overrides["batch_size"] = cfg.batch_size
-    try:
-        model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-        datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **data_overrides)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
-
-    if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
-        raise UserError(f"ckpt_path={path} holds weights that are not finite numbers (its training diverged)")
-
+    model, datamodule = predict.from_checkpoint(path, **data_overrides)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_callbacks(cfg, loggers=[]))
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = _epoch_metrics(trainer)
