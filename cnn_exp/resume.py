@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import checkpoints, record, rundir
@@ -50,7 +51,9 @@ def _hydra_subdir(output_dir: str, time: str) -> str:
     Resolved once a run, just before Hydra writes there: the directory's lock is taken now (cnn_exp/rundir.py).
     Another process working there gets a record of its own and is refused when its task starts."""
     if output_dir not in _subdirs:
-        if not rundir.claim(output_dir):
+        if rank_zero_only.rank != 0:  # another rank of a DDP run, in rank zero's directory
+            _subdirs[output_dir] = f".hydra/rank-{rank_zero_only.rank}"
+        elif not rundir.claim(output_dir):
             _subdirs[output_dir] = f".hydra/refused-{time}-{os.getpid()}"
         elif rundir.holds_a_run(output_dir):
             _subdirs[output_dir] = f".hydra/resumed-{time}"

@@ -89,11 +89,15 @@ def train(cfg: DictConfig) -> float | None:
     _silence_known_warnings()
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    rundir.check_claimed(output_dir)
+    # The processes Lightning starts for the other ranks of a DDP run work in rank zero's directory, by design.
+    other_rank = rank_zero_only.rank != 0
+    if not other_rank:
+        rundir.check_claimed(output_dir)
     if cfg.get("resume"):
         cfg, settings = resume.resumed_run(cfg)
-    elif rundir.holds_a_run(output_dir):
-        if not (rundir.requeued() and (record.read(output_dir) or {}).get("status") != record.FINISHED):
+    elif rundir.holds_a_run(output_dir) and (rundir.requeued() or not other_rank):
+        unfinished = (record.read(output_dir) or {}).get("status") != record.FINISHED
+        if not other_rank and not (rundir.requeued() and unfinished):
             raise UserError(
                 f"{output_dir} already holds a run: choose another hydra.run.dir (a new run never replaces one), "
                 f"or continue an unfinished one with resume={output_dir}"
