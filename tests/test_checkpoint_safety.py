@@ -77,7 +77,9 @@ def unfinished(run_dir: Path, to: Path) -> Path:
 
 def name_files(checkpoint: dict[str, Any], folder: Path, name: str) -> None:
     """Make every checkpoint callback's state in `checkpoint` name `name` as its files, recorded in `folder`."""
-    for state in checkpoint["callbacks"].values():
+    for key, state in checkpoint["callbacks"].items():
+        if not key.startswith("ModelCheckpoint"):  # other callbacks keep their own state (the epoch table's rows)
+            continue
         state |= {"dirpath": str(folder), "best_model_path": name, "kth_best_model_path": name}
         if state["monitor"]:  # the best-by-val/acc callback: its ranking and last.ckpt
             score = torch.tensor(0.0)

@@ -85,7 +85,6 @@ def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> No
 def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(paths: list[str]) -> None:
     search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "data.val_size=200", "trainer.max_epochs=1"]
     proc = run("train.py", "-m", *paths, *search)
-    assert "Study name: mnist_net2" in proc.stdout + proc.stderr  # named after the data and model chosen
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
     assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
