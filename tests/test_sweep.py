@@ -84,7 +84,7 @@ def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> No
 @pytest.mark.slow
 def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(paths: list[str]) -> None:
     search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "data.val_size=200", "trainer.max_epochs=1"]
-    proc = run("train.py", "-m", *paths, *search)
+    run("train.py", "-m", *paths, *search)
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
     assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
