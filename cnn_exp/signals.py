@@ -9,12 +9,18 @@ Under SLURM, the signal SLURM sends ahead of the time limit (`#SBATCH --signal=U
 `SLURMEnvironment.requeue_signal`) does the same and then asks SLURM to requeue the job, as Lightning's
 auto-requeue does, which is turned off for it: Lightning would save from inside the signal handler, in the
 middle of an optimizer step, and a requeued run would not continue exactly.
+
+Lightning installs its own SIGTERM handler each time a Trainer runs; it ends the run at its next loop boundary with
+`SystemExit` (exit status 0), racing this one (a signal during an epoch's last batch or a validation ended the
+run that way). `StopOnSignal` takes SIGTERM back as each stage starts, and forwards it to DDP's other ranks as
+Lightning's handler does.
 """
 
 import logging
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +69,7 @@ class StopOnSignal(L.Callback):
         self.dirpath, self.save = Path(dirpath), save
         self.received: int | None = None
         self.running = False
+        self.trainer: L.Trainer | None = None
 
     @contextmanager
     def handling(self) -> Iterator["StopOnSignal"]:
@@ -80,6 +87,9 @@ class StopOnSignal(L.Callback):
                 signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        launcher = self.trainer.strategy.launcher if self.trainer is not None else None
+        if launcher is not None and signum == signal.SIGTERM and self.received is None:
+            launcher.kill(signum)  # the other ranks of a DDP run that this process started
         if not self.running or self.received is not None:
             raise Interrupted(signum)
         self.received = signum
@@ -87,6 +97,21 @@ class StopOnSignal(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.running = True
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_back(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_back(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_back(trainer)
+
+    def _take_back(self, trainer: L.Trainer) -> None:
+        """Replace the SIGTERM handler Lightning installed when this stage's Trainer run began (module docstring)."""
+        self.trainer = trainer
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
