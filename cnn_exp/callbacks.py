@@ -22,7 +22,7 @@ from torch import nn
 
 from cnn_exp import atomic, console
 from cnn_exp.errors import UserError, is_whole
-from cnn_exp.plots import confusion_figure, curves_figure, image_grid
+from cnn_exp.plots import confusion_figure, curves_figure, image_grid, pixels, side_by_side, write_png
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +328,8 @@ class ConfusionMatrix(L.Callback):
         if tensorboard and trainer.is_global_zero and due:
             title = f"validation, epoch {trainer.current_epoch + 1}"
             for tag, kind in (("val/confusion_matrix", "counts"), ("val/confusion_rates", "rates")):
-                figure = confusion_figure(matrix, classes, title, [kind])
-                tensorboard.experiment.add_figure(tag, figure, global_step=trainer.global_step)
+                image = pixels(confusion_figure(matrix, classes, title, [kind]))
+                tensorboard.experiment.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
 
 
 class TestReport(L.Callback):
@@ -383,21 +383,25 @@ class TestReport(L.Callback):
             for row in zip(classes, images.tolist(), matrix.diag().tolist(), accuracy.tolist(), strict=True):
                 writer.writerow([*row[:3], f"{row[3]:.4f}"])
         # The file shows counts and rates side by side; TensorBoard, which shrinks an image to its card, one each.
-        confusion_figure(matrix, classes, "test set").savefig(self.dirpath / "confusion_matrix.png", dpi=100)
-        figures = {
-            "confusion_matrix": confusion_figure(matrix, classes, "test set", ["counts"]),
-            "confusion_rates": confusion_figure(matrix, classes, "test set", ["rates"]),
+        images = {
+            "confusion_matrix": pixels(confusion_figure(matrix, classes, "test set", ["counts"])),
+            "confusion_rates": pixels(confusion_figure(matrix, classes, "test set", ["rates"])),
         }
+        write_png(
+            side_by_side(images["confusion_matrix"], images["confusion_rates"]), self.dirpath / "confusion_matrix.png"
+        )
         grids = {"misclassified": (self._wrong, self.misclassified, "misclassified test images: true → predicted")}
         grids["predictions"] = (self._samples, self.samples, "test images (red: wrong, true → predicted)")
         for name, (parts, count, title) in grids.items():
             if count and (chosen := self._take(parts, count)) and len(chosen[0]):  # none asked for, or none wrong
-                figures[name] = image_grid(*chosen, classes, title)
-        if "misclassified" in figures:
-            figures["misclassified"].savefig(self.dirpath / "misclassified.png", dpi=100)
+                images[name] = pixels(image_grid(*chosen, classes, title))
+        if "misclassified" in images:
+            write_png(images["misclassified"], self.dirpath / "misclassified.png")
         if tensorboard := _tensorboard(trainer):
-            for name, figure in figures.items():
-                tensorboard.experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step)
+            for name, image in images.items():
+                tensorboard.experiment.add_image(
+                    f"test/{name}", image, global_step=trainer.global_step, dataformats="HWC"
+                )
 
     @staticmethod
     def _take(parts: list[tuple[torch.Tensor, ...]], count: int) -> tuple[torch.Tensor, ...]:
@@ -498,8 +502,7 @@ class EpochTable(L.Callback):
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
         run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
         figure = curves_figure(self.rows, f"loss and accuracy per epoch: {run}")
-        with atomic.replace(self.dirpath / "curves.png", "wb") as f:
-            figure.savefig(f, format="png", dpi=100)
+        write_png(pixels(figure), self.dirpath / "curves.png")
 
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:

@@ -2,18 +2,45 @@
 
 TensorBoard shows an image shrunk to its card (about 400 pixels wide), so the figures meant for it are drawn about
 that size with large type: one matrix or one narrow grid per image, not several side by side.
+
+A figure is drawn once (`pixels`) and those pixels are both written as a PNG and sent to TensorBoard: laying out
+and drawing text is most of a small run's time, and Matplotlib's savefig and TensorBoard's add_figure draw again.
 """
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
+
+from cnn_exp import atomic
 
 # What a confusion figure can show: images per (true, predicted) pair, or each row's share of its true class.
 KINDS = ("counts", "rates")
+
+
+def pixels(figure: Figure) -> np.ndarray:
+    """The figure drawn once at its own size (100 dpi): height x width x RGB."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def side_by_side(*images: np.ndarray) -> np.ndarray:
+    """Drawn figures of one height as one image, left to right."""
+    return np.concatenate(images, axis=1)
+
+
+def write_png(image: np.ndarray, path: str | Path) -> None:
+    """Replaced whole (cnn_exp/atomic.py): a viewer refreshing the file never catches half of it."""
+    with atomic.replace(path, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str, kinds: Sequence[str] = KINDS) -> Figure:

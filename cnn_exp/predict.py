@@ -36,6 +36,7 @@ from cnn_exp import atomic, checkpoints
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
+from cnn_exp.plots import pixels, write_png
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,9 @@ def run(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
     _print(predictions)
     write_csv(output_dir / "predictions.csv", predictions)
-    figure(predictions, f"{Path(str(cfg.ckpt_path)).name} on {cfg.predict}").savefig(output_dir / "predictions.png")
+    write_png(
+        pixels(figure(predictions, f"{Path(str(cfg.ckpt_path)).name} on {cfg.predict}")), output_dir / "predictions.png"
+    )
     log.info("%d images classified, %d skipped: %s", len(read), len(bad), output_dir / "predictions.csv")
 
 

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import atomic, record
-from cnn_exp.plots import sweep_figure
+from cnn_exp.plots import pixels, sweep_figure, write_png
 
 METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
 # Besides these, summary.csv has one column per swept key, after "job".
@@ -146,8 +146,7 @@ def _picture(path: Path, rows: list[dict[str, Any]], keys: list[str], metric: st
     over = ", mean over seeds" if "seed" in keys and settings != keys else ""
     title = f"{metric} of {len(done)} finished jobs{over}"
     figure = sweep_figure(values, [row[metric] for row in done], metric, title)
-    with atomic.replace(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
+    write_png(pixels(figure), path)
 
 
 def _value(text: str) -> Any:

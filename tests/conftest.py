@@ -6,10 +6,15 @@ process. Tests that must run a script as a user does use `run()`; the rest run t
 (`run_here()`, Hydra's compose API) or call what they test directly.
 """
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +37,89 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 torch.set_num_threads(1)  # this process too: its tests train in-process, beside another worker's
 
 
-def run(script: str, *overrides: str, check: bool = True, one_thread: bool = True) -> subprocess.CompletedProcess:
+def run(
+    script: str, *overrides: str, check: bool = True, one_thread: bool = True, cold: bool = False
+) -> subprocess.CompletedProcess:
     """Run an entry script from the project root, as the README does, without the user's data-mirror variable.
 
-    With `one_thread=False` torch picks its own number of threads, as for a user.
+    The script runs in a process of its own, forked from a server that has done the imports already
+    (tests/forkserver.py); `cold=True` starts it with a plain `python script ...` instead. With `one_thread=False`
+    torch picks its own number of threads, as for a user (a cold start too: torch fixes it at import).
     """
     env = {key: value for key, value in os.environ.items() if key != "CNN_EXP_DATA_MIRROR" and key not in ONE_THREAD}
-    proc = subprocess.run(
-        [sys.executable, script, *overrides],
-        cwd=ROOT,
-        env=env | ONE_THREAD if one_thread else env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    if one_thread and not cold:
+        proc = _SERVER.run(script, list(overrides), env | ONE_THREAD)
+    else:
+        proc = subprocess.run(
+            [sys.executable, script, *overrides],
+            cwd=ROOT,
+            env=env | ONE_THREAD if one_thread else env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     if check and proc.returncode:
         raise AssertionError(
             f"{script} {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+class ForkServer:
+    """This pytest worker's tests/forkserver.py, started when first needed."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.pending = b""
+
+    def run(
+        self, script: str, args: list[str], env: dict[str, str], timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            server_env = {k: v for k, v in os.environ.items() if k != "CNN_EXP_DATA_MIRROR"} | ONE_THREAD
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.forkserver"], cwd=ROOT, env=server_env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+            )  # fmt: skip
+            self.pending = b""
+            atexit.register(self.proc.kill)
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {
+                "script": script,
+                "args": args,
+                "cwd": str(ROOT),
+                "env": env,
+                "stdout": str(out),
+                "stderr": str(err),
+            }
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = self._reply(timeout)["pid"]
+            try:
+                returncode = self._reply(timeout)["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self._reply(timeout)
+                raise subprocess.TimeoutExpired([script, *args], timeout) from None
+            return subprocess.CompletedProcess(
+                [script, *args], returncode, out.read_text(errors="replace"), err.read_text(errors="replace")
+            )
+
+    def _reply(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"tests/forkserver.py ended (exit status {self.proc.wait()})")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return json.loads(line)
+
+
+_SERVER = ForkServer()
 
 
 def run_here(script: str, run_dir: Path, *overrides: str) -> Any:
