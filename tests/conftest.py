@@ -6,15 +6,10 @@ process. Tests that must run a script as a user does use `run()`; the rest run t
 (`run_here()`, Hydra's compose API) or call what they test directly.
 """
 
-import atexit
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from cnn_exp import run as tasks
+from tests import forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 # The first 1,000 training and 200 test images of each dataset, written by tests/make_data.py.
@@ -37,27 +33,46 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 torch.set_num_threads(1)  # this process too: its tests train in-process, beside another worker's
 
 
-def run(
-    script: str, *overrides: str, check: bool = True, one_thread: bool = True, cold: bool = False
-) -> subprocess.CompletedProcess:
-    """Run an entry script from the project root, as the README does, without the user's data-mirror variable.
+def user_env(one_thread: bool = True, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a script runs in: `env` (default: this one) without the user's data-mirror variable, and
+    with one torch thread unless `one_thread=False` (then torch picks its own number, as for a user)."""
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "CNN_EXP_DATA_MIRROR"}
+    env = {k: v for k, v in env.items() if k not in ONE_THREAD}
+    return env | ONE_THREAD if one_thread else env
 
-    The script runs in a process of its own, forked from a server that has done the imports already
-    (tests/forkserver.py); `cold=True` starts it with a plain `python script ...` instead. With `one_thread=False`
-    torch picks its own number of threads, as for a user (a cold start too: torch fixes it at import).
+
+def start(
+    script: str, *overrides: str, one_thread: bool = True, env: dict[str, str] | None = None, code: str | None = None
+) -> forkserver.Process:
+    """Start an entry script from the project root (or `python -c code *overrides`) and return at once: a real
+    process of its own, forked from one that has done the imports already (tests/forkserver.py)."""
+    return _SERVER.start([script, *overrides] if code is None else list(overrides), user_env(one_thread, env), code)
+
+
+def run(
+    script: str,
+    *overrides: str,
+    check: bool = True,
+    one_thread: bool = True,
+    env: dict[str, str] | None = None,
+    cold: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run an entry script from the project root, as the README does, and wait for it (see `start`).
+
+    `cold=True` starts it with a plain `python script ...` instead, imports and all.
     """
-    env = {key: value for key, value in os.environ.items() if key != "CNN_EXP_DATA_MIRROR" and key not in ONE_THREAD}
-    if one_thread and not cold:
-        proc = _SERVER.run(script, list(overrides), env | ONE_THREAD)
-    else:
+    if cold:
         proc = subprocess.run(
-            [sys.executable, script, *overrides],
-            cwd=ROOT,
-            env=env | ONE_THREAD if one_thread else env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+            [sys.executable, script, *overrides], cwd=ROOT, env=user_env(one_thread, env),
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    else:
+        child = start(script, *overrides, one_thread=one_thread, env=env)
+        try:
+            child.wait(timeout=600)
+        finally:
+            child.kill()
+        proc = child.result()
     if check and proc.returncode:
         raise AssertionError(
             f"{script} {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -65,61 +80,8 @@ def run(
     return proc
 
 
-class ForkServer:
-    """This pytest worker's tests/forkserver.py, started when first needed."""
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.pending = b""
-
-    def run(
-        self, script: str, args: list[str], env: dict[str, str], timeout: float = 600
-    ) -> subprocess.CompletedProcess:
-        if self.proc is None or self.proc.poll() is not None:
-            server_env = {k: v for k, v in os.environ.items() if k != "CNN_EXP_DATA_MIRROR"} | ONE_THREAD
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.forkserver"], cwd=ROOT, env=server_env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-            )  # fmt: skip
-            self.pending = b""
-            atexit.register(self.proc.kill)
-        with tempfile.TemporaryDirectory() as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {
-                "script": script,
-                "args": args,
-                "cwd": str(ROOT),
-                "env": env,
-                "stdout": str(out),
-                "stderr": str(err),
-            }
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            pid = self._reply(timeout)["pid"]
-            try:
-                returncode = self._reply(timeout)["returncode"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                self._reply(timeout)
-                raise subprocess.TimeoutExpired([script, *args], timeout) from None
-            return subprocess.CompletedProcess(
-                [script, *args], returncode, out.read_text(errors="replace"), err.read_text(errors="replace")
-            )
-
-    def _reply(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.pending:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise TimeoutError
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise RuntimeError(f"tests/forkserver.py ended (exit status {self.proc.wait()})")
-            self.pending += chunk
-        line, _, self.pending = self.pending.partition(b"\n")
-        return json.loads(line)
-
-
-_SERVER = ForkServer()
+# Started with the environment the scripts get, less the thread setting each child makes for itself.
+_SERVER = forkserver.Server(ROOT, user_env(one_thread=False))
 
 
 def run_here(script: str, run_dir: Path, *overrides: str) -> Any:

@@ -9,8 +9,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +23,8 @@ from cnn_exp import data as data_module
 from cnn_exp.data import CHECKED, LOCK, MNISTDataModule, augment
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
-from tests.conftest import MIRROR, QUICK, ROOT, read_metrics, run
+from tests.conftest import MIRROR, QUICK, ROOT, read_metrics, run, start
+from tests.forkserver import Process
 from tests.make_data import IMAGES_MAGIC, LABELS_MAGIC, write_idx
 
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -450,12 +449,12 @@ print("filled")
 """
 
 
-def python(script: str, *args: object, **popen: object) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "CNN_EXP_DATA_MIRROR"} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, text=True, **popen)
+def python(code: str, *args: object) -> Process:
+    """`python -c code args...`, a process of its own (tests/forkserver.py); its output in proc.stdout_path."""
+    return start("python", *map(str, args), code=code)
 
 
-def wait_for(path: Path, line: str, proc: subprocess.Popen) -> None:
+def wait_for(path: Path, line: str, proc: Process) -> None:
     """Wait until `line` appears in the log file `path` (or fail if its process ended without it)."""
     deadline = time.monotonic() + 300
     while line not in path.read_text():
@@ -467,14 +466,13 @@ def wait_for(path: Path, line: str, proc: subprocess.Popen) -> None:
 def test_two_runs_filling_one_fresh_data_dir_both_succeed(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    logs = [tmp_path / f"run{i}.log" for i in (1, 2)]
     # Held here until both runs are waiting for it: then they start filling at the same moment.
     with FileLock(raw / LOCK):
-        runs = [python(FILL, tmp_path / "data", MIRROR, stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
-        for log, proc in zip(logs, runs, strict=True):
-            wait_for(log, f"waiting for another run that is filling {raw}", proc)
+        runs = [python(FILL, tmp_path / "data", MIRROR) for _ in range(2)]
+        for proc in runs:
+            wait_for(proc.stderr_path, f"waiting for another run that is filling {raw}", proc)
     assert [proc.wait(timeout=300) for proc in runs] == [0, 0]
-    texts = [log.read_text() for log in logs]
+    texts = [proc.stderr_path.read_text() + proc.stdout_path.read_text() for proc in runs]
     assert all("filled" in text for text in texts)
     # One run copied the four files; the other, waiting for it, found them there and copied none.
     assert sorted(text.count("copied ") for text in texts) == [0, 4]
@@ -483,14 +481,14 @@ def test_two_runs_filling_one_fresh_data_dir_both_succeed(tmp_path: Path) -> Non
 
 
 KILLED_MID_COPY = """
-import sys
+import sys, time
 import cnn_exp.data as data
 read = data._read
 def read_then_pause(*args):
     chunk = read(*args)
     if not chunk:  # the whole file is written, not yet renamed to its name
         print("paused", flush=True)
-        sys.stdin.read()
+        time.sleep(600)
     return chunk
 data._read = read_then_pause
 data.MNISTDataModule("MNIST", data_dir=sys.argv[1], mirror=sys.argv[2], download=False).prepare_data()
@@ -499,8 +497,8 @@ data.MNISTDataModule("MNIST", data_dir=sys.argv[1], mirror=sys.argv[2], download
 
 @pytest.mark.slow
 def test_a_run_killed_mid_copy_leaves_no_file_and_the_next_run_fills_it(tmp_path: Path) -> None:
-    proc = python(KILLED_MID_COPY, tmp_path / "data", MIRROR, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdout.readline() == "paused\n"
+    proc = python(KILLED_MID_COPY, tmp_path / "data", MIRROR)
+    wait_for(proc.stdout_path, "paused\n", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     raw = tmp_path / "data" / "MNIST" / "raw"

@@ -4,15 +4,13 @@ the final test, a second process in the same run directory."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from cnn_exp import checkpoints
-from tests.conftest import MIRROR, ROOT, read_metrics, run
+from tests.conftest import MIRROR, read_metrics, run, start
 
 pytestmark = pytest.mark.slow
 
@@ -108,19 +106,17 @@ def test_a_slurm_job_requeued_on_its_signal_continues_its_own_run(tmp_path: Path
     (bin_dir / "scontrol").chmod(0o755)
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "CNN_EXP_DATA_MIRROR"} | slurm
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    command = [sys.executable, "train.py", f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}",
-               f"paths.log_dir={tmp_path / 'outputs'}", *RUN, *signal_at(7, "SIGUSR1")]  # fmt: skip
-    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = os.environ | slurm | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    command = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"paths.log_dir={tmp_path / 'outputs'}",
+               *RUN, *signal_at(7, "SIGUSR1")]  # fmt: skip
+    first = run("train.py", *command, env=env, check=False)
     assert first.returncode == 128 + signal.SIGUSR1, first.stderr[-2000:]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     run_dir = tmp_path / "outputs" / "train" / "runs" / "slurm-4242"
     stopped = read_metrics(run_dir)
     assert stopped["status"] == "interrupted" and stopped["requeued"] and stopped["steps"] == 8
     # SLURM starts the same command again, with the same job id.
-    again = subprocess.run(command, cwd=ROOT, env=env | {"SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]
+    run("train.py", *command, env=env | {"SLURM_RESTART_COUNT": "1"})
     resumed = read_metrics(run_dir)
     assert resumed["status"] == "finished" and resumed["metrics"] == whole["metrics"]
     assert len(list((run_dir / ".hydra").glob("resumed-*"))) == 1
@@ -128,13 +124,10 @@ def test_a_slurm_job_requeued_on_its_signal_continues_its_own_run(tmp_path: Path
 
 def test_one_process_per_run_directory_and_a_new_run_never_replaces_one(paths: list[str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(
-        [sys.executable, "train.py", *paths, *RUN, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    first = start("train.py", *paths, *RUN, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}")
     try:
         while read_status(run_dir) != "running":  # waits on the file, not on time
-            assert first.poll() is None, first.stderr.read()
+            assert first.poll() is None, first.stderr_path.read_text()
             time.sleep(0.1)
         started = (run_dir / ".hydra" / "config.yaml").read_text()
         for second in (f"hydra.run.dir={run_dir}", f"resume={run_dir}"):

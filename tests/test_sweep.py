@@ -1,8 +1,6 @@
 """Sweeps (-m): one directory per job, a summary table best first, failed jobs listed, HParams in TensorBoard."""
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +8,7 @@ from omegaconf import OmegaConf
 
 from cnn_exp import record
 from cnn_exp.sweep import summarize
-from tests.conftest import QUICK, ROOT, read_metrics, run
+from tests.conftest import QUICK, read_metrics, run, start
 
 COLUMNS = ["job", "overrides", "val/acc", "val/loss", "test/acc", "test/loss", "epochs", "wall_time_s", "status"]
 
@@ -74,8 +72,8 @@ def test_a_failed_job_is_listed_the_others_run_and_the_sweep_exits_nonzero(paths
 
 @pytest.mark.slow
 def test_sweeps_started_together_never_share_a_directory(paths: list[str]) -> None:
-    command = [sys.executable, "train.py", "-m", *paths, *QUICK, "test=false", "++trainer.limit_train_batches=2"]
-    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    command = ["-m", *paths, *QUICK, "test=false", "++trainer.limit_train_batches=2"]
+    procs = [start("train.py", *command) for _ in range(2)]
     assert all(proc.wait(timeout=300) == 0 for proc in procs)
     sweeps = sweep_dirs(paths)
     assert len(sweeps) == 2 and all(read_summary(sweep)[0]["status"] == "ok" for sweep in sweeps)
@@ -107,8 +105,10 @@ def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> None:
-    # Torch's own number of threads, as for a user: the joblib launcher must lower it itself.
-    run("train.py", "-m", *paths, *QUICK, f"hydra/launcher={launcher}", "model.padding=0,1", one_thread=False)
+    # Torch's own number of threads, as for a user: the joblib launcher must lower it itself. Its workers (loky)
+    # never start from a forked process here (tests/forkserver.py): a plain start.
+    overrides = ["-m", *paths, *QUICK, f"hydra/launcher={launcher}", "model.padding=0,1"]
+    run("train.py", *overrides, one_thread=False, cold=launcher == "joblib")
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
     assert sorted(row["overrides"] for row in rows) == ["model.padding=0", "model.padding=1"]
