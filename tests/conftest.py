@@ -28,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MIRROR = ROOT / "tests" / "data"
 # Small and quick: 800 training and 200 validation images.
 QUICK = ["data.val_size=200", "trainer.max_epochs=1"]
+# Without the figures a run draws in TensorBoard and beside its results (tests/test_visuals.py and test_callbacks.py
+# look at those): drawing them is most of a small run's time. The test's confusion_matrix.png is still drawn.
+NO_FIGURES = [
+    "callbacks.confusion_matrix.every_n_epochs=0",
+    "callbacks.test_report.samples=0",
+    "callbacks.test_report.misclassified=0",
+]
 # One torch thread per process: pytest -n runs a test per core, and more threads than cores only fight for them.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 torch.set_num_threads(1)  # this process too: its tests train in-process, beside another worker's

@@ -20,7 +20,7 @@ from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
 from cnn_exp.resume import training_state
 from cnn_exp.run import _check_run_settings
-from tests.conftest import MIRROR, QUICK, ROOT, assert_no_result, read_metrics, run, run_here
+from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, assert_no_result, read_metrics, run, run_here
 
 # 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps. Dropout, shifts and flips
 # draw random numbers every step: a resume is exact only if it continues every random stream.
@@ -35,6 +35,7 @@ RESUMABLE = [
     "trainer.max_epochs=3",
     "seed=3",
     "callbacks.step_checkpoint.every_n_train_steps=5",
+    *NO_FIGURES,
 ]
 
 

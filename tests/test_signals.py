@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cnn_exp import checkpoints
-from tests.conftest import MIRROR, read_metrics, run, start
+from tests.conftest import MIRROR, NO_FIGURES, read_metrics, run, start
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +25,7 @@ RUN = [
     "trainer.max_epochs=2",
     "seed=5",
     "callbacks.step_checkpoint.every_n_train_steps=5",
+    *NO_FIGURES,
 ]
 
 

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from cnn_exp import record
 from cnn_exp.sweep import summarize
-from tests.conftest import QUICK, read_metrics, run, start
+from tests.conftest import NO_FIGURES, QUICK, read_metrics, run, start
 
 COLUMNS = ["job", "overrides", "val/acc", "val/loss", "test/acc", "test/loss", "epochs", "wall_time_s", "status"]
 
@@ -25,7 +25,7 @@ def read_summary(sweep: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_a_sweep_summary_lists_every_job_with_its_own_numbers_best_first(paths: list[str]) -> None:
-    proc = run("train.py", "-m", *paths, *QUICK, "model.padding=0,2", "optimizer.lr=0.02,0.1")
+    proc = run("train.py", "-m", *paths, *QUICK, *NO_FIGURES, "model.padding=0,2", "optimizer.lr=0.02,0.1")
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
     assert sorted(row["job"] for row in rows) == ["0", "1", "2", "3"]
@@ -33,7 +33,7 @@ def test_a_sweep_summary_lists_every_job_with_its_own_numbers_best_first(paths: 
         job = Path(row["run_dir"])
         assert job.parent == sweep and job.name == row["job"]
         result = read_metrics(job)
-        # The overrides this job varies; those all jobs share (paths, QUICK) are left out.
+        # The overrides this job varies; those all jobs share (paths, QUICK, NO_FIGURES) are left out.
         assert row["overrides"].split() == list(OmegaConf.load(job / ".hydra" / "overrides.yaml"))[-2:]
         assert row["status"] == "ok" and int(row["epochs"]) == result["epochs"] == 1
         for metric in ("val/acc", "val/loss", "test/acc", "test/loss"):
@@ -58,7 +58,7 @@ def test_a_sweep_summary_lists_every_job_with_its_own_numbers_best_first(paths: 
 def test_a_failed_job_is_listed_the_others_run_and_the_sweep_exits_nonzero(paths: list[str]) -> None:
     # Padding 0 with 5×5 kernels makes net3's last feature map vanish (fails before training); lr 1e6 diverges.
     grid = ["model=net3", "model.kernel_size=5", "model.padding=0,2", "optimizer.lr=0.1,1e6"]
-    proc = run("train.py", "-m", *paths, *QUICK, *grid, check=False)
+    proc = run("train.py", "-m", *paths, *QUICK, *NO_FIGURES, *grid, check=False)
     assert proc.returncode == 1 and "error: 3 of 4 jobs failed (jobs " in proc.stderr
     (sweep,) = sweep_dirs(paths)
     rows = {row["overrides"]: row for row in read_summary(sweep)}
@@ -107,7 +107,7 @@ def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: 
 def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> None:
     # Torch's own number of threads, as for a user: the joblib launcher must lower it itself. Its workers (loky)
     # never start from a forked process here (tests/forkserver.py): a plain start.
-    overrides = ["-m", *paths, *QUICK, f"hydra/launcher={launcher}", "model.padding=0,1"]
+    overrides = ["-m", *paths, *QUICK, *NO_FIGURES, f"hydra/launcher={launcher}", "model.padding=0,1"]
     run("train.py", *overrides, one_thread=False, cold=launcher == "joblib")
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
