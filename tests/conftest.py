@@ -160,10 +160,15 @@ TRAINED = ["data.val_size=200", "trainer.max_epochs=3", "trainer.log_every_n_ste
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that needs the `trained` run is slow: training it takes longer than any quick test."""
+    """A test that needs the `trained` run is slow: training it takes longer than any quick test.
+
+    Slow tests run first (each file's in their order): the workers then end on quick ones together, instead of
+    one finishing a long test while the other waits.
+    """
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from cnn_exp import sweep
 from cnn_exp.plots import sweep_figure
 from cnn_exp.tensorboard import job_values, short_keys
-from tests.conftest import QUICK, read_metrics, run
+from tests.conftest import NO_FIGURES, QUICK, read_metrics, run
 
 CURVES = ["acc/train", "acc/val", "loss/train", "loss/val"]
 
@@ -190,7 +190,7 @@ def test_the_sweep_tells_its_jobs_which_keys_it_varies(monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 def test_a_sweeps_jobs_are_named_and_compared_by_what_they_vary(paths: list[str]) -> None:
-    quick = [*QUICK, "++trainer.limit_train_batches=4", "callbacks.confusion_matrix.every_n_epochs=0"]
+    quick = [*QUICK, "++trainer.limit_train_batches=4", *NO_FIGURES]
     run("train.py", "-m", *paths, *quick, "optimizer.lr=0.05,0.1", "seed=1,2")
     log_dir = Path(next(p for p in paths if p.startswith("paths.log_dir=")).partition("=")[2])
     (sweep_dir,) = (log_dir / "train" / "multiruns").iterdir()
