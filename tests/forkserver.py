@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -84,11 +85,13 @@ def _child(request: dict, threads: int) -> None:
 
 
 def _flush() -> None:
-    """What the interpreter does on its way out: the atexit handlers, then the standard streams."""
-    try:
-        atexit._run_exitfuncs()
-    except BaseException:
-        traceback.print_exc()
+    """What the interpreter does on its way out: join the threads (and run what was registered for then, such as
+    an executor's shutdown), the atexit handlers, then flush the standard streams."""
+    for step in (threading._shutdown, atexit._run_exitfuncs):
+        try:
+            step()
+        except BaseException:
+            traceback.print_exc()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

@@ -132,7 +132,7 @@ def test_a_moved_run_keeps_ranking_its_own_checkpoints_and_a_new_run_starts_afre
 @pytest.mark.slow
 def test_a_recipe_without_validation_keeps_an_epoch_checkpoint_to_resume_from(paths: list[str], tmp_path: Path) -> None:
     # The notebook recipes train on all images: nothing to rank by, yet every epoch must leave last.ckpt.
-    recipe = ["experiment=seed_mnist", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}"]
+    recipe = ["experiment=seed_mnist", "trainer.max_epochs=3", *NO_FIGURES, f"hydra.run.dir={tmp_path}"]
     kill = ["+callbacks.kill._target_=tests.callbacks.SignalAt", "+callbacks.kill.step=25"]  # 10 steps an epoch
     assert run("train.py", *paths, *recipe, *kill, check=False).returncode == -9
     assert checkpoints.load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20

@@ -105,10 +105,9 @@ def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> None:
-    # Torch's own number of threads, as for a user: the joblib launcher must lower it itself. Its workers (loky)
-    # never start from a forked process here (tests/forkserver.py): a plain start.
+    # Torch's own number of threads, as for a user: the joblib launcher must lower it itself.
     overrides = ["-m", *paths, *QUICK, *NO_FIGURES, f"hydra/launcher={launcher}", "model.padding=0,1"]
-    run("train.py", *overrides, one_thread=False, cold=launcher == "joblib")
+    run("train.py", *overrides, one_thread=False)
     (sweep,) = sweep_dirs(paths)
     rows = read_summary(sweep)
     assert sorted(row["overrides"] for row in rows) == ["model.padding=0", "model.padding=1"]
