@@ -6,6 +6,8 @@ process. Tests that must run a script as a user does use `run()`; the rest run t
 (`run_here()`, Hydra's compose API) or call what they test directly.
 """
 
+import copy
+import functools
 import json
 import os
 import subprocess
@@ -18,7 +20,7 @@ import torch
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnn_exp import run as tasks
 from tests import forkserver
@@ -196,8 +198,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 def composed(group: str, name: str, **overrides: object) -> dict:
     """One config group's option as Hydra composes it (its defaults list included: net3 extends net2, fashion
     extends mnist), with `overrides` merged in, resolved to plain values."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"{group}={name}"])
+    cfg = copy.deepcopy(_composed_train(group, name))
     with open_dict(cfg):
         cfg[group] = OmegaConf.merge(cfg[group], overrides)
     return OmegaConf.to_container(cfg[group], resolve=True)
+
+
+@functools.cache
+def _composed_train(group: str, name: str) -> DictConfig:
+    """train.py's config with `group=name`, composed once a process (composing takes most of a second)."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"{group}={name}"])

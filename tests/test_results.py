@@ -3,24 +3,24 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from cnn_exp import checkpoints
-from tests.conftest import QUICK, read_metrics, run
+from tests.conftest import QUICK, read_metrics, run, run_here
 
 
 def test_a_last_step_that_blows_the_weights_up_fails_the_run_with_valid_json(paths: list[str], tmp_path: Path) -> None:
     blow_up = ["+callbacks.blow._target_=tests.callbacks.BlowUpWeights"]
-    proc = run("train.py", *paths, *QUICK, *blow_up, f"hydra.run.dir={tmp_path}", check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: training diverged: the network's weights are not")
+    with pytest.raises(SystemExit, match=r"^error: training diverged: the network.s weights are not"):
+        run_here("train.py", tmp_path, *paths, *QUICK, *blow_up)
     result = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda token: 1 / 0)  # no NaN tokens
     assert result["status"] == "failed" and "metrics" not in result
 
 
 def test_max_epochs_0_is_refused_before_it_reports_an_untrained_score(paths: list[str], tmp_path: Path) -> None:
-    proc = run("train.py", *paths, "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}", check=False)
-    assert proc.returncode == 1 and "error: trainer.max_epochs=0 must be a whole number of at least 1" in proc.stderr
+    with pytest.raises(SystemExit, match=r"^error: trainer\.max_epochs=0 must be a whole number of at least 1"):
+        run_here("train.py", tmp_path, *paths, "trainer.max_epochs=0")
     assert not (tmp_path / "metrics.json").exists()
 
 
