@@ -49,7 +49,11 @@ def classifier(cfg: DictConfig) -> Classifier:
     )
 
 
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+# One option of each group in the quick loop (composing takes ~0.5 s); every option in the whole suite.
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [pytest.param(g, o, marks=[pytest.mark.slow] if i else []) for g in GROUPS for i, o in enumerate(options(g))],
+)
 def test_every_option_composes_and_builds(config, group: str, option: str) -> None:
     cfg = config(f"{group}={option}")
     data = instantiate(cfg.data, _convert_="all")

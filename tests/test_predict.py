@@ -104,6 +104,7 @@ def predicted(network: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFa
     return folder, run_dir, labels
 
 
+@pytest.mark.slow  # the `network` fixture trains for ~6 s
 def test_images_saved_as_files_get_their_classes_stored_or_drawn(predicted: tuple[Path, Path, dict]) -> None:
     _, run_dir, labels = predicted
     rows = read_csv(run_dir / "predictions.csv")
@@ -118,6 +119,7 @@ def test_images_saved_as_files_get_their_classes_stored_or_drawn(predicted: tupl
     assert (run_dir / "predictions.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # the `network` fixture trains for ~6 s
 def test_the_python_loader_gives_the_probabilities_predict_writes(
     predicted: tuple[Path, Path, dict], network: Path, data_dir: Path
 ) -> None:
