@@ -12,10 +12,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
-from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelSummary, RichProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from rich.table import Table
 from torch import nn
@@ -269,6 +270,19 @@ class EarlyStopping(LightningEarlyStopping):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.best_epoch = state_dict.get("best_epoch")
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights: validated, checkpointed and tested in their place.
+
+    Lightning's callback puts a checkpoint's raw weights back into the model whenever one is loaded after training
+    (it still holds its average then), so the best checkpoint would be tested with weights nobody validated. Here only
+    training restores them; testing uses the checkpoint's averaged `state_dict`, as test.py and cnn_exp.load do.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 class UntrainedScores(L.Callback):

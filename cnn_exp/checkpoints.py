@@ -58,6 +58,8 @@ BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
         1,
     ),
 }
+# The Classifier's settings that are plain values, not things it builds (checked by check_classifier_settings).
+CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average")
 # Hydra's keys at the top of a settings node, with the kind of value each takes. Any other `_key_`, or one of
 # these below the top, would be an instruction to Hydra: settings here are never instantiated, so none may appear.
 HOW_TO_BUILD = {"_target_": str, "_partial_": bool, "_convert_": str, "_recursive_": bool}
@@ -331,14 +333,27 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+def check_classifier_settings(settings: Mapping[str, Any], where: str = "classifier") -> None:
+    """The Classifier's own plain settings (CLASSIFIER_SETTINGS), from a config or a checkpoint."""
+    smoothing = settings.get("label_smoothing", 0.0)
+    if not is_number(smoothing) or not 0 <= smoothing < 1:
+        raise UserError(f"{where}.label_smoothing={smoothing!r} must be a number at least 0 and below 1")
+    if not isinstance(settings.get("flip_average", False), bool):
+        raise UserError(f"{where}.flip_average={settings['flip_average']!r} must be true or false")
+
+
 def _check_model_settings(settings: Any, where: str) -> None:
     if not isinstance(settings, Mapping):
         raise UserError(f"{where} must be a mapping of the model's settings, not {_kind(settings)}")
     for key, value in settings.items():
+        if key in CLASSIFIER_SETTINGS:
+            continue
         if key not in BUILDS:
-            raise UserError(f"{where}.{key} is not a setting of the model (it takes {', '.join(BUILDS)})")
+            known = ", ".join([*BUILDS, *CLASSIFIER_SETTINGS])
+            raise UserError(f"{where}.{key} is not a setting of the model (it takes {known})")
         if key != "scheduler" or value:  # no scheduler: null or an empty mapping
             checked_class(value, key, f"{where}.{key}")
+    check_classifier_settings(settings, where)
 
 
 def _refuse_instructions(value: Any, where: str, top: bool) -> None:

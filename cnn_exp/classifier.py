@@ -1,6 +1,8 @@
 """The LightningModule: trains one network with cross-entropy and logs loss and accuracy per split."""
 
 import inspect
+import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -23,11 +25,19 @@ class Classifier(L.LightningModule):
     a checkpoint cannot name code, even where a path to this class skipped the checkpoint's own check.
     """
 
-    def __init__(self, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        net: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        flip_average: bool = False,
+    ) -> None:
         super().__init__()
         lr = optimizer.get("lr", 1)
         if not is_number(lr) or lr <= 0:
             raise UserError(f"optimizer.lr={lr} must be positive")
+        checkpoints.check_classifier_settings({"label_smoothing": label_smoothing, "flip_average": flip_average})
         # Optimizer and scheduler are built when training starts: their settings are refused now, before any work.
         checkpoints.checked_class(optimizer, "optimizer", where="optimizer")
         if scheduler:
@@ -59,7 +69,7 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self._train_forward(images)
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
         loss = losses.mean()
         # Every step only updates metric states: a `self.log` call costs about as much as this small network's
         # forward pass, so the step loss is logged only on the steps the loggers write (log_every_n_steps).
@@ -87,7 +97,12 @@ class Classifier(L.LightningModule):
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Class probabilities for a batch of images framed and normalized like the data (cnn_exp/predict.py)."""
-        return self(batch).softmax(dim=1)
+        return self.scores(batch).softmax(dim=1)
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """What evaluation and prediction classify by: the network's logits, or with `flip_average` the log of the
+        mean of the image's and its mirror's class probabilities (a mirrored garment is the same garment)."""
+        return flip_averaged(self, images) if self.hparams.flip_average else self(images)
 
     def configure_optimizers(self) -> Any:
         optimizer = checkpoints.build(self.hparams.optimizer, "optimizer", self.parameters(), where="optimizer")
@@ -181,11 +196,17 @@ class Classifier(L.LightningModule):
     ) -> torch.Tensor:
         """Update one split's metrics; the logits go on to callbacks as the step's outputs."""
         images, labels = batch
-        logits = self(images)
+        logits = self.scores(images)
         loss.update(F.cross_entropy(logits, labels, reduction="none"))
         accuracy.update(logits, labels)
         confusion.update(logits.argmax(dim=1), labels)
         return logits
+
+
+def flip_averaged(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """The log of the mean of `net`'s class probabilities for each image and its mirror (valid logits)."""
+    both = torch.stack([net(images).log_softmax(dim=1), net(images.flip(-1)).log_softmax(dim=1)])
+    return both.logsumexp(dim=0) - math.log(2)
 
 
 def _short(settings: dict[str, Any] | None) -> str:

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -144,11 +145,12 @@ class EpochSampler(Sampler[int]):
         return iter(order.tolist())
 
 
-def augment(images: torch.Tensor, shift: int, flip: bool, background: float) -> torch.Tensor:
-    """Translate each image by its own random whole-pixel offset of up to `shift`, and mirror half of them.
+def augment(images: torch.Tensor, shift: int, flip: bool, background: float, erase: float = 0.0) -> torch.Tensor:
+    """Translate each image by its own random whole-pixel offset of up to `shift`, mirror half of them, and erase
+    a random rectangle from each with probability `erase`.
 
-    One `grid_sample` for the whole batch instead of per-image transforms (torchvision's v2 transforms draw one
-    set of parameters per call, shared by a batch). Pixels shifted in are `background`.
+    One `grid_sample` and one mask for the whole batch instead of per-image transforms (torchvision's v2 transforms
+    draw one set of parameters per call, shared by a batch). Pixels shifted in and erased are `background`.
     """
     n, _, height, width = images.shape
     if shift:
@@ -162,7 +164,28 @@ def augment(images: torch.Tensor, shift: int, flip: bool, background: float) -> 
     if flip:
         mirrored = torch.rand(n, device=images.device) < 0.5
         images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+    if erase:
+        images = torch.where(_erased(n, height, width, erase, images.device)[:, None], background, images)
     return images
+
+
+def _erased(n: int, height: int, width: int, probability: float, device: torch.device) -> torch.Tensor:
+    """Masks (n, height, width) of one rectangle per image, with probability `probability` (else empty).
+
+    Drawn as torchvision's RandomErasing draws them, per image: 2-33 % of the area, aspect ratio 0.3-3.3.
+    """
+    area = torch.empty(n, device=device).uniform_(0.02, 0.33) * height * width
+    ratio = torch.empty(n, device=device).uniform_(math.log(0.3), math.log(1 / 0.3)).exp()
+    rows = (area * ratio).sqrt().round().clamp(1, height)
+    cols = (area / ratio).sqrt().round().clamp(1, width)
+    top = (torch.rand(n, device=device) * (height - rows + 1)).floor()
+    left = (torch.rand(n, device=device) * (width - cols + 1)).floor()
+    y = torch.arange(height, device=device)[None, :, None]
+    x = torch.arange(width, device=device)[None, None, :]
+    inside_rows = (y >= top[:, None, None]) & (y < (top + rows)[:, None, None])
+    inside_cols = (x >= left[:, None, None]) & (x < (left + cols)[:, None, None])
+    chosen = torch.rand(n, device=device) < probability
+    return inside_rows & inside_cols & chosen[:, None, None]
 
 
 def _own() -> torch.Generator:
@@ -198,6 +221,7 @@ class MNISTDataModule(L.LightningDataModule):
         seed: int = 0,
         shift: int = 0,
         flip: bool = False,
+        erase: float = 0.0,
         verify: bool = True,
     ) -> None:
         super().__init__()
@@ -215,6 +239,8 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
         if flip and dataset == "MNIST":
             raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")
+        if not is_number(erase) or not 0 <= erase <= 1:
+            raise UserError(f"data.erase={erase} must be a probability from 0 (off) to 1")
         if not isinstance(verify, bool):
             raise UserError(f"data.verify={verify} must be true or false")
         self.save_hyperparameters()
@@ -287,12 +313,13 @@ class MNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
         """Augment training batches where they already are (on the GPU with trainer=gpu); never evaluation ones."""
-        augmenting = (self.hparams.shift or self.hparams.flip) and self.trainer is not None and self.trainer.training
+        data = self.hparams
+        augmenting = (data.shift or data.flip or data.erase) and self.trainer is not None and self.trainer.training
         # Lightning also passes the model's example input through here (for the layer table and graph): not a batch.
         if augmenting and isinstance(batch, tuple | list) and len(batch) == 2:
             images, labels = batch
-            background = -self.hparams.mean / self.hparams.std  # a black pixel, normalized
-            batch = (augment(images, self.hparams.shift, self.hparams.flip, background), labels)
+            background = -data.mean / data.std  # a black pixel, normalized
+            batch = (augment(images, data.shift, data.flip, background, data.erase), labels)
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 The model takes `images`, a batch of any size of N×1×28×28 float images framed and normalized as in training
 (cnn_exp/predict.py: white on black, (pixel / 255 - mean) / std), and returns `logits`, N×classes (softmax them
-for probabilities). Its metadata holds what a program needs to use it: `classes` (JSON list, in output order),
-`mean`, `std`, `dataset`, and `input`/`output` descriptions; ONNX Runtime reads them with
+for probabilities; a network trained with classifier.flip_average returns its flip-averaged scores, as test.py
+scores). Its metadata holds what a program needs to use it: `classes` (JSON list, in output order), `mean`, `std`,
+`dataset`, and `input`/`output` descriptions; ONNX Runtime reads them with
 `session.get_modelmeta().custom_metadata_map`.
 """
 
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from cnn_exp import atomic
+from cnn_exp.classifier import flip_averaged
 from cnn_exp.errors import UserError
 from cnn_exp.predict import from_checkpoint
 
@@ -40,14 +42,15 @@ def run(cfg: DictConfig) -> None:
     datamodule.prepare_data()
     datamodule.setup("test")
     images = datamodule.test_set.tensors[0][:CHECKED].cpu()
-    net = model.net.eval()
+    net = (FlipAveraged(model.net) if model.hparams.flip_average else model.net).eval()
     metadata = {
         "classes": json.dumps(list(datamodule.classes)),
         "mean": str(datamodule.hparams.mean),
         "std": str(datamodule.hparams.std),
         "dataset": datamodule.hparams.dataset,
         "input": "images: N×1×28×28 float32, white on black, (pixel / 255 - mean) / std",
-        "output": "logits: N×classes float32, in the order of classes",
+        "output": "logits: N×classes float32, in the order of classes"
+        + (" (log of the mean probabilities of each image and its mirror)" if model.hparams.flip_average else ""),
         "checkpoint": str(cfg.ckpt_path),
     }
     onnx_model = to_onnx(net, metadata)
@@ -60,6 +63,18 @@ def run(cfg: DictConfig) -> None:
         "tolerance %.0e absolute + %.0e relative)",
         path, len(images), difference, TOLERANCE, TOLERANCE,
     )  # fmt: skip
+
+
+class FlipAveraged(torch.nn.Module):
+    """The network of a checkpoint trained with classifier.flip_average: it answers as test.py does."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.input_shape = net.input_shape
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return flip_averaged(self.net, images)
 
 
 def to_onnx(net: torch.nn.Module, metadata: dict[str, str]) -> bytes:

@@ -121,7 +121,10 @@ def train(cfg: DictConfig) -> float | None:
 
     # The model first: a network that cannot be built fails before any data is read.
     model = Classifier(
-        net=plain_values(cfg.model), optimizer=plain_values(cfg.optimizer), scheduler=plain_values(cfg.scheduler)
+        net=plain_values(cfg.model),
+        optimizer=plain_values(cfg.optimizer),
+        scheduler=plain_values(cfg.scheduler),
+        **plain_values(cfg.get("classifier") or {}),
     )
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
     if cfg.ckpt_path:  # before anything is recorded: a refused resume= leaves its run's record as it was
@@ -287,8 +290,18 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
 
 
 def _check_run_settings(cfg: DictConfig) -> None:
-    """seed and threads, which torch and numpy would otherwise refuse with a traceback."""
+    """seed, threads and the classifier's settings, which torch and numpy would otherwise refuse with a traceback."""
     seed, threads = cfg.seed, cfg.get("threads")
+    unknown = set(cfg.get("classifier") or {}) - set(checkpoints.CLASSIFIER_SETTINGS)
+    if unknown:
+        raise UserError(
+            f"classifier.{sorted(unknown)[0]} is not a setting of the classifier "
+            f"(it takes {', '.join(checkpoints.CLASSIFIER_SETTINGS)})"
+        )
+    if (cfg.get("classifier") or {}).get("flip_average") and cfg.data.dataset == "MNIST":
+        raise UserError(
+            "classifier.flip_average=true mirrors images, which turns digits into other shapes: FashionMNIST only"
+        )
     if not is_whole(seed) or not 0 <= seed < 2**32:
         raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
     if threads is not None and (not is_whole(threads) or threads < 1):

@@ -118,6 +118,10 @@ CRAFTED = {
         lambda c, m: c["hyper_parameters"].update(scheduler=opener(m)),
         "hyper_parameters.scheduler._target_=builtins.open",
     ),
+    "classifier setting": (
+        lambda c, m: c["hyper_parameters"].update(label_smoothing=opener(m)),
+        "hyper_parameters.label_smoothing=",
+    ),
     "data setting": (
         lambda c, m: c["datamodule_hyper_parameters"].update(classes=opener(m)),
         "datamodule_hyper_parameters.classes._target_",

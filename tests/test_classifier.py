@@ -5,10 +5,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
+from cnn_exp.errors import UserError
 from tests.conftest import MIRROR, composed
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
@@ -60,3 +62,52 @@ def test_any_padding_trains(mnist: MNISTDataModule, name: str, padding: int, tmp
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0 <= trainer.callback_metrics["val/acc"] <= 1
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_label_smoothing_is_the_loss_trained_on(mnist: MNISTDataModule, tmp_path: Path) -> None:
+    class Loss(L.Callback):  # the loss of the batch about to be trained on, as the step must compute it
+        def on_train_batch_start(self, trainer: L.Trainer, module: Classifier, batch: tuple, batch_idx: int) -> None:
+            images, labels = batch
+            with torch.no_grad():
+                logits = module(images)
+            self.smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
+            self.plain = F.cross_entropy(logits, labels)
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: Classifier, outputs: dict, *args: object) -> None:
+            self.trained = outputs["loss"]
+
+    loss = Loss()
+    model = Classifier(net=net("net2"), optimizer=SGD, label_smoothing=0.2)
+    trainer = L.Trainer(
+        fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[loss],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=mnist)
+    assert torch.allclose(loss.trained, loss.smoothed) and not torch.allclose(loss.trained, loss.plain)
+
+
+def test_flip_averaging_classifies_by_the_mean_of_an_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(8, 1, 28, 28)
+    model = Classifier(net=net("net3"), optimizer=SGD, flip_average=True).eval()
+    with torch.no_grad():
+        mean = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
+        assert torch.allclose(model.scores(images).softmax(1), mean, atol=1e-6)
+        assert torch.allclose(model.predict_step(images, 0), mean, atol=1e-6)
+        assert torch.allclose(model.scores(images.flip(-1)), model.scores(images), atol=1e-5)
+        assert not torch.allclose(model(images).softmax(1), mean, atol=1e-6)  # the mirror does change the answer
+        plain = Classifier(net=net("net3"), optimizer=SGD).eval()
+        assert torch.equal(plain.scores(images), plain(images))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"label_smoothing": 1.0}, "classifier.label_smoothing=1.0 must be a number at least 0 and below 1"),
+        ({"label_smoothing": -0.1}, "classifier.label_smoothing=-0.1 must be"),
+        ({"flip_average": "yes"}, "classifier.flip_average='yes' must be true or false"),
+    ],
+)
+def test_bad_classifier_settings_are_refused(setting: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        Classifier(net=net("net2"), optimizer=SGD, **setting)

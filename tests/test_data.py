@@ -159,6 +159,7 @@ def test_val_size_zero_trains_on_every_training_image(data_dir: Path) -> None:
         ({"dataset": "CIFAR10"}, "data.dataset='CIFAR10' is not one of"),
         ({"shift": -1}, "data.shift=-1 must be 0"),
         ({"dataset": "MNIST", "flip": True}, "data.flip=true mirrors images, which turns digits into other shapes"),
+        ({"erase": 1.5}, "data.erase=1.5 must be a probability"),
     ],
 )
 def test_bad_settings_are_refused_when_built(setting: dict, message: str) -> None:
@@ -200,6 +201,31 @@ def test_augmentation_moves_whole_images_and_only_training_batches(fashion: MNIS
     assert data.on_after_batch_transfer((images, labels), 0)[0] is images  # validation and test: untouched
     Loop.training = True
     assert not torch.equal(data.on_after_batch_transfer((images, labels), 0)[0], images)
+
+
+def test_random_erasing_blanks_one_rectangle_in_the_images_it_chooses(fashion: MNISTDataModule) -> None:
+    fashion.setup("fit")
+    images, _ = fashion.train_set[list(range(64))]
+    background = -fashion.hparams.mean / fashion.hparams.std
+    torch.manual_seed(0)
+    assert torch.equal(augment(images, shift=0, flip=False, background=background, erase=0.0), images)
+    erased = augment(images, shift=0, flip=False, background=background, erase=1.0)
+    changed = 0
+    for before, after in zip(images[:, 0], erased[:, 0], strict=True):
+        rows, cols = (after != before).nonzero(as_tuple=True)
+        if not len(rows):  # the rectangle fell on background only
+            continue
+        changed += 1
+        box = after[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        # What changed lies in one rectangle of background, of at most a third of the image (rounding: 36 %).
+        assert torch.all(box == background) and box.numel() <= 0.36 * 28 * 28
+        outside = torch.ones_like(after, dtype=torch.bool)
+        outside[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = False
+        assert torch.equal(after[outside], before[outside])
+    assert changed >= 48
+    # With probability one half, about half of the images lose a rectangle.
+    half = augment(images, shift=0, flip=False, background=background, erase=0.5)
+    assert 12 < sum(not torch.equal(a, b) for a, b in zip(half, images, strict=True)) < 44
 
 
 # ---- Files that are not what their names say: found before training, refused with one line, never half-copied.

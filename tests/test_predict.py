@@ -252,3 +252,15 @@ def test_export_writes_an_onnx_model_that_matches_pytorch(network: Path, data_di
     for batch in (images[:1], images):  # any batch size
         (logits,) = session.run(["logits"], {"images": batch.numpy()})
         np.testing.assert_allclose(logits, expected[: len(batch)], rtol=export.TOLERANCE, atol=export.TOLERANCE)
+
+    # A network trained with flip averaging answers as test.py does, from the ONNX file too.
+    checkpoint = torch.load(network, weights_only=True)
+    checkpoint["hyper_parameters"]["flip_average"] = True
+    torch.save(checkpoint, tmp_path / "flip.ckpt")
+    export.run(config(tmp_path / "flip", f"ckpt_path={tmp_path / 'flip.ckpt'}", "export=onnx", *data))
+    session = onnxruntime.InferenceSession(tmp_path / "flip" / "model.onnx", providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = cnn_exp.load(tmp_path / "flip.ckpt").model.scores(images).numpy()
+        assert not np.allclose(expected, model.model(images).numpy(), atol=1e-3)
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    np.testing.assert_allclose(logits, expected, rtol=export.TOLERANCE, atol=export.TOLERANCE)

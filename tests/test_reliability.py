@@ -216,6 +216,8 @@ def damaged(tmp_path: Path) -> callable:
         (["model.padding=[1,1,1]"], "error: model.padding=[1, 1, 1] has 3 values but the network has 2 conv layers"),
         (["resume=/nonexistent/run"], "error: resume=/nonexistent/run: not a run directory of train.py"),
         (["data.val_size=0", "callbacks=[default,early_stopping]"], "error: callbacks.early_stopping stops on val/acc"),
+        (["classifier.flip_average=true"], "error: classifier.flip_average=true mirrors images"),
+        (["+classifier.mixup=0.2"], "error: classifier.mixup is not a setting of the classifier"),
         # seed_mnist tunes callbacks.model_checkpoint, which callbacks=none does not define
         (["experiment=seed_mnist", "callbacks=none"], "error: callbacks.model_checkpoint sets monitor, filename"),
     ],

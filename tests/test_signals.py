@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cnn_exp import checkpoints
 from tests.conftest import MIRROR, NO_FIGURES, read_metrics, run, start
@@ -151,3 +152,23 @@ def read_status(run_dir: Path) -> str | None:
         return json.loads((run_dir / "metrics.json").read_text())["status"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def test_a_run_averaging_its_weights_tests_and_resumes_with_the_average(paths: list[str], tmp_path: Path) -> None:
+    ema = ["callbacks=[default,ema]", "callbacks.ema.decay=0.8"]
+    whole_dir = tmp_path / "whole"
+    run("train.py", *paths, *RUN, *ema, f"hydra.run.dir={whole_dir}")
+    whole = read_metrics(whole_dir)
+    best = checkpoints.load(whole["tested"])
+    average, current = best["state_dict"], best["current_model_state"]
+    assert any(not torch.equal(average[name], current[name]) for name in average)  # the file holds the average...
+    tested = tmp_path / "tested"
+    run("test.py", *paths, f"ckpt_path={whole['tested']}", f"hydra.run.dir={tested}")
+    # ...and the run's own test used it, as test.py does (Lightning's callback put the raw weights back for it).
+    assert read_metrics(tested)["metrics"] == {k: v for k, v in whole["metrics"].items() if k.startswith("test/")}
+
+    stopped = tmp_path / "stopped"
+    proc = run("train.py", *paths, *RUN, *ema, *signal_at(7, "SIGTERM"), f"hydra.run.dir={stopped}", check=False)
+    assert proc.returncode == 143
+    run("train.py", f"resume={stopped}")
+    assert read_metrics(stopped)["metrics"] == whole["metrics"]
