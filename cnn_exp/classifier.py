@@ -18,6 +18,9 @@ from cnn_exp.errors import UserError, is_number
 class Classifier(L.LightningModule):
     """Owns the loss, metrics, optimizer and scheduler; the network itself is a plain `nn.Module`.
 
+    Beyond the notebook's plain cross-entropy: `label_smoothing` for the training loss, and `flip_average`
+    (Fashion-MNIST) to score each evaluated image with its mirror (`scores`).
+
     It takes the configs of the network, optimizer and scheduler as plain dicts and builds them itself, so the
     hyperparameters saved in a checkpoint are plain values: the checkpoint alone rebuilds the model, and it
     loads under torch's safe `weights_only` default. It builds them only from the classes that
@@ -66,6 +69,11 @@ class Classifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """What evaluation and prediction classify by: the network's logits, or with `flip_average` the log of the
+        mean of the image's and its mirror's class probabilities (a mirrored garment is the same garment)."""
+        return flip_averaged(self, images) if self.hparams.flip_average else self(images)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self._train_forward(images)
@@ -98,11 +106,6 @@ class Classifier(L.LightningModule):
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Class probabilities for a batch of images framed and normalized like the data (cnn_exp/predict.py)."""
         return self.scores(batch).softmax(dim=1)
-
-    def scores(self, images: torch.Tensor) -> torch.Tensor:
-        """What evaluation and prediction classify by: the network's logits, or with `flip_average` the log of the
-        mean of the image's and its mirror's class probabilities (a mirrored garment is the same garment)."""
-        return flip_averaged(self, images) if self.hparams.flip_average else self(images)
 
     def configure_optimizers(self) -> Any:
         optimizer = checkpoints.build(self.hparams.optimizer, "optimizer", self.parameters(), where="optimizer")
