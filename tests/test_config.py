@@ -45,7 +45,10 @@ def test_the_groups_offer_the_documented_options() -> None:
 
 def classifier(cfg: DictConfig) -> Classifier:
     return Classifier(
-        net=plain_values(cfg.model), optimizer=plain_values(cfg.optimizer), scheduler=plain_values(cfg.scheduler)
+        net=plain_values(cfg.model),
+        optimizer=plain_values(cfg.optimizer),
+        scheduler=plain_values(cfg.scheduler),
+        **plain_values(cfg.classifier),
     )
 
 
@@ -160,6 +163,19 @@ def test_mnist_best_stays_in_network2s_family_shifts_but_never_mirrors_digits(co
     net = classifier(cfg).net
     assert sum(isinstance(layer, torch.nn.Conv2d) for layer in net) == 2
     assert sum(isinstance(layer, torch.nn.Linear) for layer in net) == 3
+
+
+@pytest.mark.parametrize(("experiment", "convs"), [("mnist_small", 2), ("fashion_small", 3)])
+def test_the_small_recipes_stay_in_their_family_under_100k_parameters(config, experiment: str, convs: int) -> None:
+    cfg = config(f"experiment={experiment}")
+    model = classifier(cfg)
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in model.net) == convs
+    assert sum(isinstance(layer, torch.nn.Linear) for layer in model.net) == 3
+    assert sum(p.numel() for p in model.net.parameters()) < 100_000
+    assert cfg.data.val_size > 0 and cfg.callbacks.model_checkpoint.monitor == "val/acc" and "ema" in cfg.callbacks
+    # Mirrors only where a mirrored image is the same class: Fashion-MNIST's garments, never MNIST's digits.
+    fashion = cfg.data.dataset == "FashionMNIST"
+    assert cfg.data.flip is fashion and model.hparams.flip_average is fashion
 
 
 def test_command_line_overrides_reach_the_objects(config) -> None:
