@@ -291,14 +291,14 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
 
 def _check_run_settings(cfg: DictConfig) -> None:
     """seed, threads and the classifier's settings, which torch and numpy would otherwise refuse with a traceback."""
-    seed, threads = cfg.seed, cfg.get("threads")
-    unknown = set(cfg.get("classifier") or {}) - set(checkpoints.CLASSIFIER_SETTINGS)
+    seed, threads, classifier = cfg.seed, cfg.get("threads"), cfg.get("classifier") or {}
+    unknown = set(classifier) - set(checkpoints.CLASSIFIER_SETTINGS)
     if unknown:
         raise UserError(
             f"classifier.{sorted(unknown)[0]} is not a setting of the classifier "
             f"(it takes {', '.join(checkpoints.CLASSIFIER_SETTINGS)})"
         )
-    if (cfg.get("classifier") or {}).get("flip_average") and cfg.data.dataset == "MNIST":
+    if classifier.get("flip_average") and cfg.data.dataset == "MNIST":
         raise UserError(
             "classifier.flip_average=true mirrors images, which turns digits into other shapes: FashionMNIST only"
         )
