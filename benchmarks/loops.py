@@ -15,12 +15,13 @@ import argparse
 import itertools
 import json
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
@@ -122,7 +123,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    network = instantiate(OmegaConf.load(f"conf/model/{args.model}.yaml"), channels_last=args.channels_last)
+    # Composed as train.py composes it: net3's file holds only what differs from net2 (its defaults list).
+    with initialize_config_dir(str(Path("conf").resolve()), version_base="1.3"):
+        model = compose("train", overrides=[f"model={args.model}"]).model
+    network = instantiate(model, channels_last=args.channels_last)
     network = network.to(args.device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     epoch_batches = batches(args)
