@@ -76,6 +76,7 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
         "batch_size": cfg.data.batch_size,
         "val_size": cfg.data.val_size,
         "max_epochs": cfg.trainer.max_epochs,
+        "precision": str(cfg.trainer.precision),
         "padding": OmegaConf.to_container(padding, resolve=True) if OmegaConf.is_config(padding) else padding,
         "overrides": list(hydra.overrides.task),
     }

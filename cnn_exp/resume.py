@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints, record, rundir
+from cnn_exp import checkpoints, precision, record, rundir
 from cnn_exp.errors import UserError
 
 
@@ -114,6 +114,13 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
     for key in ("data_dir", "data_mirror"):
         if any(o.startswith(f"paths.{key}=") for o in given):
             saved.paths[key] = cfg.paths[key]
+    # The precision chosen on the machine the run started on: a requeued job that lands on another kind of node
+    # continues with the same arithmetic. Taken from the record only if it is one auto_precision could have chosen.
+    started = saved_record["settings"].get("precision")
+    chosen = "auto_precision" in str(OmegaConf.to_container(saved.trainer, resolve=False).get("precision"))
+    if chosen and started in (precision.BF16, precision.FP32):
+        saved.trainer.precision = started
+    saved_record["settings"]["precision"] = str(saved.trainer.precision)
     saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
     saved.resume = str(run_dir)
     # Lightning's CSV logger empties a metrics.csv it finds: the resumed part goes beside it instead.

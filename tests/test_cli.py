@@ -21,6 +21,7 @@ def test_a_run_writes_metrics_checkpoints_events_config_and_log(trained: Path) -
     settings = result["settings"]
     assert (settings["data"], settings["model"], settings["optimizer"], settings["seed"]) == ("mnist", "net2", "sgd", 7)
     assert settings["parameters"] == 32998 and settings["val_size"] == 200
+    assert settings["precision"] == "32-true"
     checkpoints = sorted(p.name for p in (trained / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and "last.ckpt" in checkpoints and checkpoints[0].startswith("best-epoch")
     assert result["tested"] == result["best"]["checkpoint"] == str(trained / "checkpoints" / checkpoints[0])

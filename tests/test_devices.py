@@ -7,10 +7,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from tests.conftest import MIRROR, QUICK, read_metrics, run
+from cnn_exp.precision import auto_precision
+from tests.conftest import MIRROR, QUICK, ROOT, read_metrics, run
 from tests.test_classifier import SGD, net
 
 
@@ -44,6 +46,37 @@ def test_bf16_mixed_precision_trains_on_the_cpu(mnist: MNISTDataModule, tmp_path
     trainer.fit(model, datamodule=mnist)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert model.net.conv1.weight.dtype == torch.float32  # mixed: the weights stay fp32
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "gpu", "cpu", "expected"),
+    [
+        ("auto", False, {"avx512_bf16": True}, "bf16-mixed"),
+        ("cpu", False, {"amx_bf16": True}, "bf16-mixed"),
+        ("auto", False, {"avx512_f": True}, "32-true"),  # bf16 emulated there: slower than fp32
+        ("cpu", True, {"avx512_bf16": True}, "bf16-mixed"),  # the CPU asked for, beside a GPU
+        ("auto", True, {"avx512_bf16": True}, "32-true"),  # the GPU is used: fp32, measured faster there
+        ("gpu", True, {"avx512_bf16": True}, "32-true"),
+        ("mps", False, {"avx512_bf16": True}, "32-true"),
+    ],
+)
+def test_auto_precision_takes_bf16_only_on_a_cpu_that_computes_it(
+    monkeypatch: pytest.MonkeyPatch, accelerator: str, gpu: bool, cpu: dict, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpu)
+    assert auto_precision(accelerator) == expected
+
+
+def test_the_recipes_chosen_in_bf16_take_it_where_the_machine_computes_it(tmp_path: Path) -> None:
+    def composed(*overrides: str) -> str:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            return compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides]).trainer.precision
+
+    assert composed() == composed("experiment=seed_fashion") == composed("experiment=mnist_small") == "32-true"
+    assert composed("experiment=fashion_small") == composed("experiment=fashion_best") == auto_precision("auto")
+    assert composed("experiment=fashion_best", "trainer=cpu") == auto_precision("cpu")
+    assert composed("experiment=fashion_best", "trainer.precision=32-true") == "32-true"
 
 
 @pytest.mark.slow

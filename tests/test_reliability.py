@@ -18,6 +18,7 @@ from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
+from cnn_exp.precision import BF16, FP32, auto_precision
 from cnn_exp.resume import training_state
 from cnn_exp.run import _check_run_settings
 from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, assert_no_result, read_metrics, run, run_here
@@ -139,6 +140,30 @@ def test_a_recipe_without_validation_keeps_an_epoch_checkpoint_to_resume_from(pa
     run("train.py", f"resume={tmp_path}")
     result = read_metrics(tmp_path)
     assert result["status"] == "finished" and result["steps"] == 30 and result["tested"] == "final weights"
+
+
+@pytest.mark.parametrize("recorded", ["other", "64-true"])
+def test_a_resumed_run_keeps_the_precision_it_started_in(recorded: str, trained: Path, tmp_path: Path) -> None:
+    """A requeued job may land on another kind of node: a run whose precision auto_precision chose goes on in the one
+    it started in. The record is input: a value auto_precision could not have chosen is not taken, and this machine's
+    choice applies."""
+    here = auto_precision("auto")
+    started = {"other": FP32 if here == BF16 else BF16, "64-true": "64-true"}[recorded]
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    config.trainer.precision = "${auto_precision:${.accelerator}}"  # as the recipes chosen in bf16 set it
+    config.trainer.max_epochs = 4  # one epoch left to train
+    OmegaConf.save(config, run_dir / ".hydra" / "config.yaml")
+    unfinished = read_metrics(run_dir) | {"status": "running"}
+    unfinished["settings"]["precision"] = started
+    record.write(run_dir, unfinished)
+    run("train.py", f"resume={run_dir}")
+    resumed = read_metrics(run_dir)
+    expected = here if recorded == "64-true" else started
+    assert resumed["status"] == "finished" and resumed["epochs"] == 4
+    assert OmegaConf.load(run_dir / "config.yaml").trainer.precision == expected  # what the Trainer was given
+    assert resumed["settings"]["precision"] == expected
 
 
 @pytest.mark.slow
