@@ -2,6 +2,7 @@
 otherwise empty Lightning Trainer (Lightning's own cost), on this machine.
 
     python -m benchmarks.compare --mirror ../shared/datasets               # the three paths, side by side
+    python -m benchmarks.compare --mirror ../shared/datasets --override trainer.precision=bf16-mixed   # ours in bf16
     python -m benchmarks.compare --mirror ../shared/datasets --table scaling   # vs batch size, network width
     python -m benchmarks.compare --device cuda --override trainer=gpu --table options   # bf16, compile, NHWC
 
