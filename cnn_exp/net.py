@@ -9,15 +9,15 @@ from torch import nn
 from cnn_exp.errors import UserError, is_number, is_whole
 
 
-def _per_layer(value: int | Sequence[int], layers: int, name: str) -> list[int]:
-    """One int for every conv layer, or a list with one value per layer."""
+def _per_layer(value: int | Sequence[int], layers: int, name: str, kind: str = "int") -> list[int]:
+    """One value for every conv layer, or a list with one value per layer."""
     if isinstance(value, str):
-        raise UserError(f"model.{name}={value} must be one int or a list of {layers} ints")
+        raise UserError(f"model.{name}={value} must be one {kind} or a list of {layers} {kind}s")
     values = [value] * layers if isinstance(value, int) else list(value)
     if len(values) != layers:
         raise UserError(
             f"model.{name}={list(values)} has {len(values)} values but the network has {layers} conv layers: "
-            f"give one int or a list of {layers}"
+            f"give one {kind} or a list of {layers}"
         )
     return values
 
@@ -25,7 +25,8 @@ def _per_layer(value: int | Sequence[int], layers: int, name: str) -> list[int]:
 class ConvNet(nn.Sequential):
     """Conv → ReLU → 2×2 max-pool blocks, a flatten, Linear → ReLU layers, and a linear output layer.
 
-    Optional, off in the notebook's networks: batch norm after each convolution, dropout after each hidden layer.
+    Optional, off in the notebook's networks: batch norm after each convolution, dropout after each hidden layer,
+    a block without its pool (`pool=[true, true, false]` hands fc1 conv3's whole 7×7 map instead of 3×3 of it).
 
     Layers are named as in the notebook (conv1, conv2, …, fc1, fc2, out), so its parameter names and shapes
     carry over. fc1's input size is measured by passing one blank image through the conv blocks rather than
@@ -37,6 +38,7 @@ class ConvNet(nn.Sequential):
         channels: Sequence[int] = (6, 12),
         kernel_size: int | Sequence[int] = 5,
         padding: int | Sequence[int] = 0,
+        pool: bool | Sequence[bool] = True,
         hidden: Sequence[int] = (120, 60),
         batch_norm: bool = False,
         dropout: float = 0.0,
@@ -50,6 +52,9 @@ class ConvNet(nn.Sequential):
             raise UserError(f"model.dropout={dropout} must be at least 0 and below 1")
         kernels = _per_layer(kernel_size, len(channels), "kernel_size")
         paddings = _per_layer(padding, len(channels), "padding")
+        pools = _per_layer(pool, len(channels), "pool", kind="bool")
+        if not all(isinstance(p, bool) for p in pools):
+            raise UserError(f"model.pool={pools}: every value must be true or false")
         for name, values, least in (
             ("channels", list(channels), 1),
             ("hidden", list(hidden), 1),
@@ -60,13 +65,14 @@ class ConvNet(nn.Sequential):
                 raise UserError(f"model.{name}={values}: every value must be a whole number of at least {least}")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         width = in_channels
-        for i, (out, kernel, pad) in enumerate(zip(channels, kernels, paddings, strict=True), start=1):
+        for i, (out, kernel, pad, pooled) in enumerate(zip(channels, kernels, paddings, pools, strict=True), start=1):
             # A convolution followed by batch norm needs no bias of its own: the norm's shift replaces it.
             layers[f"conv{i}"] = nn.Conv2d(width, out, kernel, padding=pad, bias=not batch_norm)
             if batch_norm:
                 layers[f"conv{i}_bn"] = nn.BatchNorm2d(out)
             layers[f"conv{i}_relu"] = nn.ReLU()
-            layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
+            if pooled:
+                layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
             width = out
         layers["flatten"] = nn.Flatten()
         features = _output_size(layers, (in_channels, image_size, image_size))

@@ -73,6 +73,21 @@ def test_per_layer_lists_and_widths() -> None:
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_a_block_without_its_pool_hands_fc1_the_whole_map() -> None:
+    net = build("net3", channels=[8, 16, 32], kernel_size=3, padding=1, pool=[True, True, False])
+    names = [name for name, _ in net.named_children()]
+    assert "conv2_pool" in names and "conv3_pool" not in names
+    assert net.fc1.in_features == 32 * 7 * 7  # 28 -> 14 -> 7, and conv3 keeps 7x7
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert build("net3", pool=True).fc1.in_features == build("net3").fc1.in_features
+
+
+@pytest.mark.parametrize("pool", ["yes", [True, 1, True], [True, False]])
+def test_a_pool_that_is_not_true_or_false_per_layer_is_refused(pool: object) -> None:
+    with pytest.raises(UserError, match=r"model.pool="):
+        build("net3", pool=pool)
+
+
 def test_a_vanishing_feature_map_names_the_layer() -> None:
     # 28 -> 24 -> 12 -> 8 -> 4: a 5x5 kernel on conv3's 4x4 input leaves nothing.
     with pytest.raises(UserError, match=r"conv3 .*12x4x4"):
