@@ -79,7 +79,8 @@ def test_a_block_without_its_pool_hands_fc1_the_whole_map() -> None:
     assert "conv2_pool" in names and "conv3_pool" not in names
     assert net.fc1.in_features == 32 * 7 * 7  # 28 -> 14 -> 7, and conv3 keeps 7x7
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    assert build("net3", pool=True).fc1.in_features == build("net3").fc1.in_features
+    # One bool stands for every layer, as one int does for kernel_size and padding.
+    assert build("net3", pool=True).fc1.in_features == build("net3", pool=[True, True, True]).fc1.in_features
 
 
 @pytest.mark.parametrize("pool", ["yes", [True, 1, True], [True, False]])
