@@ -3,7 +3,9 @@
 
 Run from the repository root: `python -m benchmarks.shift_scores <checkpoint> --mirror ../shared/datasets`. The
 validation split is the one the checkpoint's run held out (its seed and `data.val_size`), so runs compare on the
-same images; it prints one line a variant, with the images it got right or wrong against the image alone.
+same images; it prints one line a variant, with the images it got right or wrong against the image alone. The line
+that matches the run's own val/acc is "image alone", or "with its mirror" for a run with `classifier.flip_average`
+(here in fp32: a run validated in bf16 may differ by a few images).
 """
 
 import argparse
@@ -20,25 +22,28 @@ EIGHT = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0
 
 def shifted(images: torch.Tensor, dx: int, dy: int, background: float) -> torch.Tensor:
     """The images moved dx pixels right and dy down, the uncovered edge filled with the background."""
-    padded = F.pad(images, (1, 1, 1, 1), value=background)
+    margin = max(abs(dx), abs(dy))
+    padded = F.pad(images, (margin,) * 4, value=background)
     height, width = images.shape[-2:]
-    return padded[..., 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
+    return padded[..., margin - dy : margin - dy + height, margin - dx : margin - dx + width]
 
 
 def main() -> None:
+    """Score the checkpoint's validation images each way and print one line a way."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--mirror", default=None, help="a folder holding the datasets' raw IDX files")
     args = parser.parse_args()
 
     try:
-        model, datamodule = from_checkpoint(args.checkpoint, mirror=args.mirror)
+        # Without --mirror, the mirror the run was trained with.
+        model, datamodule = from_checkpoint(args.checkpoint, **({"mirror": args.mirror} if args.mirror else {}))
+        if not datamodule.hparams.val_size:
+            raise UserError(f"{args.checkpoint}'s run held out no validation images (data.val_size=0)")
         datamodule.prepare_data()
         datamodule.setup("fit")
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
-    if datamodule.val_set is None:
-        raise SystemExit("error: the checkpoint's run held out no validation images (data.val_size=0)")
     images, labels = datamodule.val_set.tensors
     background = -datamodule.hparams.mean / datamodule.hparams.std
     net = model.net.eval()
@@ -64,11 +69,12 @@ def main() -> None:
     alone = None
     for name, scores in views.items():
         right = torch.stack(scores).logsumexp(dim=0).argmax(dim=1) == labels
-        alone = right if alone is None else alone
-        print(
-            f"{name:16s} {right.float().mean().item():.2%} of {len(labels):,} "
-            f"(+{(right & ~alone).sum().item()} -{(~right & alone).sum().item()} against the image alone)"
-        )
+        line = f"{name:16s} {right.float().mean().item():.2%} of {len(labels):,}"
+        if alone is None:
+            alone = right
+        else:
+            line += f" (+{(right & ~alone).sum().item()} -{(~right & alone).sum().item()} against the image alone)"
+        print(line)
 
 
 if __name__ == "__main__":
