@@ -13,6 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from cnn_exp.classifier import flip_averaged
 from cnn_exp.errors import UserError
 from cnn_exp.predict import from_checkpoint
 
@@ -49,22 +50,20 @@ def main() -> None:
     net = model.net.eval()
 
     @torch.no_grad()
-    def log_probabilities(batch: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net(part).log_softmax(dim=1) for part in batch.split(1000)])
+    def scores(batch: torch.Tensor, mirror: bool) -> torch.Tensor:
+        """Log-probabilities of each image, or (as classifier.flip_average scores) of it and its mirror."""
+        view = (lambda part: flip_averaged(net, part)) if mirror else (lambda part: net(part).log_softmax(dim=1))
+        return torch.cat([view(part) for part in batch.split(1000)])
 
-    mirrored = images.flip(-1)
-    plain, mirror = log_probabilities(images), log_probabilities(mirrored)
+    with_mirror = scores(images, mirror=True)
+    # Each shift with its mirror; FOUR and EIGHT hold each shift's mirror image too, so the order does not matter.
+    moved = {shift: scores(shifted(images, *shift, background), mirror=True) for shift in EIGHT}
     views = {
-        "image alone": [plain],
-        "with its mirror": [plain, mirror],
-        "and 4 shifts": [plain, mirror],
-        "and 8 shifts": [plain, mirror],
+        "image alone": [scores(images, mirror=False)],
+        "with its mirror": [with_mirror],
+        "and 4 shifts": [with_mirror, *(moved[shift] for shift in FOUR)],
+        "and 8 shifts": [with_mirror, *moved.values()],
     }
-    for dx, dy in EIGHT:
-        both = [log_probabilities(shifted(x, dx, dy, background)) for x in (images, mirrored)]
-        views["and 8 shifts"] += both
-        if (dx, dy) in FOUR:
-            views["and 4 shifts"] += both
 
     alone = None
     for name, scores in views.items():
