@@ -66,8 +66,8 @@ def main() -> None:
     }
 
     alone = None
-    for name, scores in views.items():
-        right = torch.stack(scores).logsumexp(dim=0).argmax(dim=1) == labels
+    for name, parts in views.items():
+        right = torch.stack(parts).logsumexp(dim=0).argmax(dim=1) == labels
         line = f"{name:16s} {right.float().mean().item():.2%} of {len(labels):,}"
         if alone is None:
             alone = right
