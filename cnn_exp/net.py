@@ -26,7 +26,10 @@ class ConvNet(nn.Sequential):
     """Conv → ReLU → 2×2 max-pool blocks, a flatten, Linear → ReLU layers, and a linear output layer.
 
     Optional, off in the notebook's networks: batch norm after each convolution, dropout after each hidden layer,
-    a block without its pool (`pool=[true, true, false]` hands fc1 conv3's whole 7×7 map instead of 3×3 of it).
+    a block without its pool (`pool=[true, true, false]` hands fc1 conv3's whole 7×7 map instead of 3×3 of it),
+    and `pool_first`: each block pools its convolution's map before batch norm and ReLU, so both work on a
+    quarter of the values (a fifth less time a step for `fashion_best`'s network on a 2-core CPU). Without batch
+    norm that is the same function (ReLU and max-pool commute); with it, the norm's statistics are the pooled map's.
 
     Layers are named as in the notebook (conv1, conv2, …, fc1, fc2, out), so its parameter names and shapes
     carry over. fc1's input size is measured by passing one blank image through the conv blocks rather than
@@ -39,6 +42,7 @@ class ConvNet(nn.Sequential):
         kernel_size: int | Sequence[int] = 5,
         padding: int | Sequence[int] = 0,
         pool: bool | Sequence[bool] = True,
+        pool_first: bool = False,
         hidden: Sequence[int] = (120, 60),
         batch_norm: bool = False,
         dropout: float = 0.0,
@@ -55,6 +59,8 @@ class ConvNet(nn.Sequential):
         pools = _per_layer(pool, len(channels), "pool", kind="bool")
         if not all(isinstance(p, bool) for p in pools):
             raise UserError(f"model.pool={pools}: every value must be true or false")
+        if not isinstance(pool_first, bool):
+            raise UserError(f"model.pool_first={pool_first} must be true or false")
         for name, values, least in (
             ("channels", list(channels), 1),
             ("hidden", list(hidden), 1),
@@ -68,10 +74,12 @@ class ConvNet(nn.Sequential):
         for i, (out, kernel, pad, pooled) in enumerate(zip(channels, kernels, paddings, pools, strict=True), start=1):
             # A convolution followed by batch norm needs no bias of its own: the norm's shift replaces it.
             layers[f"conv{i}"] = nn.Conv2d(width, out, kernel, padding=pad, bias=not batch_norm)
+            if pooled and pool_first:
+                layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
             if batch_norm:
                 layers[f"conv{i}_bn"] = nn.BatchNorm2d(out)
             layers[f"conv{i}_relu"] = nn.ReLU()
-            if pooled:
+            if pooled and not pool_first:
                 layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
             width = out
         layers["flatten"] = nn.Flatten()

@@ -203,6 +203,7 @@ def test_configs_build_their_classes_without_hydra_and_name_what_they_may_not() 
     for settings, message in [
         ({"_target_": "os.system"}, r"model\._target_=os\.system is not a class this project builds"),
         ({**net, "kernel_size": "5"}, r"model\.kernel_size='5' is not a whole number or a list"),
+        ({**net, "pool_first": "no"}, r"model\.pool_first='no' is not true or false"),
         ({**net, "_args_": [1]}, r"model\._args_ is an instruction"),
     ]:
         with pytest.raises(UserError, match=message):

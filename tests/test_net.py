@@ -89,6 +89,36 @@ def test_a_pool_that_is_not_true_or_false_per_layer_is_refused(pool: object) -> 
         build("net3", pool=pool)
 
 
+def test_pool_first_pools_before_batch_norm_and_relu_and_keeps_the_parameters() -> None:
+    settings = {"channels": [8, 16, 32], "kernel_size": 3, "padding": 1, "pool": [True, True, False]}
+    net = build("net3", batch_norm=True, pool_first=True, **settings)
+    names = [name for name, _ in net.named_children()]
+    assert names[:4] == ["conv1", "conv1_pool", "conv1_bn", "conv1_relu"]
+    assert names[4:8] == ["conv2", "conv2_pool", "conv2_bn", "conv2_relu"]
+    assert names[8:11] == ["conv3", "conv3_bn", "conv3_relu"]  # a block without its pool is unchanged
+    plain = build("net3", batch_norm=True, **settings)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    # Batch norm now sees the pooled map: its statistics, and so the network's output, differ.
+    plain.load_state_dict(net.state_dict())
+    images = torch.randn(4, 1, 28, 28)
+    assert not torch.allclose(net(images), plain(images))
+    assert not torch.allclose(net.conv1_bn.running_mean, plain.conv1_bn.running_mean)
+
+
+def test_without_batch_norm_pool_first_is_the_same_network() -> None:
+    # ReLU and max-pool commute, so only the order of the work changes.
+    net, plain = build("net3", pool_first=True), build("net3")
+    plain.load_state_dict(net.state_dict())
+    images = torch.randn(4, 1, 28, 28)
+    assert torch.equal(net(images), plain(images))
+
+
+@pytest.mark.parametrize("value", ["yes", 1, [True]])
+def test_a_pool_first_that_is_not_true_or_false_is_refused(value: object) -> None:
+    with pytest.raises(UserError, match=r"model.pool_first=.* must be true or false"):
+        build("net3", pool_first=value)
+
+
 def test_a_vanishing_feature_map_names_the_layer() -> None:
     # 28 -> 24 -> 12 -> 8 -> 4: a 5x5 kernel on conv3's 4x4 input leaves nothing.
     with pytest.raises(UserError, match=r"conv3 .*12x4x4"):
