@@ -28,7 +28,7 @@ class ConvNet(nn.Sequential):
     Optional, off in the notebook's networks: batch norm after each convolution, dropout after each hidden layer,
     a block without its pool (`pool=[true, true, false]` hands fc1 conv3's whole 7×7 map instead of 3×3 of it),
     and `pool_first`: each block pools its convolution's map before batch norm and ReLU, so both work on a
-    quarter of the values (12–20 % less time a step for `fashion_best`'s network on a 2-core CPU, fp32). Without batch
+    quarter of the values (12–20 % less time an epoch for `fashion_best`'s network on a 2-core CPU, fp32). Without batch
     norm that is the same function (ReLU and max-pool commute); with it, the norm's statistics are the pooled map's.
 
     Layers are named as in the notebook (conv1, conv2, …, fc1, fc2, out), so its parameter names and shapes

@@ -2,7 +2,7 @@
 in bf16 set trainer.precision to it (conf/experiment/fashion_*.yaml).
 
 Faster means a CPU with bf16 arithmetic (AVX512-BF16 or AMX-BF16): there bf16 autocast trains the wider networks 1.3-1.5
-times as fast as fp32. A CPU without it emulates bf16, 1.1-2.3 times slower than fp32. On a GPU these small networks
+times as fast as fp32. A CPU without it emulates bf16, 1.1-9 times slower than fp32. On a GPU these small networks
 are bound by kernel launches, and autocast's casts made Network2 slower on an H100 (benchmarks/README.md): fp32 there.
 The choice is made on the machine a run starts on and kept in its metrics.json; a resumed run keeps it (resume.py).
 """

@@ -108,6 +108,7 @@ def test_pool_first_pools_before_batch_norm_and_relu_and_keeps_the_parameters() 
 def test_without_batch_norm_pool_first_is_the_same_network() -> None:
     # ReLU and max-pool commute, so only the order of the work changes.
     net, plain = build("net3", pool_first=True), build("net3")
+    assert [name for name, _ in net.named_children()][:3] == ["conv1", "conv1_pool", "conv1_relu"]
     plain.load_state_dict(net.state_dict())
     images = torch.randn(4, 1, 28, 28)
     assert torch.equal(net(images), plain(images))
