@@ -11,9 +11,9 @@ that matches the run's own val/acc is "image alone", or "with its mirror" for a 
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from cnn_exp.classifier import flip_averaged
+from cnn_exp.data import translate
 from cnn_exp.errors import UserError
 from cnn_exp.predict import from_checkpoint
 
@@ -22,11 +22,9 @@ EIGHT = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0
 
 
 def shifted(images: torch.Tensor, dx: int, dy: int, background: float) -> torch.Tensor:
-    """The images moved dx pixels right and dy down, the uncovered edge filled with the background."""
-    margin = max(abs(dx), abs(dy))
-    padded = F.pad(images, (margin,) * 4, value=background)
-    height, width = images.shape[-2:]
-    return padded[..., margin - dy : margin - dy + height, margin - dx : margin - dx + width]
+    """The images moved dx pixels right and dy down, the uncovered edge filled with the background: the shift
+    training's `data.shift` draws at random, here the same for every image."""
+    return translate(images, torch.tensor([[-dx, -dy]]).expand(len(images), 2), background)
 
 
 def main() -> None:

@@ -154,19 +154,26 @@ def augment(images: torch.Tensor, shift: int, flip: bool, background: float, era
     """
     n, _, height, width = images.shape
     if shift:
-        offsets = torch.randint(-shift, shift + 1, (n, 2), device=images.device).float()
-        theta = torch.zeros(n, 2, 3, device=images.device)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
-        # In grid coordinates the image spans [-1, 1]: one pixel is 2 / size; nearest sampling keeps pixels whole.
-        theta[:, :, 2] = offsets * 2 / torch.tensor([width, height], device=images.device)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        images = F.grid_sample(images - background, grid, mode="nearest", align_corners=False) + background
+        images = translate(images, torch.randint(-shift, shift + 1, (n, 2), device=images.device), background)
     if flip:
         mirrored = torch.rand(n, device=images.device) < 0.5
         images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
     if erase:
         images = torch.where(_erased(n, height, width, erase, images.device)[:, None], background, images)
     return images
+
+
+def translate(images: torch.Tensor, offsets: torch.Tensor, background: float) -> torch.Tensor:
+    """Each image (n, c, h, w) read `offsets[i]` = (dx, dy) whole pixels away: output pixel (y, x) is input pixel
+    (y + dy, x + dx), and one that falls outside is `background`. One `grid_sample` for the whole batch.
+    """
+    n, _, height, width = images.shape
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    # In grid coordinates the image spans [-1, 1]: one pixel is 2 / size; nearest sampling keeps pixels whole.
+    theta[:, :, 2] = offsets.float() * 2 / torch.tensor([width, height], device=images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images - background, grid, mode="nearest", align_corners=False) + background
 
 
 def _erased(n: int, height: int, width: int, probability: float, device: torch.device) -> torch.Tensor:
