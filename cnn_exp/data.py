@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
+from omegaconf import ListConfig
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_label_file
@@ -50,11 +51,22 @@ CHECKED = ".checked.json"
 # Taken while data_dir is filled: runs started together wait for one another instead of copying over each other.
 LOCK = ".fill.lock"
 CHUNK = 1 << 20
+# The longest class name accepted (data.classes): a label in plots and tables, and a TensorBoard tag.
+MAX_NAME = 100
 
 
 def split_files(split: str) -> tuple[str, str]:
     """The images file and the labels file of a split ("train" or "t10k")."""
     return f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+
+
+def idx_size(name: str, head: bytes) -> int | None:
+    """The size in bytes that the header `head` of the IDX file `name` announces; None if `head` is too short to
+    hold a header. For a header that idx_problem accepts: header, then one byte per pixel or label."""
+    header = 16 if "images" in name else 8
+    if len(head) < header:
+        return None
+    return header + int.from_bytes(head[4:8], "big") * (IMAGE_SIZE * IMAGE_SIZE if header == 16 else 1)
 
 
 def idx_problem(name: str, head: bytes, size: int) -> str | None:
@@ -77,7 +89,7 @@ def idx_problem(name: str, head: bytes, size: int) -> str | None:
         return f"holds {shape[0]}×{shape[1]} images, not the datasets' {IMAGE_SIZE}×{IMAGE_SIZE}"
     if count == 0:
         return f"holds no {what}"
-    expected = header + count * (IMAGE_SIZE * IMAGE_SIZE if shape else 1)
+    expected = idx_size(name, head)
     if size < expected:
         return f"is truncated: its header announces {count} {what} ({expected} bytes) but it has {size} bytes"
     if size > expected:
@@ -98,12 +110,34 @@ def _open(source: Path, origin: str, fix: str) -> IO[bytes]:
         raise UserError(f"cannot read {origin}: {err}: {fix}") from None
 
 
-def _read(source: IO[bytes], origin: str, fix: str) -> bytes:
-    """The next chunk of a mirror's or download's file; a damaged one becomes a UserError naming it."""
+def _read(source: IO[bytes], origin: str, fix: str, size: int = CHUNK) -> bytes:
+    """The next `size` bytes of a mirror's or download's file (fewer at its end); a damaged one becomes a UserError
+    naming it."""
     try:
-        return source.read(CHUNK)
+        return source.read(size)
     except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz, an unreadable file
         raise UserError(f"cannot read {origin}: {err}: {fix}") from None
+
+
+def _check_classes(classes: object, dataset: str) -> None:
+    """Refuse class names that are not one short string per class of `dataset`.
+
+    They may come from a checkpoint (datamodule_hyper_parameters.classes), so the length is checked before any
+    name is looked at: ten million names are refused at once, not after minutes of logging and plotting them.
+    """
+    count = len(DATASETS[dataset].classes)
+    if not isinstance(classes, list | tuple | ListConfig):  # a config's list, when instantiated without _convert_
+        raise UserError(f"data.classes must be a list of {count} class names, not {type(classes).__name__}")
+    if len(classes) != count:
+        raise UserError(
+            f"data.classes names {len(classes)} classes, but {dataset} has {count}: give {count} names, or leave "
+            "data.classes out for the dataset's own"
+        )
+    for i, name in enumerate(classes):
+        if not isinstance(name, str):
+            raise UserError(f"data.classes[{i}]: a class name must be a string, not {type(name).__name__}")
+        if len(name) > MAX_NAME:
+            raise UserError(f"data.classes[{i}] has {len(name)} characters; a class name has at most {MAX_NAME}")
 
 
 class InMemoryDataset(TensorDataset):
@@ -240,8 +274,11 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
         if not (is_number(mean) and is_number(std)):
             raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
-        if std <= 0:
-            raise UserError(f"data.std={std} must be positive")
+        # nan or inf would make every image nan, reported only later as a training that diverged.
+        if not math.isfinite(mean):
+            raise UserError(f"data.mean={mean} must be a finite number")
+        if not math.isfinite(std) or std <= 0:
+            raise UserError(f"data.std={std} must be a finite number above 0")
         if not is_whole(shift) or shift < 0:
             raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
         if flip and dataset == "MNIST":
@@ -250,8 +287,10 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"data.erase={erase} must be a probability from 0 (off) to 1")
         if not isinstance(verify, bool):
             raise UserError(f"data.verify={verify} must be true or false")
+        if classes is not None:
+            _check_classes(classes, dataset)
         self.save_hyperparameters()
-        self.classes = classes or list(DATASETS[dataset].classes)
+        self.classes = list(classes) if classes is not None else list(DATASETS[dataset].classes)
         self.train_set: InMemoryDataset | None = None
         self.val_set: InMemoryDataset | None = None
         self.test_set: InMemoryDataset | None = None
@@ -394,10 +433,10 @@ class MNISTDataModule(L.LightningDataModule):
             lock.release()
         if missing := self._missing_files():
             raise UserError(
-                f"{dataset} files missing from {self.raw_dir}: {', '.join(missing)}\n"
-                f"  paths.data_mirror: "
+                f"{dataset} files missing from {self.raw_dir}: {', '.join(missing)}; "
+                f"paths.data_mirror: "
                 + (f"{Path(mirror) / dataset / 'raw'} does not hold them (plain or .gz)" if mirror else "not set")
-                + f"\n  download: {download_error}\n"
+                + f"; download: {download_error}. "
                 "Set paths.data_mirror (or the CNN_EXP_DATA_MIRROR variable) to a folder laid out as "
                 f"<dir>/{dataset}/raw/*.gz, or paths.data_dir to a folder that already holds the files."
             )
@@ -412,14 +451,28 @@ class MNISTDataModule(L.LightningDataModule):
                     break
 
     def _copy(self, source: Path, name: str, origin: str, fix: str) -> dict[str, Any]:
-        """Stream one file into data_dir, computing its MD5; it appears there whole and checked, or not at all."""
-        target, digest, head, size = self.raw_dir / name, hashlib.md5(), b"", 0
+        """Stream one file into data_dir, computing its MD5; it appears there whole and checked, or not at all.
+
+        The header is read and checked first, and nothing past the size it announces is ever written: a .gz of a
+        few hundred KB may decompress to gigabytes (damaged, or made to fill the disk), and is refused one chunk
+        past that size, naming the file, instead of filling data_dir's disk and blaming its free space.
+        """
+        target, digest = self.raw_dir / name, hashlib.md5()
         try:
             with atomic.replace(target, "wb") as out, _open(source, origin, fix) as opened:
-                while chunk := _read(opened, origin, fix):
+                head = _read(opened, origin, fix, 16)  # all of it if shorter: read() stops early only at the end
+                announced = idx_size(name, head)
+                # The header alone, as if the file had the size it announces (a head too short for one is all of it).
+                if problem := idx_problem(name, head, announced or len(head)):
+                    raise UserError(f"{origin} {problem}: {fix}")
+                chunk, size = head, 0
+                while chunk:
+                    size += len(chunk)
+                    if size > announced:  # stop reading: the rest may be gigabytes
+                        raise UserError(f"{origin} is longer than the {announced} bytes its header announces: {fix}")
                     digest.update(chunk)
                     out.write(chunk)
-                    head, size = (head + chunk)[:16], size + len(chunk)
+                    chunk = _read(opened, origin, fix)
                 problem = idx_problem(name, head, size)
                 if not problem and self.hparams.verify:
                     problem = self._identity_problem(name, digest.hexdigest(), int.from_bytes(head[4:8], "big"))

@@ -1,5 +1,6 @@
 """The DataModule: files from a mirror, a seeded split of the training images, tensors equal to the notebook's."""
 
+import gzip
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from cnn_exp import data as data_module
 from cnn_exp.data import CHECKED, LOCK, MNISTDataModule, augment
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
-from tests.conftest import MIRROR, QUICK, ROOT, read_metrics, run, start
+from tests.conftest import MIRROR, QUICK, ROOT, read_metrics, run, run_here, start
 from tests.forkserver import Process
 from tests.make_data import IMAGES_MAGIC, LABELS_MAGIC, write_idx
 
@@ -160,11 +161,58 @@ def test_val_size_zero_trains_on_every_training_image(data_dir: Path) -> None:
         ({"shift": -1}, "data.shift=-1 must be 0"),
         ({"dataset": "MNIST", "flip": True}, "data.flip=true mirrors images, which turns digits into other shapes"),
         ({"erase": 1.5}, "data.erase=1.5 must be a probability"),
+        # Not numbers to normalize by: every image would become nan, reported later as a diverged training.
+        ({"mean": float("nan")}, "data.mean=nan must be a finite number"),
+        ({"mean": float("-inf")}, "data.mean=-inf must be a finite number"),
+        ({"std": float("nan")}, "data.std=nan must be a finite number above 0"),
+        ({"std": float("inf")}, "data.std=inf must be a finite number above 0"),
+        ({"std": 0.0}, "data.std=0.0 must be a finite number above 0"),
+        ({"std": -0.3}, "data.std=-0.3 must be a finite number above 0"),
     ],
 )
 def test_bad_settings_are_refused_when_built(setting: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         MNISTDataModule(**setting)
+
+
+def test_a_mean_of_nan_on_the_command_line_stops_train_py_before_training(tmp_path: Path) -> None:
+    # Hydra reads `nan` as the float: refused with the setting's name, not as "training diverged" after an epoch.
+    with pytest.raises(SystemExit, match=r"^error: data\.mean=nan must be a finite number$"):
+        run_here("train.py", tmp_path / "run", "data.mean=nan", f"paths.data_dir={tmp_path / 'data'}")
+    assert not (tmp_path / "data").exists()
+
+
+def test_ten_million_class_names_from_a_checkpoint_are_refused_at_once() -> None:
+    # datamodule_hyper_parameters.classes of a checkpoint: 142 s, then a traceback. Refused by its length alone.
+    names = ["x"] * 10**7
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"^data\.classes names 10000000 classes, but MNIST has 10: give 10 names"):
+        MNISTDataModule("MNIST", classes=names)
+    assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        (["zero", "one"], r"data\.classes names 2 classes, but MNIST has 10: give 10 names"),
+        ("0123456789", r"data\.classes must be a list of 10 class names, not str"),
+        ([str(i) for i in range(9)] + [9], r"data\.classes\[9\]: a class name must be a string, not int"),
+        (
+            [str(i) for i in range(9)] + ["9" * 101],
+            r"data\.classes\[9\] has 101 characters; a class name has at most 100",
+        ),
+    ],
+    ids=["two", "a-string", "a-number", "a-long-name"],
+)
+def test_class_names_of_the_wrong_count_or_kind_are_refused(classes: object, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        MNISTDataModule("MNIST", classes=classes)
+
+
+def test_class_names_of_ones_own_are_kept() -> None:
+    names = [f"digit {i}" for i in range(10)]
+    assert MNISTDataModule("MNIST", classes=names).classes == names
+    assert MNISTDataModule("FashionMNIST").classes == list(FashionMNIST.classes)
 
 
 def test_a_validation_split_as_large_as_the_training_set_is_refused(data_dir: Path) -> None:
@@ -442,6 +490,43 @@ def test_a_write_failing_mid_copy_leaves_no_partial_file(tmp_path: Path) -> None
     assert sorted(p.name for p in data.raw_dir.iterdir()) == [LOCK]
     data.prepare_data()  # the next run fills it
     assert fingerprint(data.raw_dir) == fingerprint(plain(tmp_path, "MNIST"))
+
+
+def bomb(path: Path, images: int, zeros: int) -> None:
+    """A real .gz of a valid header announcing `images` 28×28 images, then `zeros` MiB of zeros: a few hundred KB
+    that decompress to hundreds of MB. Written as gzip members (as `cat a.gz b.gz` makes), one compressed MiB of
+    zeros repeated, so that making it takes milliseconds; `gzip -d` and Python read them as one stream."""
+    member = gzip.compress(bytes(data_module.CHUNK), mtime=0)
+    with open(path, "wb") as out:
+        out.write(gzip.compress(struct.pack(">4I", IMAGES_MAGIC, images, 28, 28), mtime=0))
+        for _ in range(zeros):
+            out.write(member)
+
+
+def test_a_mirror_file_longer_than_its_header_is_refused_after_writing_no_more_than_announced(tmp_path: Path) -> None:
+    # 300 KB that decompress to 300 MB behind a header announcing 1,000 images (784,016 bytes). It was copied in
+    # full, then refused; on a smaller disk the copy failed first and the error blamed free space.
+    mirror = tmp_path / "mirror"
+    shutil.copytree(MIRROR / "MNIST", mirror / "MNIST")
+    bad = mirror / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    bomb(bad, images=1000, zeros=300)
+    assert bad.stat().st_size < 500_000
+    announced = 16 + 1000 * 28 * 28
+    data = MNISTDataModule("MNIST", data_dir=str(tmp_path / "data"), mirror=str(mirror), download=False)
+    # A real limit on what this process may write to a file: one byte past the announced size fails the write.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (announced, hard))
+    try:
+        with pytest.raises(UserError) as err:
+            data.prepare_data()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert str(err.value) == (
+        f"the mirror's {bad} is longer than the {announced} bytes its header announces: fix or replace it in the mirror"
+    )
+    assert sorted(p.name for p in data.raw_dir.iterdir()) == [LOCK]  # no file, no temporary copy left
 
 
 def test_a_network_for_other_images_is_refused_before_training(data_dir: Path) -> None:
