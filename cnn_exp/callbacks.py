@@ -4,6 +4,7 @@ matrices, test report, and the epoch table with its curves."""
 import csv
 import logging
 import math
+import re
 from pathlib import Path
 from time import monotonic
 from typing import Any
@@ -19,11 +20,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 
 from cnn_exp import atomic, console
-from cnn_exp.errors import UserError, is_whole
-from cnn_exp.plots import confusion_figure, curves_figure, image_grid, pixels, side_by_side, write_png
+from cnn_exp.errors import UserError, is_whole, shown
+from cnn_exp.plots import confusion_figure, curves_figure, image_grid, literal, pixels, side_by_side, write_png
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,17 @@ def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 
 def _log_per_class(trainer: L.Trainer, split: str, classes: list[str], accuracy: torch.Tensor) -> None:
-    """Straight to the loggers: as `self.log` values they would crowd the progress bar and the results table."""
-    tags = [f"{split}/class_acc/{name.replace('/', '-').replace(' ', '_')}" for name in classes]
+    """Straight to the loggers: as `self.log` values they would crowd the progress bar and the results table.
+
+    Each under `<split>/class_acc/<name>`, the name made a tag: a class name is data (a checkpoint's may hold
+    anything), so `/` becomes `-` and any other character but a letter, digit, `_`, `.` or `-` becomes `_`
+    (T-shirt/top: T-shirt-top, Ankle boot: Ankle_boot); an empty name, or one that gives another's tag, gets its class
+    number.
+    """
+    tags: list[str] = []
+    for number, name in enumerate(classes):
+        tag = f"{split}/class_acc/" + (re.sub(r"[^\w.-]", "_", name.replace("/", "-"))[:64] or str(number))
+        tags.append(f"{tag}_{number}" if tag in tags else tag)
     for logger in trainer.loggers:
         logger.log_metrics(dict(zip(tags, accuracy.tolist(), strict=True)), step=trainer.global_step)
 
@@ -424,7 +435,8 @@ class TestReport(L.Callback):
     def _print(self, matrix: torch.Tensor, classes: list[str]) -> None:
         images, correct = matrix.sum(dim=1), matrix.diag()
         table = Table("class", "images", "correct", "accuracy", title="test accuracy per class")
-        for name, n, c in zip(classes, images.tolist(), correct.tolist(), strict=True):
+        names = [Text(shown(name)) for name in classes]  # data: not markup, one line, no escape sequences
+        for name, n, c in zip(names, images.tolist(), correct.tolist(), strict=True):
             table.add_row(name, str(n), str(c), f"{c / max(n, 1):.2%}")
         table.add_row("all", str(int(images.sum())), str(int(correct.sum())), f"{correct.sum() / images.sum():.2%}")
         confused = matrix.clone()
@@ -434,7 +446,7 @@ class TestReport(L.Callback):
         for count, index in zip(counts.tolist(), indices.tolist(), strict=True):
             if count:
                 true, predicted = divmod(index, len(classes))
-                pairs.add_row(classes[true], classes[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
+                pairs.add_row(names[true], names[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
         console.get().print(table, pairs)
 
 
@@ -515,7 +527,7 @@ class EpochTable(L.Callback):
             writer.writeheader()
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
         run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
-        figure = curves_figure(self.rows, f"loss and accuracy per epoch: {run}")
+        figure = curves_figure(self.rows, f"loss and accuracy per epoch: {literal(run, 200)}")
         write_png(pixels(figure), self.dirpath / "curves.png")
 
 

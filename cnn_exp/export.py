@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from cnn_exp import atomic
 from cnn_exp.classifier import flip_averaged
 from cnn_exp.errors import UserError
-from cnn_exp.predict import from_checkpoint
+from cnn_exp.predict import check_output, from_checkpoint, writing
 
 log = logging.getLogger(__name__)
 # The exporter's graph passes report each step at INFO, which the run's console would show: a hundred lines.
@@ -37,6 +37,8 @@ def run(cfg: DictConfig) -> None:
     """Export the checkpoint's network to model.onnx in the run directory, once ONNX Runtime agrees with PyTorch."""
     if cfg.export not in FORMATS:
         raise UserError(f"export={cfg.export}: the one format is onnx (export=onnx)")
+    path = Path(cfg.paths.output_dir) / "model.onnx"
+    check_output(path)
     data = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
     model, datamodule = from_checkpoint(cfg.ckpt_path, **data)
     datamodule.prepare_data()
@@ -55,8 +57,7 @@ def run(cfg: DictConfig) -> None:
     }
     onnx_model = to_onnx(net, metadata)
     difference = check(onnx_model, net, images)
-    path = Path(cfg.paths.output_dir) / "model.onnx"
-    with atomic.replace(path, "wb") as f:
+    with writing(path), atomic.replace(path, "wb") as f:
         f.write(onnx_model)
     log.info(
         "wrote %s: ONNX Runtime's logits match PyTorch's on %d test images (largest difference %.1e, "

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cnn_exp import atomic
+from cnn_exp.errors import shown
 
 # What a confusion figure can show: images per (true, predicted) pair, or each row's share of its true class.
 KINDS = ("counts", "rates")
@@ -30,6 +31,14 @@ def pixels(figure: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def literal(text: object, limit: int = 40) -> str:
+    """Text read from a file (a class name, a file name) as Matplotlib draws it, character for character: one line
+    with its control characters escaped (`shown`; a glyph Matplotlib lacks would also be named, raw, in a warning),
+    at most `limit` characters (a figure has no room for more), and each `$` escaped, which would otherwise start a
+    formula: `$x$` drawn in italics, an odd number of `$` or a formula Matplotlib cannot parse failing the figure."""
+    return shown(text, limit).replace("$", r"\$")
 
 
 def side_by_side(*images: np.ndarray) -> np.ndarray:
@@ -55,8 +64,8 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str, kinds
 
 def _confusion_panel(figure: Figure, ax: Axes, matrix: torch.Tensor, classes: list[str], kind: str) -> None:
     rates = kind == "rates"
-    shown = 100 * matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1) if rates else matrix
-    image = ax.imshow(shown.numpy(), cmap="Blues", vmin=0, vmax=100 if rates else max(float(shown.max()), 1))
+    values = 100 * matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1) if rates else matrix
+    image = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=100 if rates else max(float(values.max()), 1))
     colorbar = figure.colorbar(image, ax=ax, shrink=0.8)
     colorbar.set_label("% of the true class" if rates else "images", fontsize=9)
     colorbar.ax.tick_params(labelsize=8)
@@ -64,19 +73,19 @@ def _confusion_panel(figure: Figure, ax: Axes, matrix: torch.Tensor, classes: li
     dark = 0.55 * float(image.norm.vmax)
     size = 8 if len(classes) <= 10 else 6
     for (true, predicted), value in zip(
-        torch.cartesian_prod(*[torch.arange(len(classes))] * 2).tolist(), shown.flatten().tolist(), strict=True
+        torch.cartesian_prod(*[torch.arange(len(classes))] * 2).tolist(), values.flatten().tolist(), strict=True
     ):
         if matrix[true, predicted] == 0:
             continue
         text = "<1" if rates and value < 0.5 else f"{value:.0f}"
         color = "white" if value > dark else "black"
         ax.text(predicted, true, text, ha="center", va="center", fontsize=size, color=color)
-    ticks = range(len(classes))
-    long = max(map(len, classes)) > 2
+    ticks, names = range(len(classes)), [literal(name) for name in classes]
+    long = max(map(len, names)) > 2
     ax.set_xticks(
-        ticks, classes, fontsize=9, rotation=45 if long else 0, ha="right" if long else "center", rotation_mode="anchor"
+        ticks, names, fontsize=9, rotation=45 if long else 0, ha="right" if long else "center", rotation_mode="anchor"
     )
-    ax.set_yticks(ticks, classes, fontsize=9)
+    ax.set_yticks(ticks, names, fontsize=9)
     ax.set_xlabel("predicted class", fontsize=9)
     ax.set_ylabel("true class", fontsize=9)
 
@@ -89,7 +98,8 @@ def image_grid(
     rows = max(1, math.ceil(len(images) / columns))
     figure = Figure(figsize=(1.05 * columns, 1.35 * rows + 0.3), layout="constrained")
     figure.suptitle(title, fontsize=9)
-    size = 11 if max(map(len, classes)) <= 2 else 9  # digits can be larger than Fashion-MNIST's names
+    names = [literal(name, 14) for name in classes]  # what fits under a 1-inch image
+    size = 11 if max(map(len, names)) <= 2 else 9  # digits can be larger than Fashion-MNIST's names
     for i, (image, label, prediction) in enumerate(
         zip(images.cpu(), labels.tolist(), predictions.tolist(), strict=True)
     ):
@@ -98,7 +108,7 @@ def image_grid(
         ax.set_xticks([])
         ax.set_yticks([])
         wrong = label != prediction
-        caption = f"{classes[label]}\n→ {classes[prediction]}" if wrong else classes[label]
+        caption = f"{names[label]}\n→ {names[prediction]}" if wrong else names[label]
         ax.set_xlabel(caption, fontsize=size, color="red" if wrong else "black", linespacing=1.0)
     return figure
 

@@ -16,7 +16,8 @@ import csv
 import glob
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from torch.utils.data import DataLoader
 from cnn_exp import atomic, checkpoints
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from cnn_exp.errors import UserError
-from cnn_exp.plots import pixels, write_png
+from cnn_exp.errors import UserError, is_whole, shown
+from cnn_exp.plots import literal, pixels, write_png
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,31 @@ CONTENT = 0.1
 BLANK = 16
 TOP = 3  # classes listed per image
 SHOWN = 64  # images drawn in predictions.png; a larger folder shows its first 64
+PATH = 4096  # a path is shown whole in messages (Linux's PATH_MAX): its end is the file's name
 # What Predictor.predict takes: files, Pillow images, tensors or numpy arrays of pixels, or a list of them.
 Images = str | Path | Image.Image | torch.Tensor | np.ndarray | Sequence["Images"]
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Read any image file Pillow knows (PNG, JPEG, BMP, ...) as grey; a file it cannot read is a UserError."""
+    """Read any image file Pillow knows (PNG, JPEG, BMP, ...) as grey; a file it cannot read is a UserError.
+
+    Its messages show the path as data (`shown`): a file's name may hold anything, an escape sequence or a newline.
+    """
+    name = shown(path, PATH)
     try:
         with Image.open(path) as image:
             image.load()  # decodes now, so a damaged file fails here and not later
             image = ImageOps.exif_transpose(image)  # a phone photo stands the way it was taken
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image (Pillow cannot read it as PNG, JPEG, BMP or another format)") from None
+        raise UserError(f"{name}: not an image (Pillow cannot read it as PNG, JPEG, BMP or another format)") from None
     except Image.DecompressionBombError:
         raise UserError(
-            f"{path}: too large to be a picture of one item ({Image.MAX_IMAGE_PIXELS} pixels at most)"
+            f"{name}: too large to be a picture of one item ({Image.MAX_IMAGE_PIXELS} pixels at most)"
         ) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"{path}: damaged or truncated image ({str(err).strip() or type(err).__name__})") from None
+        raise UserError(
+            f"{name}: damaged or truncated image ({shown(str(err).strip() or type(err).__name__)})"
+        ) from None
     return grey(image)
 
 
@@ -94,7 +102,7 @@ def frame(image: Image.Image, dataset: str, name: str = "image") -> torch.Tensor
         pixels = 255 - pixels
     low, high = np.percentile(pixels, 2), pixels.max()
     if high - low < BLANK:
-        raise UserError(f"{name}: blank, there is nothing on it to classify")
+        raise UserError(f"{shown(name, PATH)}: blank, there is nothing on it to classify")
     pixels = np.clip((pixels - low) / (high - low), 0, 1)
     rows, cols = np.nonzero(pixels > CONTENT)
     content = pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
@@ -137,7 +145,7 @@ def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, MNIST
         datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **data)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {reason}") from None
+        raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {shown(reason)}") from None
     if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
         raise UserError(f"ckpt_path={path} holds weights that are not finite numbers (its training diverged)")
     model.eval()
@@ -247,8 +255,11 @@ class Prediction:
 
 def run(cfg: DictConfig) -> None:
     """test.py predict=PATH: classify the images PATH names; print, and write predictions.csv and .png."""
+    check_batch_size(cfg.get("batch_size"))
     if cfg.get("export"):
         raise UserError("predict= and export= are two separate runs of test.py: give one of them")
+    output_dir = Path(cfg.paths.output_dir)
+    check_output(output_dir / "predictions.csv", output_dir / "predictions.png")
     files = image_files(str(cfg.predict))
     predictor = load(cfg.ckpt_path)
     framed, read, bad = [], [], []
@@ -279,20 +290,53 @@ def run(cfg: DictConfig) -> None:
         Prediction(file, image, top)
         for file, image, top in zip(read, seen, predictor.top(probabilities.float()), strict=True)
     ]
-    output_dir = Path(cfg.paths.output_dir)
     _print(predictions)
-    write_csv(output_dir / "predictions.csv", predictions)
-    write_png(
-        pixels(figure(predictions, f"{Path(str(cfg.ckpt_path)).name} on {cfg.predict}")), output_dir / "predictions.png"
-    )
+    with writing(output_dir / "predictions.csv"):
+        write_csv(output_dir / "predictions.csv", predictions)
+    image = pixels(figure(predictions, f"{Path(str(cfg.ckpt_path)).name} on {cfg.predict}"))
+    with writing(output_dir / "predictions.png"):
+        write_png(image, output_dir / "predictions.png")
     log.info("%d images classified, %d skipped: %s", len(read), len(bad), output_dir / "predictions.csv")
 
 
+def check_batch_size(value: object) -> None:
+    """test.py's batch_size=: null (the checkpoint's own; predict= takes 256 images a batch) or a whole number of at
+    least 1, refused before any work (torch would fail on it deep inside, or 0 would quietly mean null)."""
+    if value is not None and (not is_whole(value) or value < 1):
+        raise UserError(f"batch_size={value} must be a whole number of at least 1, or null")
+
+
+def check_output(*paths: Path) -> None:
+    """Refuse, before any work, a file this run is to write where a folder of its name stands."""
+    for path in paths:
+        if path.is_dir():
+            raise UserError(
+                f"{path} is a folder, where this run writes its file: move the folder away, or give the run another "
+                "directory (hydra.run.dir=...)"
+            )
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Writing `path`: a disk or file that refuses it (read-only, full, an immutable file) is one UserError naming
+    it, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(
+            f"cannot write {path} ({err.strerror or type(err).__name__}): give the run a directory it can write to "
+            "(hydra.run.dir=...)"
+        ) from None
+
+
 def _print(predictions: list[Prediction]) -> None:
-    """A table: per file, its likeliest classes with their probabilities."""
+    """A table: per file, its likeliest classes with their probabilities. File and class names are data (`shown`,
+    and `Text`, not Rich markup): a name like `[1].png` or one holding an escape sequence prints as it is written."""
     table = Table("file", *(["1st", "2nd", "3rd"][: len(predictions[0].top)]), title="predictions")
-    for prediction in predictions:  # Text: a name like [1].png is not rich markup
-        table.add_row(Text(prediction.file.name), *(Text(f"{name} {p:.1%}") for name, p in prediction.top))
+    for prediction in predictions:
+        table.add_row(
+            Text(shown(prediction.file.name)), *(Text(f"{shown(name)} {p:.1%}") for name, p in prediction.top)
+        )
     Console().print(table)
 
 
@@ -308,23 +352,21 @@ def write_csv(path: Path, predictions: list[Prediction]) -> None:
 
 
 def figure(predictions: list[Prediction], title: str) -> Figure:
-    """Each image as the network saw it (the first SHOWN of them), with its file name and prediction below."""
-    shown = predictions[:SHOWN]
-    columns = max(1, min(8, len(shown)))
-    rows = math.ceil(len(shown) / columns)
+    """Each image as the network saw it (the first SHOWN of them), with its file name and prediction below (both
+    drawn as text, `literal`: a `$` in a name would start a formula)."""
+    drawn = predictions[:SHOWN]
+    columns = max(1, min(8, len(drawn)))
+    rows = math.ceil(len(drawn) / columns)
+    title = literal(title, 200)
     if len(predictions) > SHOWN:
         title += f" (the first {SHOWN} of {len(predictions)})"
     result = Figure(figsize=(1.7 * columns, 2.0 * rows + 0.5), layout="constrained")
     result.suptitle(title, fontsize=9)
-    for i, prediction in enumerate(shown):
+    for i, prediction in enumerate(drawn):
         ax = result.add_subplot(rows, columns, i + 1)
         ax.imshow(prediction.seen, cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
         name, p = prediction.top[0]
-        ax.set_xlabel(f"{_short(prediction.file.name)}\n{name} {p:.0%}", fontsize=8)
+        ax.set_xlabel(f"{literal(prediction.file.name, 16)}\n{literal(name)} {p:.0%}", fontsize=8)
     return result
-
-
-def _short(name: str, width: int = 16) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"

@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import subprocess
 from io import BytesIO
 from pathlib import Path
 
@@ -264,3 +265,51 @@ def test_export_writes_an_onnx_model_that_matches_pytorch(network: Path, data_di
         assert not np.allclose(expected, model.model(images).numpy(), atol=1e-3)
     (logits,) = session.run(["logits"], {"images": images.numpy()})
     np.testing.assert_allclose(logits, expected, rtol=export.TOLERANCE, atol=export.TOLERANCE)
+
+
+@pytest.mark.parametrize("size", ["-1", "0", "1.5", "true", "many"])
+def test_a_batch_size_below_1_is_refused_before_any_work(size: str, tmp_path: Path) -> None:
+    # Neither the checkpoint nor the images exist: only a check made before any work can answer first.
+    cfg = config(
+        tmp_path / "run", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"predict={tmp_path}", f"batch_size={size}"
+    )
+    with pytest.raises(UserError) as error:
+        predict.run(cfg)
+    assert str(error.value) == f"batch_size={cfg.batch_size} must be a whole number of at least 1, or null"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_writing_onto_a_folder_or_an_immutable_file_is_one_error_line(
+    trained: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    checkpoint = trained / "checkpoints" / "last.ckpt"
+    data = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}"]
+    (tmp_path / "folder" / "model.onnx").mkdir(parents=True)
+    proc = run(
+        "test.py", f"ckpt_path={checkpoint}", "export=onnx", f"hydra.run.dir={tmp_path / 'folder'}", *data, check=False
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'folder' / 'model.onnx'} is a folder, where this run writes its file: move the folder "
+        "away, or give the run another directory (hydra.run.dir=...)"
+    )
+    (tmp_path / "predicted" / "predictions.png").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"predictions\.png is a folder"):  # before the checkpoint is read
+        predict.run(config(tmp_path / "predicted", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"predict={tmp_path}"))
+
+    # Root writes where chmod forbids it; an immutable file (chattr +i) stops root too.
+    target = tmp_path / "immutable" / "model.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"an older export")
+    if subprocess.run(["chattr", "+i", target], capture_output=True).returncode:
+        pytest.skip("chattr +i does not work here (not installed, or a filesystem without the immutable attribute)")
+    try:
+        with pytest.raises(UserError) as error:
+            export.run(config(target.parent, f"ckpt_path={checkpoint}", "export=onnx", *data))
+    finally:
+        subprocess.run(["chattr", "-i", target], check=True)
+    assert str(error.value) == (
+        f"cannot write {target} (Operation not permitted): give the run a directory it can write to (hydra.run.dir=...)"
+    )
+    assert target.read_bytes() == b"an older export"
