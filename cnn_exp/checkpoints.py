@@ -14,6 +14,7 @@ import os
 import pickle
 import types
 import typing
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,11 @@ CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average")
 HOW_TO_BUILD = {"_target_": str, "_partial_": bool, "_convert_": str, "_recursive_": bool}
 # The keys of a checkpoint callback's state that name files: Lightning deletes "the previous" one on its next save.
 FILE_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+# What a file may cost before a check can refuse it. A checkpoint of train.py keeps its settings and states in a few
+# KB of pickle (data.pkl in torch's zip format) beside its weights, nested a few levels deep; unpickling 20 MB of
+# them takes seconds (10 million class names: about 10), and deeper nesting would overflow Python's recursion.
+MAX_PICKLE_BYTES = 4 * 2**20
+MAX_DEPTH = 32
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -76,6 +82,7 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ckpt_path={path}: no such file (give the path of a .ckpt written by train.py)")
+    _check_archive(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -88,6 +95,13 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise UserError(f"ckpt_path={path} cannot be read: it is not a checkpoint, or it is damaged") from None
     except Exception as err:  # torch's safe unpickler fails on junk in many ways (KeyError, IndexError, ...)
         raise UserError(f"ckpt_path={path} cannot be read (truncated or damaged?): {_first_line(err)}") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(
+            f"ckpt_path={path} is not a checkpoint written by train.py: it holds {_kind(checkpoint)}, not a mapping "
+            "of its parts (state_dict, hyper_parameters, ...)"
+        )
+    if _deeper_than(checkpoint, MAX_DEPTH):
+        raise UserError(f"ckpt_path={path} refused: it nests values more than {MAX_DEPTH} levels deep (train.py: 6)")
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("pytorch-lightning_version"), str):
         # Lightning upgrades an old checkpoint when it loads one, and an upgrade moves values (a file name among them)
         # into new places: check what Lightning will use. The upgraded checkpoint is not upgraded twice.
@@ -128,7 +142,69 @@ def check(checkpoint: Any) -> None:
         settings, where = checkpoint["datamodule_hyper_parameters"], "datamodule_hyper_parameters"
         _refuse_instructions(settings, where, top=False)
         _check_arguments(MNISTDataModule, settings, where, "the DataModule (cnn_exp.data.MNISTDataModule)", 0)
+    _check_built_shapes(checkpoint)
     _check_file_names(checkpoint.get("callbacks"))
+
+
+def _check_archive(path: Path) -> None:
+    """torch's zip format, whose pickled part (everything but the weights) is no larger than MAX_PICKLE_BYTES: read
+    from the archive's directory, before anything is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [entry for entry in archive.infolist() if entry.filename.endswith("/data.pkl")]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UserError(
+            f"ckpt_path={path} cannot be read: it is not a checkpoint (train.py writes torch's zip format), or it "
+            "is damaged"
+        ) from None
+    if len(pickles) != 1:
+        raise UserError(f"ckpt_path={path} cannot be read: it is not a checkpoint of torch's (no data.pkl in it)")
+    if pickles[0].file_size > MAX_PICKLE_BYTES:
+        raise UserError(
+            f"ckpt_path={path} refused: its settings and states take {pickles[0].file_size / 2**20:.0f} MB beside "
+            f"the weights, more than the {MAX_PICKLE_BYTES // 2**20} MB allowed (train.py writes a few KB)"
+        )
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether mappings and lists nest more than `limit` levels deep in `value`; counted without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping | list | tuple):
+            if depth >= limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return False
+
+
+def _check_built_shapes(checkpoint: Mapping[str, Any]) -> None:
+    """The network the settings describe has the stored weights' shapes, and one output per class name. Compared on
+    torch's meta device, which allocates nothing: settings of a far larger network than the file's weights (a huge
+    image_size or hidden) are refused before any memory is asked for."""
+    settings, weights = checkpoint.get("hyper_parameters", {}).get("net"), checkpoint.get("state_dict")
+    if settings is None or not isinstance(weights, Mapping):
+        return
+    with torch.device("meta"):
+        net = build(settings, "net", where="hyper_parameters.net")
+    built = {f"net.{name}": list(value.shape) for name, value in net.state_dict().items()}
+    stored = {name: _shape(value) for name, value in weights.items() if str(name).startswith("net.")}
+    differences = [
+        f"{name}: {stored.get(name, 'none')} stored, {built.get(name, 'none')} built"
+        for name in sorted(set(built) | set(stored), key=str)
+        if str(stored.get(name, "none")) != str(built.get(name, "none"))
+    ]
+    if differences:
+        more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise UserError(
+            f"state_dict holds other weights than hyper_parameters.net describes: {'; '.join(differences[:3])}{more}"
+        )
+    classes = (checkpoint.get("datamodule_hyper_parameters") or {}).get("classes")
+    outputs = getattr(getattr(net, "out", None), "out_features", None)
+    if isinstance(classes, list | tuple) and outputs is not None and len(classes) != outputs:
+        raise UserError(
+            f"datamodule_hyper_parameters.classes names {len(classes)} classes, but the network has {outputs} outputs"
+        )
 
 
 def checked_class(settings: Any, group: str, where: str) -> type:
@@ -158,7 +234,25 @@ def build(settings: Any, group: str, *args: Any, where: str) -> Any:
     which would call whatever a `_target_` names, at any depth.
     """
     cls = checked_class(settings, group, where)
-    return cls(*args, **{key: value for key, value in _plain(settings).items() if key not in HOW_TO_BUILD})
+    values = {key: value for key, value in _plain(settings).items() if key not in HOW_TO_BUILD}
+    if group == "net" and torch.get_default_device().type != "meta":
+        _check_size(cls, values, where)
+    return cls(*args, **values)
+
+
+def _check_size(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse a network that could not be trained in this machine's memory, measured on torch's meta device first
+    (which allocates nothing) instead of failing in the allocator with a traceback."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in cls(**values).parameters())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    needed = 16 * parameters  # float32 weights, gradients and two optimizer moments
+    if needed > memory:
+        raise UserError(
+            f"{'model' if where == 'model' else where}: the network would have {parameters:,} parameters, "
+            f"{needed / 2**30:,.0f} GiB to train (weights, gradients, optimizer state), more than this machine's "
+            f"{memory / 2**30:.0f} GiB: use fewer model.channels or model.hidden, or a smaller image_size"
+        )
 
 
 def check_training_state(checkpoint: dict[str, Any], path: str | Path, model: "Classifier", datamodule: Any) -> None:
@@ -219,8 +313,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
         self._folders: set[Path] = set()  # where this process saved checkpoints, links resolved
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        with atomic.replace(path, "wb") as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic.replace(path, "wb") as f:
+                torch.save(checkpoint, f)
+        except OSError as err:  # a full disk, a quota, a read-only mount: the previous checkpoint is still whole
+            raise UserError(
+                f"cannot write the checkpoint {path}: {err.strerror or err}. Its previous version is whole: make room "
+                f"(or make it writable), then continue the run with resume={Path(path).parent.parent}"
+            ) from err
         self._folders.add(Path(path).parent.resolve())
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:

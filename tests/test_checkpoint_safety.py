@@ -11,6 +11,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -396,3 +400,101 @@ def test_weights_only_are_refused_before_training_and_the_run_stays_as_it_was(hi
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: ckpt_path={step} holds weights only (saved with save_weights_only=true)" in proc.stderr
     assert (resumed / "metrics.json").read_text() == record
+
+
+def _nested(depth: int) -> list:
+    """A list inside a list, `depth` levels down."""
+    top = current = []
+    for _ in range(depth):
+        current.append([])
+        current = current[0]
+    return top
+
+
+def _save_deep(value: Any, path: Path) -> None:
+    """torch.save of a value nested deeper than Python's recursion allows by default, as a crafter would."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10**6)
+    threading.stack_size(2**29)
+    try:
+        saver = threading.Thread(target=torch.save, args=(value, path))
+        saver.start()
+        saver.join()
+    finally:
+        threading.stack_size(0)
+        sys.setrecursionlimit(limit)
+
+
+def _craft(last: dict[str, Any], case: str, path: Path) -> str:
+    """Write a crafted checkpoint for `case` to `path`; return what its refusal says."""
+    crafted: Any = copy.deepcopy(last)
+    if case in ("a list", "a tensor", "None"):
+        crafted = {"a list": [1, 2], "a tensor": torch.zeros(3), "None": None}[case]
+        torch.save(crafted, path)
+        kind = {"a list": "a list", "a tensor": "a Tensor", "None": "a NoneType"}[case]
+        return f"ckpt_path={path} is not a checkpoint written by train.py: it holds {kind}, not a mapping"
+    if case == "5 class names":
+        crafted["datamodule_hyper_parameters"]["classes"] = list("abcde")
+        torch.save(crafted, path)
+        return "datamodule_hyper_parameters.classes names 5 classes, but the network has 10 outputs"
+    if case == "10 outputs, 5 classes built":
+        crafted["hyper_parameters"]["net"]["num_classes"] = 5
+        torch.save(crafted, path)
+        return "state_dict holds other weights than hyper_parameters.net describes: net.out.bias: [10] stored, [5]"
+    if case == "200,000 levels deep":
+        crafted["hyper_parameters"]["net"]["channels"] = _nested(200_000)
+        _save_deep(crafted, path)
+        return f"ckpt_path={path} refused: it nests values more than 32 levels deep"
+    if case == "10 million class names":
+        crafted["datamodule_hyper_parameters"]["classes"] = ["x"] * 10**7
+        torch.save(crafted, path)
+        return "MB beside the weights, more than the 4 MB allowed (train.py writes a few KB)"
+    raise AssertionError(case)
+
+
+CASES = ["a list", "a tensor", "None", "5 class names", "10 outputs, 5 classes built", "200,000 levels deep",
+         "10 million class names"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_a_checkpoint_of_plain_values_that_do_not_fit_is_refused_at_once_in_one_line(
+    case: str, last: dict[str, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "crafted.ckpt"
+    message = _craft(last, case, path)
+    began = time.perf_counter()
+    with pytest.raises(UserError) as refused:
+        checkpoints.load(path)
+    assert time.perf_counter() - began < 2
+    assert message in str(refused.value)
+    if case in ("a list", "5 class names", "200,000 levels deep"):  # as test.py prints it: one line, no traceback
+        proc = run("test.py", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: {refused.value}"]
+
+
+@pytest.mark.slow
+def test_settings_that_would_build_a_huge_network_are_refused_before_any_memory_is_taken(
+    last: dict[str, Any], tmp_path: Path
+) -> None:
+    """A 150 KB file whose image_size would make fc1 355 million weights: refused on the meta device, with the
+    peak memory of the process that loads it measured (a fresh process, as test.py and cnn_exp.load are)."""
+    crafted = copy.deepcopy(last)
+    crafted["hyper_parameters"]["net"]["image_size"] = 2000
+    path = tmp_path / "huge.ckpt"
+    torch.save(crafted, path)
+    assert path.stat().st_size < 200_000
+    code = (
+        "import resource, cnn_exp\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    cnn_exp.load({str(path)!r})\n"
+        "except cnn_exp.predict.UserError as err:\n"
+        "    print(err)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    refusal, grown = done.stdout.strip().splitlines()
+    assert int(grown) < 100, f"the refusal took {grown} MB more memory"
+    assert "state_dict holds other weights than hyper_parameters.net describes: net.fc1.weight" in refusal
