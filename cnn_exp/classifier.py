@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,13 +39,11 @@ class Classifier(L.LightningModule):
     ) -> None:
         super().__init__()
         lr = optimizer.get("lr", 1)
-        if not is_number(lr) or lr <= 0:
-            raise UserError(f"optimizer.lr={lr} must be positive")
+        if not is_number(lr) or not math.isfinite(lr) or lr <= 0:
+            raise UserError(f"optimizer.lr={lr} must be positive (and finite)")
         checkpoints.check_classifier_settings({"label_smoothing": label_smoothing, "flip_average": flip_average})
         # Optimizer and scheduler are built when training starts: their settings are refused now, before any work.
-        checkpoints.checked_class(optimizer, "optimizer", where="optimizer")
-        if scheduler:
-            checkpoints.checked_class(scheduler, "scheduler", where="scheduler")
+        _try_optimizer_and_scheduler(optimizer, scheduler)
         self.save_hyperparameters()
         self.net = checkpoints.build(net, "net", where="model")
         self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
@@ -206,6 +205,27 @@ class Classifier(L.LightningModule):
         return logits
 
 
+def _try_optimizer_and_scheduler(optimizer: dict[str, Any], scheduler: dict[str, Any] | None) -> None:
+    """Build the optimizer and schedule on a stand-in parameter and take two steps of the schedule: torch checks its
+    optimizers' ranges (a negative weight_decay) only when it builds one, and a schedule divides by its settings (a
+    step_size or T_max of 0) only when it steps, both during training, with a traceback."""
+    group, settings = "optimizer", optimizer
+    try:
+        built = checkpoints.build(optimizer, "optimizer", [torch.nn.Parameter(torch.zeros(1))], where="optimizer")
+        if scheduler:
+            group, settings = "scheduler", scheduler
+            with warnings.catch_warnings():  # a schedule stepped before its optimizer: the order is no matter here
+                warnings.simplefilter("ignore")
+                schedule = checkpoints.build(scheduler, "scheduler", built, where="scheduler")
+                for _ in range(2):
+                    schedule.step()
+    except (ValueError, TypeError, ZeroDivisionError, IndexError) as err:
+        zeros = [key for key, value in settings.items() if value == 0 and not isinstance(value, bool)]
+        if isinstance(err, ZeroDivisionError) and zeros:
+            raise UserError(f"{group}.{zeros[0]}=0: the schedule divides by it as it steps, give 1 or more") from None
+        raise UserError(f"{group} ({_short(settings)}) is refused by torch: {_first_line(err)}") from None
+
+
 def flip_averaged(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """The log of the mean of `net`'s class probabilities for each image and its mirror (valid logits)."""
     both = torch.stack([net(images).log_softmax(dim=1), net(images.flip(-1)).log_softmax(dim=1)])
@@ -218,3 +238,7 @@ def _short(settings: dict[str, Any] | None) -> str:
         return "none"
     values = ", ".join(f"{key}={value}" for key, value in settings.items() if not key.startswith("_"))
     return f"{str(settings.get('_target_', '')).rsplit('.', 1)[-1]} {values}".strip()
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cnn_exp.errors import shown
+
 
 def get() -> Console:
     """The process's one console: Lightning's progress bar draws on it, so whatever else is printed on it (log
@@ -120,7 +122,8 @@ def print_run_header(cfg: DictConfig, output_dir: Path) -> None:
     table.add_column(overflow="fold")
     rows = {"chosen": " ".join(chosen), "settings": " · ".join(given), "overrides": " ".join(hydra.overrides.task)}
     if cfg.get("resume"):
-        rows["resumes"] = f"{cfg.resume}, from {Path(cfg.ckpt_path).name}"
+        start = Path(cfg.ckpt_path).name if cfg.get("ckpt_path") else "the beginning (it had saved nothing)"
+        rows["resumes"] = f"{cfg.resume}, from {start}"
     elif cfg.get("ckpt_path"):
         rows["continues"] = str(cfg.ckpt_path)
     for name, value in rows.items():
@@ -199,19 +202,19 @@ def result_text(record: dict[str, Any], brief: bool = False) -> str:
     status = record.get("status", "failed before it started")
     if status != "finished":
         error = str(record.get("error", "")).strip().splitlines()
-        return f"{status}: {error[-1]}" if error else status
+        return f"{shown(status)}: {shown(error[-1])}" if error else shown(status)
     how = [f"{record['epochs']} epoch{'s' if record['epochs'] != 1 else ''}"] if "epochs" in record else []
     if stopped := record.get("early_stopping"):
         how.append(f"stopped early ({stopped['monitor']}, patience {stopped['patience']})")
     if record.get("tested") and not brief:
-        how.append(f"tested {Path(record['tested']).name}")
+        how.append(f"tested {shown(Path(record['tested']).name)}")
     metrics = record.get("metrics", {})
     names = ["val/acc", "test/acc"] if brief else ["val/acc", "val/loss", "test/acc", "test/loss"]
-    shown = " · ".join(f"{name} {metrics[name]:.4f}" for name in names if name in metrics)
+    values = " · ".join(f"{name} {metrics[name]:.4f}" for name in names if name in metrics)
     took = f" in {record['wall_time_s']:.0f} s" if "wall_time_s" in record else ""
     if brief:
-        return f"finished{took}: {' · '.join([*how, shown])}"
-    return f"finished{took}" + (f": {', '.join(how)}" if how else "") + f"\n{shown}"
+        return f"finished{took}: {' · '.join([*how, values])}"
+    return f"finished{took}" + (f": {', '.join(how)}" if how else "") + f"\n{values}"
 
 
 def _short(override: str) -> str:

@@ -108,6 +108,8 @@ def _output_size(layers: OrderedDict[str, nn.Module], input_shape: tuple[int, in
         try:
             x = layer(x)
         except RuntimeError as err:
+            if "size" not in str(err):  # not a map too small for its layer: nothing the settings did
+                raise
             raise UserError(
                 f"model: the feature map vanishes at {name} ({layer}): its input is "
                 f"{'x'.join(map(str, x.shape[1:]))} per image. Use a smaller kernel_size or more padding. "

@@ -6,8 +6,11 @@ the run's key settings and where the run is. It is always valid JSON: a non-fini
 written as null, which Python's json would otherwise write as NaN, a token other JSON readers refuse.
 """
 
+import errno
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,21 @@ def path(run_dir: str | Path) -> Path:
 
 
 def write(run_dir: str | Path, record: dict[str, Any]) -> None:
-    """Replace the run's record whole: a reader (or a kill mid-write) sees the old one or the new one."""
-    atomic.write_text(path(run_dir), json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
+    """Replace the run's record whole: a reader (or a kill mid-write) sees the old one or the new one.
+
+    On a full disk there is no room for the second copy that takes: the record is then rewritten in place, in the
+    blocks the old one frees, so that a run the full disk ended still says so.
+    """
+    text = json.dumps(_finite(record), indent=2, allow_nan=False) + "\n"
+    try:
+        atomic.write_text(path(run_dir), text)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not path(run_dir).is_file():
+            raise
+        with open(path(run_dir), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read(run_dir: str | Path) -> dict[str, Any] | None:
@@ -42,11 +58,21 @@ def read(run_dir: str | Path) -> dict[str, Any] | None:
 
     A metric that was not a finite number reads as null (None).
     """
+    if not path(run_dir).is_file():  # a FIFO or device would block the read, or never end it
+        return None
     try:
         record = json.loads(path(run_dir).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return record if _is_record(record) else None
+
+
+def digest(file: str | Path) -> str | None:
+    """The SHA-256 of a file the run wrote (its config.yaml), kept in the record so that an edit of it is noticed."""
+    try:
+        return hashlib.sha256(Path(file).read_bytes()).hexdigest() if Path(file).is_file() else None
+    except OSError:
+        return None
 
 
 def _is_record(record: Any) -> bool:

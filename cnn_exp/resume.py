@@ -10,6 +10,7 @@ checkpoints can be continued at all. The rest of resuming lives with what it res
 - data.py: the MNISTDataModule saves its position in the epoch (state_dict) and serves the rest of that epoch.
 """
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import checkpoints, precision, record, rundir
 from cnn_exp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def resumable(resume: str | None) -> bool:
@@ -41,32 +44,57 @@ def _run_dir(resume: str | None, new: str) -> str:
     return str(Path(new).parent / f"slurm-{job}") if job else new
 
 
-_subdirs: dict[str, str] = {}
+# Per run directory, once a process: how this process enters it (see `_entry`).
+_entries: dict[str, str] = {}
 
 
-def _hydra_subdir(output_dir: str, time: str) -> str:
-    """hydra.output_subdir, where Hydra records the config: `.hydra` for a new run; in a directory that already holds
-    a run (a resume, a requeued job, a refused start), `.hydra/resumed-<time>`, so how the run was started is kept.
-
-    Resolved once a run, just before Hydra writes there: the directory's lock is taken now (cnn_exp/rundir.py).
-    Another process working there gets a record of its own and is refused when its task starts."""
-    if output_dir not in _subdirs:
-        if rank_zero_only.rank != 0:  # another rank of a DDP run, in rank zero's directory
-            _subdirs[output_dir] = f".hydra/rank-{rank_zero_only.rank}"
+def _entry(output_dir: str, task: str, resume: str | None) -> str:
+    """How this process enters its run directory, decided once, before Hydra writes anything there: "new" (an empty
+    or new directory), "resumed" (train.py continuing the run that lives there: `resume=` it, or a requeued SLURM
+    job's own unfinished run), "refused" (another process works there, or a run lives there that this one may not
+    continue: nothing is written into it, and the task fails with one line), or "rank-N" (a DDP rank's, in rank
+    zero's directory). The directory's lock is taken now (cnn_exp/rundir.py)."""
+    if output_dir not in _entries:
+        if rank_zero_only.rank != 0:
+            _entries[output_dir] = f"rank-{rank_zero_only.rank}"
         elif not rundir.claim(output_dir):
-            _subdirs[output_dir] = f".hydra/refused-{time}-{os.getpid()}"
-        elif rundir.holds_a_run(output_dir):
-            _subdirs[output_dir] = f".hydra/resumed-{time}"
+            _entries[output_dir] = "refused"
+        elif not rundir.holds_a_run(output_dir):
+            _entries[output_dir] = "new"
+        elif task == "train" and resumable(output_dir) and (_same(resume, output_dir) or rundir.requeued()):
+            _entries[output_dir] = "resumed"
         else:
-            _subdirs[output_dir] = ".hydra"
-    return _subdirs[output_dir]
+            _entries[output_dir] = "refused"
+    return _entries[output_dir]
 
 
-# conf/hydra/default.yaml uses these two to choose the run directory. They are registered here, on import, because
-# Hydra resolves hydra.run.dir before it calls train(): train.py imports cnn_exp.run, which imports this module,
-# before @hydra.main composes the config.
+def _same(resume: str | None, output_dir: str) -> bool:
+    return bool(resume) and Path(str(resume)).resolve() == Path(output_dir).resolve()
+
+
+def _hydra_subdir(output_dir: str, time: str, task: str = "train", resume: str | None = None) -> str | None:
+    """hydra.output_subdir, where Hydra records the config: `.hydra` for a new run, `.hydra/resumed-<time>` for a
+    resumed one (how the run was started is kept), none for a refused one (Hydra then writes no record)."""
+    entry = _entry(output_dir, task, resume)
+    if entry == "refused":
+        return None
+    return {"new": ".hydra", "resumed": f".hydra/resumed-{time}"}.get(entry, f".hydra/{entry}")
+
+
+def _log_file(output_dir: str, task: str, resume: str | None = None) -> str:
+    """The run's log file, <task>.log in its directory; a refused run logs nowhere but the console, so it adds no
+    lines to the log of the run it was refused into."""
+    if _entry(output_dir, task, resume) == "refused":
+        return os.devnull
+    return str(Path(output_dir) / f"{task}.log")
+
+
+# conf/hydra/default.yaml and conf/hydra/job_logging/cnn_exp.yaml use these. They are registered here, on import,
+# because Hydra resolves hydra.run.dir before it calls train(): train.py imports cnn_exp.run, which imports this
+# module, before @hydra.main composes the config.
 OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
 OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
+OmegaConf.register_new_resolver("run_log", _log_file, replace=True)
 
 
 def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, dict[str, Any]]:
@@ -77,14 +105,11 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
     """
     run_dir = Path(cfg.paths.output_dir if requeued else cfg.resume)
     named = f"hydra.run.dir={run_dir}" if requeued else f"resume={cfg.resume}"
-    try:
-        # Hydra's record of the composed config keeps its interpolations: resolved now, its paths name the run
-        # directory where it lies now (moved or copied since), and paths.* overrides reach every use.
-        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    except FileNotFoundError:
-        saved = None
+    # Hydra's record of the composed config keeps its interpolations: resolved now, its paths name the run
+    # directory where it lies now (moved or copied since), and paths.* overrides reach every use.
+    saved = _yaml(run_dir / ".hydra" / "config.yaml")
     saved_record = record.read(run_dir)
-    if saved is None or saved_record is None or not isinstance(saved_record.get("settings"), dict):
+    if not isinstance(saved, DictConfig) or saved_record is None or not isinstance(saved_record.get("settings"), dict):
         raise UserError(f"{named}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)")
     # Refused before anything is written: its metrics.json holds the run's results.
     if saved_record["status"] == record.FINISHED:
@@ -93,13 +118,13 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
             "with test.py ckpt_path=..., or train it on in a new run: "
             f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} trainer.max_epochs=N"
         )
+    if not requeued and Path(cfg.paths.output_dir).resolve() != run_dir.resolve():
+        raise UserError(f"{named} continues the run in its own directory: leave out hydra.run.dir")
     candidates = [run_dir / "checkpoints" / name for name in ("step.ckpt", "last.ckpt")]
     candidates = [path for path in candidates if path.is_file()]
-    if not candidates:
-        raise UserError(f"{named}: no step.ckpt or last.ckpt in {run_dir / 'checkpoints'} to continue from")
     # Only where the data is may differ (another machine); anything else would silently not apply.
     given = list(HydraConfig.get().overrides.task)
-    if requeued and given != list(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")):
+    if requeued and given != list(_yaml(run_dir / ".hydra" / "overrides.yaml") or []):
         raise UserError(
             f"{run_dir} holds an unfinished run of another command: continue it with resume={run_dir}, or choose "
             "another hydra.run.dir"
@@ -121,13 +146,45 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
     if chosen and started in (precision.BF16, precision.FP32):
         saved.trainer.precision = started
     saved_record["settings"]["precision"] = str(saved.trainer.precision)
-    saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
+    # Stopped before it saved anything (a signal while it loaded its data): it starts again from its beginning, the
+    # checkpoint it was started from included, if any.
+    if candidates:
+        saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
+    else:
+        log.info("%s saved no checkpoint before it stopped: it starts again from the beginning", run_dir)
     saved.resume = str(run_dir)
     # Lightning's CSV logger empties a metrics.csv it finds: the resumed part goes beside it instead.
     for node in (saved.get("logger") or {}).values():
         if node and str(node.get("_target_", "")).endswith("CSVLogger"):
             node.version = f"{node.get('version') or ''}resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return saved, saved_record["settings"]
+
+
+def keep_edited_config(run_dir: Path) -> None:
+    """The run's config.yaml is a copy to read: a resumed run rewrites it from .hydra/config.yaml, Hydra's record,
+    which is what it continues with. An edited copy is set aside under a name of its own, and the user told."""
+    visible, written = run_dir / "config.yaml", (record.read(run_dir) or {}).get("config_sha256")
+    if not isinstance(written, str) or record.digest(visible) in (None, written):
+        return
+    kept = visible.with_name(f"config.edited-{time.strftime('%Y-%m-%d_%H-%M-%S')}.yaml")
+    visible.rename(kept)
+    log.warning(
+        "%s was edited since the run wrote it: resume= continues with the run's own config (.hydra/config.yaml) and "
+        "does not read config.yaml; your edit is kept as %s. To train with other settings, start a new run from a "
+        "checkpoint: ckpt_path=%s",
+        visible, kept.name, run_dir / "checkpoints" / "last.ckpt",
+    )  # fmt: skip
+
+
+def _yaml(path: Path) -> Any:
+    """A YAML file of a run directory as OmegaConf reads it, or None: missing, not a plain file (a FIFO would block
+    the read), or not YAML."""
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.load(path)
+    except Exception:  # yaml's errors, a duplicate key, bad bytes: not a record this project wrote
+        return None
 
 
 def training_state(path: str, max_epochs: int | None, resume: str | None = None) -> dict[str, Any]:

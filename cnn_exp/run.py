@@ -3,6 +3,7 @@
 Read top down: the error wrapper, train, test, then their helpers in the order they call them.
 """
 
+import errno
 import functools
 import logging
 import math
@@ -22,13 +23,14 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import checkpoints, console, export, predict, record, resume, rundir, sweep
 from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from cnn_exp.errors import UserError, is_whole
+from cnn_exp.errors import UserError, is_number, is_whole, shown
 from cnn_exp.signals import Interrupted, StopOnSignal, slurm_requeue_signal
 from cnn_exp.tensorboard import log_hparams
 
@@ -56,13 +58,15 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
         except Exception as err:
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 log.exception("job failed: %s", _error_text(err))
-                if not record.path(cfg.paths.output_dir).exists():  # it failed before training started
+                # It failed before training started, in a directory of its own (not one it was refused in).
+                if rundir.holds_lock(cfg.paths.output_dir) and not record.path(cfg.paths.output_dir).exists():
                     record.write(cfg.paths.output_dir, {"status": record.FAILED, "error": _error_text(err)})
                 return None
             cause = _user_error(err)
             if cause is None:
                 raise
-            sys.exit(f"error: {cause}")
+            # One line whatever the message holds: it may quote a file's text (a class name, a key, a file name).
+            sys.exit(f"error: {shown(cause, limit=2000)}")
         finally:
             rundir.release(cfg.paths.output_dir)
 
@@ -71,7 +75,13 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
 
 def _stopped_message(stop: Interrupted, output_dir: str) -> str:
     if not any((Path(output_dir) / "checkpoints").glob("*.ckpt")):
-        return f"{stop.name}: stopped before anything was trained; start the run again"
+        if stop.requeued:
+            return f"{stop.name}: stopped before anything was saved; SLURM requeued the job, it starts again"
+        if not record.path(output_dir).exists():
+            return f"{stop.name}: stopped before the run started; start it again"
+        return (
+            f"{stop.name}: stopped before anything was saved. Start it again with: python train.py resume={output_dir}"
+        )
     if stop.requeued:
         return f"{stop.name}: the training state is saved and SLURM requeued the job; it continues in {output_dir}"
     return f"{stop.name}: stopped, the training state is saved. Continue with: python train.py resume={output_dir}"
@@ -87,6 +97,14 @@ def train(cfg: DictConfig) -> float | None:
     from its newest checkpoint; so does a requeued SLURM job that finds its own unfinished run.
     """
     _silence_known_warnings()
+    # A signal stops the run cleanly from its first moment: while it starts (loads its data, say) it stops at once
+    # with nothing to save, and `resume=` or a requeued SLURM job starts it again from the beginning.
+    stopper = StopOnSignal(Path(cfg.paths.output_dir) / "checkpoints")
+    with stopper.handling():
+        return _train(cfg, stopper)
+
+
+def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     # The processes Lightning starts for the other ranks of a DDP run work in rank zero's directory, by design.
@@ -98,10 +116,7 @@ def train(cfg: DictConfig) -> float | None:
     elif rundir.holds_a_run(output_dir) and (rundir.requeued() or not other_rank):
         unfinished = (record.read(output_dir) or {}).get("status") != record.FINISHED
         if not other_rank and not (rundir.requeued() and unfinished):
-            raise UserError(
-                f"{output_dir} already holds a run: choose another hydra.run.dir (a new run never replaces one), "
-                f"or continue an unfinished one with resume={output_dir}"
-            )
+            rundir.check_new(output_dir, "train")
         cfg, settings = resume.resumed_run(cfg, requeued=True)
         log.info("requeued: continuing the run in %s", output_dir)
     else:
@@ -114,6 +129,8 @@ def train(cfg: DictConfig) -> float | None:
     )
     _check_monitored_metrics(cfg)
     _check_run_settings(cfg)
+    if cfg.get("resume") and not other_rank:
+        resume.keep_edited_config(output_dir)
     save_config(cfg, output_dir / "config.yaml")
     console.print_run_header(cfg, output_dir)
     _set_threads(cfg.get("threads"))
@@ -127,10 +144,15 @@ def train(cfg: DictConfig) -> float | None:
         **plain_values(cfg.get("classifier") or {}),
     )
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
+    if len(datamodule.classes) != model.net.out.out_features:  # else the first validation fails, an epoch in
+        raise UserError(
+            f"data.classes names {len(datamodule.classes)} classes, but the network has "
+            f"model.num_classes={model.net.out.out_features} outputs: give them the same number"
+        )
     if cfg.ckpt_path:  # before anything is recorded: a refused resume= leaves its run's record as it was
         checkpoints.check_training_state(checkpoints.load(cfg.ckpt_path), cfg.ckpt_path, model, datamodule)
     loggers = _instantiate_each(cfg.get("logger"), "logger")
-    stopper = StopOnSignal(output_dir / "checkpoints", save=cfg.trainer.get("enable_checkpointing") is not False)
+    stopper.save = cfg.trainer.get("enable_checkpointing") is not False
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=[*_callbacks(cfg, loggers), stopper], logger=loggers or False, plugins=_plugins(cfg)
     )
@@ -141,31 +163,37 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.is_global_zero:  # under DDP every rank runs this function; one writes the results
             progress = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
             elapsed = round(time.perf_counter() - start, 2)
-            record.write(
-                output_dir,
-                {**result, **progress, "wall_time_s": elapsed, "settings": settings, "run_dir": str(output_dir)},
-            )
+            written = {"config_sha256": record.digest(output_dir / "config.yaml")}  # so that an edit is seen
+            try:
+                record.write(
+                    output_dir,
+                    {**result, **progress, "wall_time_s": elapsed, "settings": settings, "run_dir": str(output_dir)}
+                    | written,
+                )
+            except OSError as err:  # a full disk: what ended the run is the error to report, not this one
+                if result["status"] == record.RUNNING:
+                    raise
+                log.error("%s could not be updated (%s): it still says running", record.path(output_dir), err)
 
     write_record({"status": record.RUNNING})
     log_hparams(trainer, settings)
     # Unless training finishes, fails or is stopped by a signal, something else ended it (SystemExit).
     result: dict[str, Any] = {"status": record.INTERRUPTED}
     try:
-        with stopper.handling():
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-            trained = trainer.global_step > start_step
-            if cfg.ckpt_path and not trained and not cfg.get("resume"):
-                raise UserError(resume.nothing_left_message(cfg.ckpt_path, cfg.trainer.max_epochs, None))
-            # Without anything trained, a resumed run had ended its training before it stopped, in its final test.
-            metrics = _epoch_metrics(trainer) if trained else _restored_metrics(trainer, model, datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trained = trainer.global_step > start_step
+        if cfg.ckpt_path and not trained and not cfg.get("resume"):
+            raise UserError(resume.nothing_left_message(cfg.ckpt_path, cfg.trainer.max_epochs, None))
+        # Without anything trained, a resumed run had ended its training before it stopped, in its final test.
+        metrics = _epoch_metrics(trainer) if trained else _restored_metrics(trainer, model, datamodule)
+        _check_trained(model, metrics)
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
+        if cfg.test:
+            # The best checkpoint on val/acc when there is one; else the weights training ended with.
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            metrics |= _epoch_metrics(trainer)
             _check_trained(model, metrics)
-            checkpoint = trainer.checkpoint_callback
-            best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
-            if cfg.test:
-                # The best checkpoint on val/acc when there is one; else the weights training ended with.
-                trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-                metrics |= _epoch_metrics(trainer)
-                _check_trained(model, metrics)
         result = {
             "status": record.FINISHED,
             "metrics": metrics,
@@ -192,6 +220,12 @@ def test(cfg: DictConfig) -> float:
     start = time.perf_counter()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise UserError("test.py needs ckpt_path=<file>.ckpt, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt")
+    # A test is a run of its own: one process per directory, and never in one that holds a run (a training run's
+    # record would be replaced by the test's, and the training could never be continued).
+    if rank_zero_only.rank == 0:
+        rundir.check_claimed(cfg.paths.output_dir)
+        rundir.check_new(cfg.paths.output_dir, "test")
+    predict.check_batch_size(cfg.get("batch_size"))
     # Settings that only train.py takes would be ignored here without a word (Hydra suggests +key= for them).
     if ignored := [group for group in ("model", "data", "optimizer", "scheduler", "experiment") if group in cfg]:
         raise UserError(
@@ -204,7 +238,7 @@ def test(cfg: DictConfig) -> float:
     path = Path(cfg.ckpt_path)
     # Data lives where this machine keeps it, not where the checkpoint was trained.
     data_overrides = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
-    if cfg.batch_size:
+    if cfg.batch_size is not None:
         data_overrides["batch_size"] = cfg.batch_size
     model, datamodule = predict.from_checkpoint(path, **data_overrides)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_callbacks(cfg, loggers=[]))
@@ -306,6 +340,17 @@ def _check_run_settings(cfg: DictConfig) -> None:
         raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
     if threads is not None and (not is_whole(threads) or threads < 1):
         raise UserError(f"threads={threads} must be a number of CPU threads (1 or more), or null for the default")
+    if threads is not None and threads > (os.cpu_count() or 1):
+        raise UserError(f"threads={threads} is more than this machine's {os.cpu_count()} CPU threads")
+    # Lightning divides by it (a traceback in the first step) and takes 0 batches as "train nothing".
+    every = cfg.trainer.get("log_every_n_steps")
+    if every is not None and (not is_whole(every) or every < 1):
+        raise UserError(f"trainer.log_every_n_steps={every} must be a whole number of at least 1")
+    limit = cfg.trainer.get("limit_train_batches")
+    if limit is not None and (not is_number(limit) or limit <= 0):
+        raise UserError(
+            f"trainer.limit_train_batches={limit} trains on no batch: give a share above 0 (0.1) or a number of batches"
+        )
     # Lightning takes 0 and reports the untrained network's scores as the run's; -1 (with max_steps) has no end.
     for key in ("max_epochs", "max_steps"):
         value = cfg.trainer.get(key)
@@ -385,8 +430,19 @@ def _error_text(err: BaseException) -> str:
 
 
 def _user_error(err: BaseException) -> UserError | None:
-    """The UserError behind `err`, if any: Hydra and Lightning wrap errors raised inside what they call."""
+    """The UserError behind `err`, if any: Hydra and Lightning wrap errors raised inside what they call. Two more are
+    the user's to fix: a full disk, and a setting Lightning refuses (its MisconfigurationException, e.g. a
+    limit_val_batches that leaves no batch)."""
     cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, UserError):
+    while cause is not None:
+        if isinstance(cause, UserError):
+            return cause
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {cause.filename}" if cause.filename else ""
+            return UserError(
+                f"{cause.strerror}{where}: make room on that disk, then continue the run with resume=<its run dir>"
+            )
+        if isinstance(cause, MisconfigurationException):
+            return UserError(f"trainer: {shown(str(cause).strip().splitlines()[0] if str(cause).strip() else cause)}")
         cause = cause.__cause__
-    return cause
+    return None

@@ -91,7 +91,9 @@ class StopOnSignal(L.Callback):
         if launcher is not None and signum == signal.SIGTERM and self.received is None:
             launcher.kill(signum)  # the other ranks of a DDP run that this process started
         if not self.running or self.received is not None:
-            raise Interrupted(signum)
+            # Nothing half-done to save. SLURM's signal still asks for the requeue it means: the job starts again.
+            requeue = signum == slurm_requeue_signal() and self.received is None and not self.running
+            raise Interrupted(signum, requeue and _requeue())
         self.received = signum
         log.warning("%s received: stopping after this batch", signal.Signals(signum).name)
 

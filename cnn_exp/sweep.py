@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import atomic, record
+from cnn_exp.errors import shown
 from cnn_exp.plots import pixels, sweep_figure, write_png
 
 METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
@@ -224,13 +225,13 @@ def _status(result: dict[str, Any]) -> str:
     if result.get("signal"):
         return f"{result['status']} by {result['signal']}"
     error = result.get("error", "").strip().splitlines()
-    return f"{result['status']}: {error[-1]}" if error else result["status"]
+    return f"{result['status']}: {shown(error[-1])}" if error else result["status"]
 
 
 def _cell(value: Any, metric: bool) -> str:
     if metric and value is not None:
         return f"{value:.4f}"
-    return "" if value is None else str(value).replace("|", "\\|")
+    return "" if value is None else shown(value, limit=100_000).replace("|", "\\|")
 
 
 def write_stopped(sweep_dir: Path, metric: str) -> None:

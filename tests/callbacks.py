@@ -70,3 +70,36 @@ class BlowUpWeights(L.Callback):
         if trainer.global_step == trainer.max_epochs * trainer.num_training_batches:
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("inf"))
+
+
+class SignalAtStart(L.Callback):
+    """Sends its own process a real signal while the run starts (its data being set up, before any step), once:
+    the file `once` marks that it did, so the run started again gets past it."""
+
+    def __init__(self, once: str, signal: str = "SIGTERM") -> None:
+        self.once, self.signal = Path(once), signal
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.once.exists():
+            self.once.touch()
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class FillDisk(L.Callback):
+    """Fills the disk that `path` lies on, as another program would, when training reaches `step`: a file of zeros
+    grows until the disk refuses more. Once: the file `once` marks that it did."""
+
+    def __init__(self, path: str, step: int, once: str) -> None:
+        self.path, self.step, self.once = Path(path), step, Path(once)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step and not self.once.exists():
+            self.once.touch()
+            with open(self.path, "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(bytes(4096))
+                except OSError:
+                    pass

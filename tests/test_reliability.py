@@ -4,6 +4,7 @@ import gzip
 import os
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,7 +187,7 @@ def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", torn)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match=r"cannot write the checkpoint .*No space"):
         SafeCheckpointIO().save_checkpoint({"global_step": 2}, target)
     assert checkpoints.load(target)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
@@ -201,6 +202,45 @@ def test_checkpoints_and_metrics_are_replaced_whole_or_not_at_all(
         record.write(tmp_path, {"status": "running", "epochs": 3})
     assert read_metrics(tmp_path) == {"status": "finished"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "metrics.json"]  # no temporary file left
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Path:
+    """A real filesystem of 4 MB of its own (tmpfs), as a nearly full disk; skipped where it cannot be mounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_run_in_one_line_with_its_checkpoints_whole(
+    paths: list[str], tmp_path: Path, small_disk: Path
+) -> None:
+    run_dir, filler = small_disk / "run", small_disk / "filler"
+    fill = [
+        "+callbacks.fill._target_=tests.callbacks.FillDisk",
+        f"+callbacks.fill.path={filler}",
+        "+callbacks.fill.step=10",
+        f"+callbacks.fill.once={tmp_path / 'once'}",
+    ]
+    command = [*paths, *QUICK, *NO_FIGURES, "trainer.max_epochs=2", "callbacks.step_checkpoint.every_n_train_steps=3"]
+    proc = run("train.py", *command, *fill, f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write the checkpoint {run_dir / 'checkpoints' / 'step.ckpt'}: No space")
+    assert line.endswith(f"continue the run with resume={run_dir}")
+    failed = read_metrics(run_dir)  # rewritten in place: there was no room for a second copy
+    assert failed["status"] == "failed" and failed["error"] == line.removeprefix("error: ")
+    saved = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in saved] == ["best-epoch00.ckpt", "last.ckpt", "step.ckpt"]
+    assert [checkpoints.load(p)["global_step"] for p in saved] == [8, 8, 9]  # whole, as they were
+    filler.unlink()
+    run("train.py", f"resume={run_dir}")
+    assert read_metrics(run_dir)["status"] == "finished"
 
 
 def write_labels(path: Path, labels: torch.Tensor) -> None:
@@ -245,6 +285,21 @@ def damaged(tmp_path: Path) -> callable:
         (["+classifier.mixup=0.2"], "error: classifier.mixup is not a setting of the classifier"),
         # seed_mnist tunes callbacks.model_checkpoint, which callbacks=none does not define
         (["experiment=seed_mnist", "callbacks=none"], "error: callbacks.model_checkpoint sets monitor, filename"),
+        # Refused before training, where torch or Lightning would fail with a traceback or a misleading message.
+        (["optimizer.lr=nan"], "error: optimizer.lr=nan must be positive (and finite)"),
+        (["optimizer.lr=inf"], "error: optimizer.lr=inf must be positive (and finite)"),
+        (["optimizer.weight_decay=-1"], "is refused by torch: Invalid weight_decay value: -1"),
+        (["scheduler=step", "scheduler.step_size=0"], "error: scheduler.step_size=0: the schedule divides by it"),
+        (["scheduler=cosine", "scheduler.T_max=0"], "error: scheduler.T_max=0: the schedule divides by it"),
+        (["trainer.log_every_n_steps=0"], "error: trainer.log_every_n_steps=0 must be a whole number of at least 1"),
+        (["++trainer.limit_train_batches=0"], "error: trainer.limit_train_batches=0 trains on no batch"),
+        (["threads=1000000"], "error: threads=1000000 is more than this machine's"),
+        (["model.channels=[100000,100000]"], "error: model: the network would have 250,194,707,990 parameters"),
+        (["model.num_classes=5"], "error: data.classes names 10 classes, but the network has model.num_classes=5"),
+        (
+            ["data.val_size=200", "++trainer.limit_val_batches=0.01"],
+            "error: trainer: You requested to check 0.01 of the `val_dataloader`",
+        ),
     ],
 )
 def test_bad_settings_get_one_clear_message(
@@ -399,3 +454,28 @@ def test_a_run_writes_only_inside_its_data_and_output_directories(paths: list[st
     before = files()
     run("train.py", *paths, *QUICK, f"hydra.run.dir={tmp_path / 'run'}")
     assert files() == before
+
+
+@pytest.mark.slow
+def test_a_run_directory_of_crafted_files_is_refused_without_harm(paths: list[str], tmp_path: Path) -> None:
+    """A lock file that is a link (filelock would open and empty what it points to) and a metrics.json that is a FIFO
+    (reading it would wait forever): each refused in one line, in a second or two."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".lock").symlink_to(precious)
+    proc = run("train.py", *paths, *QUICK, f"hydra.run.dir={linked}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {linked / '.lock'} is a link, not a lock file: " + (
+        "delete the link (a run's lock is a plain file it makes itself)"
+    )
+    assert precious.read_text() == "keep me"
+    assert sorted(p.name for p in linked.iterdir()) == [".lock"]  # nothing written into it
+
+    piped = tmp_path / "piped"
+    (piped / ".hydra").mkdir(parents=True)
+    (piped / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    os.mkfifo(piped / "metrics.json")
+    proc = run("train.py", f"resume={piped}", f"paths.log_dir={tmp_path / 'outputs'}", check=False)
+    assert proc.returncode == 1 and f"error: resume={piped}: not a run directory of train.py" in proc.stderr

@@ -124,27 +124,41 @@ def test_a_slurm_job_requeued_on_its_signal_continues_its_own_run(tmp_path: Path
     assert len(list((run_dir / ".hydra").glob("resumed-*"))) == 1
 
 
-def test_one_process_per_run_directory_and_a_new_run_never_replaces_one(paths: list[str], tmp_path: Path) -> None:
+def test_one_process_per_run_directory_and_a_new_run_never_replaces_one(
+    paths: list[str], tmp_path: Path, trained: Path
+) -> None:
+    """train.py, resume= and test.py alike: refused while another process works in the directory, refused in one
+    that holds a run, and a refused process adds nothing to it (no Hydra record, no log lines)."""
     run_dir = tmp_path / "run"
+    checkpoint = trained / "checkpoints" / "last.ckpt"
+    seconds = [
+        ("train.py", f"hydra.run.dir={run_dir}", *RUN),
+        ("train.py", f"resume={run_dir}", *RUN),
+        ("test.py", f"hydra.run.dir={run_dir}", f"ckpt_path={checkpoint}"),
+        ("test.py", f"hydra.run.dir={run_dir}", f"ckpt_path={checkpoint}", f"predict={MIRROR}"),
+    ]
     first = start("train.py", *paths, *RUN, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}")
     try:
         while read_status(run_dir) != "running":  # waits on the file, not on time
             assert first.poll() is None, first.stderr_path.read_text()
             time.sleep(0.1)
         started = (run_dir / ".hydra" / "config.yaml").read_text()
-        for second in (f"hydra.run.dir={run_dir}", f"resume={run_dir}"):
-            proc = run("train.py", *paths, *RUN, second, check=False)
+        for script, *second in seconds:
+            proc = run(script, *paths, *second, check=False)
             assert proc.returncode == 1 and f"error: {run_dir} is in use by another process" in proc.stderr
         assert (run_dir / ".hydra" / "config.yaml").read_text() == started
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=300) == 143
     finally:
         first.kill()
-    before = (run_dir / "metrics.json").read_text()
-    proc = run("train.py", *paths, *RUN, f"hydra.run.dir={run_dir}", check=False)
-    assert proc.returncode == 1 and f"error: {run_dir} already holds a run" in proc.stderr
-    assert (run_dir / "metrics.json").read_text() == before
-    assert (run_dir / ".hydra" / "config.yaml").read_text() == started
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and path.name != ".lock"}
+    for script, *second in [seconds[0], *seconds[2:]]:
+        proc = run(script, *paths, *second, check=False)
+        assert proc.returncode == 1 and f"error: {run_dir} already holds a run" in proc.stderr, proc.stderr
+    after = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and path.name != ".lock"}
+    assert after == before  # metrics.json, .hydra/, train.log: nothing added, nothing changed
+    assert read_status(run_dir) == "interrupted"
+    run("train.py", *paths, f"resume={run_dir}", "trainer.max_epochs=1000", check=False)  # still continues
 
 
 def read_status(run_dir: Path) -> str | None:
@@ -172,3 +186,52 @@ def test_a_run_averaging_its_weights_tests_and_resumes_with_the_average(paths: l
     assert proc.returncode == 143
     run("train.py", f"resume={stopped}")
     assert read_metrics(stopped)["metrics"] == whole["metrics"]
+
+
+@pytest.mark.parametrize("slurm", [False, True], ids=["resume", "slurm-requeue"])
+def test_a_run_stopped_while_it_starts_starts_again_from_the_beginning(
+    tmp_path: Path, data_dir: Path, whole: dict, slurm: bool
+) -> None:
+    """A real signal while the run sets up its data, before its first step: nothing to save, so `resume=` (or SLURM's
+    requeue, on its own signal) starts it again and it ends as a run never stopped."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm_env = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"} | (slurm_env if slurm else {})
+    stop = [
+        "+callbacks.stop._target_=tests.callbacks.SignalAtStart",
+        f"+callbacks.stop.once={tmp_path / 'once'}",
+        f"+callbacks.stop.signal={'SIGUSR1' if slurm else 'SIGTERM'}",
+    ]
+    command = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"paths.log_dir={tmp_path / 'outputs'}",
+               *RUN, *stop]  # fmt: skip
+    if not slurm:
+        command.append(f"hydra.run.dir={tmp_path / 'run'}")
+    first = run("train.py", *command, env=env, check=False)
+    run_dir = tmp_path / ("outputs/train/runs/slurm-77" if slurm else "run")
+    stopped = read_metrics(run_dir)
+    assert stopped["status"] == "interrupted" and stopped["steps"] == 0
+    assert not list((run_dir / "checkpoints").glob("*.ckpt"))
+    if slurm:
+        assert first.returncode == 128 + signal.SIGUSR1, first.stderr[-2000:]
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n" and stopped["requeued"]
+        assert "SLURM requeued the job, it starts again" in first.stderr
+        again = run("train.py", *command, env=env | {"SLURM_RESTART_COUNT": "1"})
+    else:
+        assert first.returncode == 143, first.stderr[-2000:]
+        assert first.stderr.strip().splitlines()[-1] == (
+            f"SIGTERM: stopped before anything was saved. Start it again with: python train.py resume={run_dir}"
+        )
+        # config.yaml is a copy to read: an edit of it is not what resume= continues with, and the user is told.
+        written = (run_dir / "config.yaml").read_text()
+        (run_dir / "config.yaml").write_text(written.replace("max_epochs: 2", "max_epochs: 99"))
+        again = run("train.py", f"resume={run_dir}", env=env)
+        assert f"warning: {run_dir / 'config.yaml'} was edited since the run wrote it" in again.stdout + again.stderr
+        (edited,) = run_dir.glob("config.edited-*.yaml")
+        assert "max_epochs: 99" in edited.read_text() and "max_epochs: 99" not in (run_dir / "config.yaml").read_text()
+    assert "starts again from the beginning" in (run_dir / "train.log").read_text(), again.stderr[-2000:]
+    assert read_metrics(run_dir)["status"] == "finished"
+    assert read_metrics(run_dir)["metrics"] == whole["metrics"]
