@@ -1,95 +1,26 @@
-"""Callbacks that show a run as it goes: progress bar, layer table, early stopping, step-0 scores, confusion
-matrices, test report, and the epoch table with its curves."""
+"""Callbacks that steer a run as it goes: the progress bar, early stopping, the weights' moving average, and the
+checkpoints (the reports a run writes are in cnn_exp/reports.py)."""
 
-import csv
 import logging
 import math
-import re
+import os
 from pathlib import Path
 from time import monotonic
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
-from rich.table import Table
-from rich.text import Text
-from torch import nn
 
-from cnn_exp import atomic, console
-from cnn_exp.errors import UserError, is_whole, shown
-from cnn_exp.plots import confusion_figure, curves_figure, image_grid, literal, pixels, side_by_side, write_png
+from cnn_exp import console
+from cnn_exp.checkpoints import FILE_KEYS
 
 log = logging.getLogger(__name__)
-
-
-def _shape(size: list[int] | torch.Size) -> str:
-    return "×".join(map(str, size))
-
-
-def _kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d):
-        return f"Conv2d {_shape(module.kernel_size)}, padding {module.padding[0]}"
-    if isinstance(module, nn.MaxPool2d):
-        return f"MaxPool2d {module.kernel_size}×{module.kernel_size}"
-    return type(module).__name__
-
-
-def layer_rows(model: L.LightningModule) -> list[dict[str, str | int]]:
-    """One row per layer of `model.net`, with shapes for one image recorded during a real forward pass.
-
-    Lightning's ModelSummary runs `example_input_array` through the model with hooks on every module, so the
-    shapes are those the code produces, for any padding, kernel or width.
-    """
-    summary = Summary(model, max_depth=-1)
-    modules = dict(model.named_modules())
-    rows = []
-    for name, inputs, outputs, params in zip(
-        summary.layer_names, summary.in_sizes, summary.out_sizes, summary.param_nums, strict=True
-    ):
-        module = modules[name]
-        if not name.startswith("net.") or next(module.children(), None) is not None:
-            continue
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        rows.append(
-            {
-                "layer": name.removeprefix("net."),
-                "type": _kind(module),
-                "input": _shape(inputs[1:]),  # without the batch dimension
-                "output": _shape(outputs[1:]),
-                "weight": _shape(weight.shape) if weight is not None else "",
-                "bias": _shape(bias.shape) if bias is not None else "",
-                "parameters": params,
-            }
-        )
-    return rows
-
-
-def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
-
-
-def _log_per_class(trainer: L.Trainer, split: str, classes: list[str], accuracy: torch.Tensor) -> None:
-    """Straight to the loggers: as `self.log` values they would crowd the progress bar and the results table.
-
-    Each under `<split>/class_acc/<name>`, the name made a tag: a class name is data (a checkpoint's may hold
-    anything), so `/` becomes `-` and any other character but a letter, digit, `_`, `.` or `-` becomes `_`
-    (T-shirt/top: T-shirt-top, Ankle boot: Ankle_boot); an empty name, or one that gives another's tag, gets its class
-    number.
-    """
-    tags: list[str] = []
-    for number, name in enumerate(classes):
-        tag = f"{split}/class_acc/" + (re.sub(r"[^\w.-]", "_", name.replace("/", "-"))[:64] or str(number))
-        tags.append(f"{tag}_{number}" if tag in tags else tag)
-    for logger in trainer.loggers:
-        logger.log_metrics(dict(zip(tags, accuracy.tolist(), strict=True)), step=trainer.global_step)
 
 
 class ProgressBar(RichProgressBar):
@@ -197,41 +128,6 @@ class ProgressBar(RichProgressBar):
             self._unfed_batch = None
 
 
-class LayerTable(ModelSummary):
-    """Prints the network layer by layer (shapes for one image, weight and bias shapes, parameters) and saves it
-    as `architecture.md`, before training or testing. It is a ModelSummary, so the Trainer adds no other summary.
-    """
-
-    def __init__(self, dirpath: str) -> None:
-        super().__init__()
-        self.dirpath = Path(dirpath)
-        self._shown = False
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._show(trainer, pl_module)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._show(trainer, pl_module)
-
-    def _show(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._shown or not trainer.is_global_zero:
-            return
-        self._shown = True
-        rows = layer_rows(pl_module)
-        total = sum(int(row["parameters"]) for row in rows)
-        title = f"{type(pl_module.net).__name__}, one {_shape(pl_module.example_input_array.shape[1:])} image"
-        table = Table(*rows[0], title=title)
-        for row in rows:
-            table.add_row(*map(str, row.values()))
-        table.add_row("total", *[""] * 5, f"{total:,}", style="bold")
-        console.get().print(table)
-        lines = [f"# {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        lines += ["| " + " | ".join(map(str, row.values())) + " |" for row in rows]
-        lines.append("| total |" + " |" * 5 + f" {total:,} |")
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        (self.dirpath / "architecture.md").write_text("\n".join(lines) + "\n")
-
-
 class EarlyStopping(LightningEarlyStopping):
     """Lightning's early stopping, which says when it stopped and why: on the console once training has ended, and
     as `stopped` (what metrics.json records)."""
@@ -296,241 +192,109 @@ class EMA(EMAWeightAveraging):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
-class UntrainedScores(L.Callback):
-    """Logs, at step 0, how unsure the untrained network is on its first training batch: the mean of each image's
-    highest softmax score (about 1/classes, the notebook's "why are all the scores about 0.1?") and the loss
-    (about ln(classes)).
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint, with last.ckpt written at every epoch's end, restored state that may name only
+    files in its own folder, and a run that was moved, then resumed, finding its files again.
+
+    Lightning 2.6 rewrites last.ckpt only when it saved another checkpoint at that step: with a validation split,
+    only when the monitored metric improved. last.ckpt then held the best epoch, not the newest, and a run continued
+    from it trained some epochs twice. Here it is rewritten at the end of every epoch (and every validation).
     """
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> None:
-        if batch_idx != 0 or trainer.global_step != 0:  # cheapest test first: it runs every step
-            return
-        images, labels = batch
-        pl_module.eval()  # layers such as batch norm must not learn from this look
-        with torch.no_grad():
-            logits = pl_module(images)
-        pl_module.train()
-        scores = {
-            "untrained/mean_max_softmax": logits.softmax(dim=1).max(dim=1).values.mean().item(),
-            "untrained/loss": F.cross_entropy(logits, labels).item(),
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(scores, step=0)
-        if trainer.is_global_zero:
-            log.info(
-                "untrained network, %d images: mean highest softmax score %.3f (1/%d classes = %.3f), loss %.3f",
-                len(labels),
-                scores["untrained/mean_max_softmax"],
-                logits.shape[1],
-                1 / logits.shape[1],
-                scores["untrained/loss"],
-            )
-
-
-class ConfusionMatrix(L.Callback):
-    """After each validation: per-class accuracy as scalars, and every `every_n_epochs` (0: never) the confusion
-    matrix as a TensorBoard image with the class names on its axes.
-    """
-
-    def __init__(self, every_n_epochs: int = 1) -> None:
-        if not is_whole(every_n_epochs) or every_n_epochs < 0:
-            raise UserError(
-                f"callbacks.confusion_matrix.every_n_epochs={every_n_epochs} must be a number of epochs, 0 for never"
-            )
-        self.every_n_epochs = every_n_epochs
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        matrix = pl_module.val_confusion.compute()  # synced over ranks under DDP, so every rank calls it
-        classes = trainer.datamodule.classes
-        accuracy = matrix.diag() / matrix.sum(dim=1).clamp(min=1)
-        _log_per_class(trainer, "val", classes, accuracy)
-        tensorboard = _tensorboard(trainer)
-        due = self.every_n_epochs and trainer.current_epoch % self.every_n_epochs == 0
-        if tensorboard and trainer.is_global_zero and due:
-            title = f"validation, epoch {trainer.current_epoch + 1}"
-            for tag, kind in (("val/confusion_matrix", "counts"), ("val/confusion_rates", "rates")):
-                image = pixels(confusion_figure(matrix, classes, title, [kind]))
-                tensorboard.experiment.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
-
-
-class TestReport(L.Callback):
-    """After testing: a per-class accuracy table and the most confused class pairs on the console;
-    `per_class.csv`, `confusion_matrix.png` and `misclassified.png` in `dirpath`; the confusion matrix, per-class
-    accuracy and a grid of sample predictions in TensorBoard.
-    """
-
-    def __init__(self, dirpath: str, samples: int = 16, misclassified: int = 16, confused_pairs: int = 5) -> None:
-        for name, value in (("samples", samples), ("misclassified", misclassified), ("confused_pairs", confused_pairs)):
-            if not is_whole(value) or value < 0:
-                raise UserError(f"callbacks.test_report.{name}={value} must be a count: 0 (none) or more")
-        self.dirpath = Path(dirpath)
-        self.samples, self.misclassified, self.confused_pairs = samples, misclassified, confused_pairs
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._samples: list[torch.Tensor] = []
-        self._wrong: list[torch.Tensor] = []
-
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: torch.Tensor,
-        batch: tuple[torch.Tensor, torch.Tensor],
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        images, labels = batch
-        predictions = outputs.argmax(dim=1)
-        # Keep (image, label, prediction) triples: the first images, and the first wrong ones.
-        if sum(len(s[1]) for s in self._samples) < self.samples:
-            self._samples.append((images.cpu(), labels.cpu(), predictions.cpu()))
-        if sum(len(w[1]) for w in self._wrong) < self.misclassified:
-            wrong = predictions != labels
-            self._wrong.append((images[wrong].cpu(), labels[wrong].cpu(), predictions[wrong].cpu()))
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        matrix = pl_module.test_confusion.compute().cpu()
-        classes = trainer.datamodule.classes
-        images = matrix.sum(dim=1)
-        accuracy = matrix.diag() / images.clamp(min=1)
-        _log_per_class(trainer, "test", classes, accuracy)
-        if not trainer.is_global_zero:
-            return
-        self._print(matrix, classes)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        with open(self.dirpath / "per_class.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "images", "correct", "accuracy"])
-            for row in zip(classes, images.tolist(), matrix.diag().tolist(), accuracy.tolist(), strict=True):
-                writer.writerow([*row[:3], f"{row[3]:.4f}"])
-        # The file shows counts and rates side by side; TensorBoard, which shrinks an image to its card, one each.
-        images = {
-            "confusion_matrix": pixels(confusion_figure(matrix, classes, "test set", ["counts"])),
-            "confusion_rates": pixels(confusion_figure(matrix, classes, "test set", ["rates"])),
-        }
-        write_png(
-            side_by_side(images["confusion_matrix"], images["confusion_rates"]), self.dirpath / "confusion_matrix.png"
-        )
-        grids = {"misclassified": (self._wrong, self.misclassified, "misclassified test images: true → predicted")}
-        grids["predictions"] = (self._samples, self.samples, "test images (red: wrong, true → predicted)")
-        for name, (parts, count, title) in grids.items():
-            if count and (chosen := self._take(parts, count)) and len(chosen[0]):  # none asked for, or none wrong
-                images[name] = pixels(image_grid(*chosen, classes, title))
-        if "misclassified" in images:
-            write_png(images["misclassified"], self.dirpath / "misclassified.png")
-        if tensorboard := _tensorboard(trainer):
-            for name, image in images.items():
-                tensorboard.experiment.add_image(
-                    f"test/{name}", image, global_step=trainer.global_step, dataformats="HWC"
-                )
-
-    @staticmethod
-    def _take(parts: list[tuple[torch.Tensor, ...]], count: int) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.cat(column)[:count] for column in zip(*parts, strict=True))
-
-    def _print(self, matrix: torch.Tensor, classes: list[str]) -> None:
-        images, correct = matrix.sum(dim=1), matrix.diag()
-        table = Table("class", "images", "correct", "accuracy", title="test accuracy per class")
-        names = [Text(shown(name)) for name in classes]  # data: not markup, one line, no escape sequences
-        for name, n, c in zip(names, images.tolist(), correct.tolist(), strict=True):
-            table.add_row(name, str(n), str(c), f"{c / max(n, 1):.2%}")
-        table.add_row("all", str(int(images.sum())), str(int(correct.sum())), f"{correct.sum() / images.sum():.2%}")
-        confused = matrix.clone()
-        confused.fill_diagonal_(0)
-        pairs = Table("true", "predicted as", "images", "of the class", title="most confused pairs")
-        counts, indices = confused.flatten().topk(min(self.confused_pairs, confused.numel()))
-        for count, index in zip(counts.tolist(), indices.tolist(), strict=True):
-            if count:
-                true, predicted = divmod(index, len(classes))
-                pairs.add_row(names[true], names[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
-        console.get().print(table, pairs)
-
-
-class EpochTable(L.Callback):
-    """`epochs.csv` (one row per epoch: train and validation loss and accuracy, learning rate, seconds) and
-    `curves.png` (loss and accuracy against epoch) in `dirpath`, rewritten as each epoch ends, whatever the loggers.
-
-    An epoch's train metrics are logged after every callback's epoch-end hook, so its row is completed when the
-    next epoch starts or training ends. The rows travel in checkpoints: a resumed run keeps its earlier epochs.
-    """
-
-    FIELDS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "seconds")
-
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = Path(dirpath)
-        self.rows: list[dict[str, Any]] = []
-        self._epoch: dict[str, Any] | None = None  # the running epoch: its number, lr, metrics known so far
-        self._started = monotonic()  # when the running epoch started
-        self._trainer: L.Trainer | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = trainer  # state_dict reads the metrics of an epoch that a checkpoint ends
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._begin(trainer)  # also for a run resumed mid-epoch, whose epoch start Lightning skips
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._begin(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._epoch is not None and not trainer.sanity_checking:
-            self._epoch |= {name: _metric(trainer, name) for name in ("val/loss", "val/acc")}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._epoch is not None:
-            self._epoch["ended"] = True
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_due(trainer)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer)
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_due(trainer)
 
-    def state_dict(self) -> dict[str, Any]:
-        running = None
-        if self._epoch is not None:
-            running = self._epoch | {"seconds": monotonic() - self._started}
-            # A checkpoint written as the epoch ends (after its train metrics were logged) holds them too: a run
-            # resumed from it starts with the next epoch, in a process that never saw them.
-            if running.get("ended") and self._trainer is not None:
-                running |= {name: _metric(self._trainer, name) for name in ("train/loss", "train/acc")}
-        return {"rows": self.rows, "running": running}
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Point the state of a moved run at where its files lie now.
+
+        Its state names files by absolute path. Lightning drops that state when the folder differs, and the resumed
+        run would then rank its epochs afresh: test a worse epoch as the best one and write last-v1.ckpt beside a
+        stale last.ckpt.
+        """
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        before = state.get("dirpath") if state else None
+        # Only a checkpoint lying in this callback's own folder continues its run (resume=). One from elsewhere
+        # (train.py ckpt_path=) starts a new run, whose ranking starts afresh, as Lightning intends.
+        if not before or before == self.dirpath or not trainer.ckpt_path or not self.dirpath:
+            return
+        if Path(trainer.ckpt_path).resolve().parent != Path(self.dirpath).resolve():
+            return
+
+        def here(path: str) -> str:
+            return str(Path(self.dirpath, Path(path).relative_to(before))) if path.startswith(before + os.sep) else path
+
+        for key in FILE_KEYS:
+            if state.get(key):
+                state[key] = here(state[key])
+        state["best_k_models"] = {here(path): score for path, score in state.get("best_k_models", {}).items()}
+        state["dirpath"] = self.dirpath
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rows = list(state_dict.get("rows", []))
-        self._epoch = state_dict.get("running")
-        self._started = monotonic() - (self._epoch or {}).pop("seconds", 0.0)
-
-    def _begin(self, trainer: L.Trainer) -> None:
-        number = trainer.current_epoch + 1  # counted from 1, as metrics.json's "epochs"
-        if self._epoch is not None and self._epoch["epoch"] == number:
-            return  # begun already, by on_train_start or before the checkpoint this run resumed from
-        self._finish(trainer)
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self._epoch = {"epoch": number, "lr": optimizer.param_groups[0]["lr"] if optimizer else None}
-        self._started = monotonic()
-
-    def _finish(self, trainer: L.Trainer) -> None:
-        if self._epoch is None:
+        """Lightning's restore, keeping only names of files in this callback's folder, links and `..` resolved."""
+        ours = state_dict.get("dirpath") == self.dirpath
+        super().load_state_dict(state_dict)
+        if not ours:
+            # Another run's state (train.py ckpt_path=): this run ranks its own files afresh and names no other.
+            self.best_model_path = ""
             return
-        row = {name: self._epoch.get(name) for name in self.FIELDS}
-        for name in ("train/loss", "train/acc"):
-            row[name] = self._epoch.get(name, _metric(trainer, name))
-        row["seconds"] = round(monotonic() - self._started, 2)
-        self.rows.append(row)
-        self._epoch = None
-        if not trainer.is_global_zero:
+        for key in FILE_KEYS:
+            if getattr(self, key) and not self._own(getattr(self, key)):
+                log.warning("the checkpoint's %s=%s lies outside %s: dropped", key, getattr(self, key), self.dirpath)
+                setattr(self, key, "")
+        if self.save_last and not self.last_model_path:  # else Lightning, finding last.ckpt, writes last-v1.ckpt
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        for path in [path for path in self.best_k_models if not self._own(path)]:
+            log.warning("the checkpoint's best_k_models names %s, outside %s: dropped", path, self.dirpath)
+            del self.best_k_models[path]
+        # Lightning looks the k-th best up among best_k_models: the two must agree, or its next save fails.
+        if self.monitor and self.best_k_models:
+            ranked = sorted(self.best_k_models, key=lambda path: float(self.best_k_models[path]))
+            best, worst = (ranked[0], ranked[-1]) if self.mode == "min" else (ranked[-1], ranked[0])
+            if self.kth_best_model_path not in self.best_k_models:
+                self.kth_best_model_path, self.kth_value = worst, self.best_k_models[worst]
+            if self.best_model_path not in self.best_k_models:
+                self.best_model_path, self.best_model_score = best, self.best_k_models[best]
+        elif self.monitor:
+            self.best_model_path = self.kth_best_model_path = ""
+            self.best_model_score = None
+            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning checks the folder on the name as written, where `..` or a link can lead out of it.
+        if not self._own(filepath):
+            log.warning("kept %s: it lies outside %s, so it is not this callback's to delete", filepath, self.dirpath)
             return
-        with atomic.replace(self.dirpath / "epochs.csv", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            writer.writeheader()
-            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
-        run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
-        figure = curves_figure(self.rows, f"loss and accuracy per epoch: {literal(run, 200)}")
-        write_png(pixels(figure), self.dirpath / "curves.png")
+        super()._remove_checkpoint(trainer, filepath)
+
+    def _own(self, path: str) -> bool:
+        """Whether `path` names an entry of this callback's folder (or below it), once links and `..` are resolved."""
+        entry = Path(path)
+        if not self.dirpath or entry.name in ("", ".", ".."):
+            return False
+        return entry.parent.resolve().is_relative_to(Path(self.dirpath).resolve())
+
+    def _save_last_if_due(self, trainer: L.Trainer) -> None:
+        # Lightning's skip: not fitting, a sanity check, fast_dev_run, or a checkpoint (last.ckpt with it) written
+        # at this very step already.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def _metric(trainer: L.Trainer, name: str) -> float | None:
-    value = trainer.callback_metrics.get(name)
-    return None if value is None else float(value)
+# Run directories started before the reports moved to cnn_exp/reports.py name them here in .hydra/config.yaml,
+# which a resume builds: they still resolve.
+_MOVED = ("LayerTable", "UntrainedScores", "ConfusionMatrix", "TestReport", "EpochTable")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from cnn_exp import reports
+
+        return getattr(reports, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

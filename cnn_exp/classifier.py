@@ -2,7 +2,6 @@
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cnn_exp import checkpoints
+from cnn_exp import build
 from cnn_exp.errors import UserError, is_number
 
 
@@ -25,7 +24,7 @@ class Classifier(L.LightningModule):
     It takes the configs of the network, optimizer and scheduler as plain dicts and builds them itself, so the
     hyperparameters saved in a checkpoint are plain values: the checkpoint alone rebuilds the model, and it
     loads under torch's safe `weights_only` default. It builds them only from the classes that
-    `cnn_exp.checkpoints.BUILDS` allows, from plain values, never with Hydra's instantiate: settings read back from
+    `cnn_exp.build.BUILDS` allows, from plain values, never with Hydra's instantiate: settings read back from
     a checkpoint cannot name code, even where a path to this class skipped the checkpoint's own check.
     """
 
@@ -41,11 +40,11 @@ class Classifier(L.LightningModule):
         lr = optimizer.get("lr", 1)
         if not is_number(lr) or not math.isfinite(lr) or lr <= 0:
             raise UserError(f"optimizer.lr={lr} must be positive (and finite)")
-        checkpoints.check_classifier_settings({"label_smoothing": label_smoothing, "flip_average": flip_average})
+        build.check_classifier_settings({"label_smoothing": label_smoothing, "flip_average": flip_average})
         # Optimizer and scheduler are built when training starts: their settings are refused now, before any work.
-        _try_optimizer_and_scheduler(optimizer, scheduler)
+        build.check_optimizer_and_scheduler(optimizer, scheduler)
         self.save_hyperparameters()
-        self.net = checkpoints.build(net, "net", where="model")
+        self.net = build.build(net, "net", where="model")
         self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
         # One blank image: the model summary then shows every layer's input and output shape.
         self.example_input_array = torch.zeros(1, *self.net.input_shape)
@@ -107,10 +106,10 @@ class Classifier(L.LightningModule):
         return self.scores(batch).softmax(dim=1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = checkpoints.build(self.hparams.optimizer, "optimizer", self.parameters(), where="optimizer")
+        optimizer = build.build(self.hparams.optimizer, "optimizer", self.parameters(), where="optimizer")
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = checkpoints.build(self.hparams.scheduler, "scheduler", optimizer, where="scheduler")
+        scheduler = build.build(self.hparams.scheduler, "scheduler", optimizer, where="scheduler")
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -129,7 +128,7 @@ class Classifier(L.LightningModule):
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another network, optimizer or schedule than this run's, naming what differs.
 
-        Also called before training starts (cnn_exp.checkpoints.check_training_state), so that a refusal leaves
+        Also called before training starts (cnn_exp.resume.Start.check), so that a refusal leaves
         the run's record as it was.
         """
         saved, ours = checkpoint.get("hyper_parameters", {}).get("net", {}), self.hparams.net
@@ -149,10 +148,11 @@ class Classifier(L.LightningModule):
         # that differ would be recorded for this run but never used (a schedule's length included).
         for group in ("optimizer", "scheduler"):
             then, now = checkpoint.get("hyper_parameters", {}).get(group), self.hparams.get(group)
-            if "optimizer_states" in checkpoint and group in checkpoint.get("hyper_parameters", {}) and then != now:
+            stored = "optimizer_states" in checkpoint and group in checkpoint.get("hyper_parameters", {})
+            if stored and build.what_to_build(then) != build.what_to_build(now):
                 raise UserError(
-                    f"the checkpoint continues its own {group} ({_short(then)}), not this run's ({_short(now)}): "
-                    f"give the same {group} settings, or train a new run from the start"
+                    f"the checkpoint continues its own {group} ({build.short(then)}), not this run's "
+                    f"({build.short(now)}): give the same {group} settings, or train a new run from the start"
                 )
 
     def on_train_start(self) -> None:
@@ -205,40 +205,7 @@ class Classifier(L.LightningModule):
         return logits
 
 
-def _try_optimizer_and_scheduler(optimizer: dict[str, Any], scheduler: dict[str, Any] | None) -> None:
-    """Build the optimizer and schedule on a stand-in parameter and take two steps of the schedule: torch checks its
-    optimizers' ranges (a negative weight_decay) only when it builds one, and a schedule divides by its settings (a
-    step_size or T_max of 0) only when it steps, both during training, with a traceback."""
-    group, settings = "optimizer", optimizer
-    try:
-        built = checkpoints.build(optimizer, "optimizer", [torch.nn.Parameter(torch.zeros(1))], where="optimizer")
-        if scheduler:
-            group, settings = "scheduler", scheduler
-            with warnings.catch_warnings():  # a schedule stepped before its optimizer: the order is no matter here
-                warnings.simplefilter("ignore")
-                schedule = checkpoints.build(scheduler, "scheduler", built, where="scheduler")
-                for _ in range(2):
-                    schedule.step()
-    except (ValueError, TypeError, ZeroDivisionError, IndexError) as err:
-        zeros = [key for key, value in settings.items() if value == 0 and not isinstance(value, bool)]
-        if isinstance(err, ZeroDivisionError) and zeros:
-            raise UserError(f"{group}.{zeros[0]}=0: the schedule divides by it as it steps, give 1 or more") from None
-        raise UserError(f"{group} ({_short(settings)}) is refused by torch: {_first_line(err)}") from None
-
-
 def flip_averaged(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """The log of the mean of `net`'s class probabilities for each image and its mirror (valid logits)."""
     both = torch.stack([net(images).log_softmax(dim=1), net(images.flip(-1)).log_softmax(dim=1)])
     return both.logsumexp(dim=0) - math.log(2)
-
-
-def _short(settings: dict[str, Any] | None) -> str:
-    """A config group's settings in one line: its class's name and its values."""
-    if not settings:
-        return "none"
-    values = ", ".join(f"{key}={value}" for key, value in settings.items() if not key.startswith("_"))
-    return f"{str(settings.get('_target_', '')).rsplit('.', 1)[-1]} {values}".strip()
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

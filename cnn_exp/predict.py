@@ -135,14 +135,20 @@ def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, MNIST
     """
     checkpoint = checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
     # Without its data settings, the DataModule would fall back to defaults: MNIST, unnormalized.
-    if not isinstance(checkpoint.get("datamodule_hyper_parameters"), dict):
+    if checkpoints.missing(checkpoint, checkpoints.DATA) or not isinstance(
+        checkpoint["datamodule_hyper_parameters"], dict
+    ):
         raise UserError(
             f"ckpt_path={path} does not say which data it was trained on (no datamodule_hyper_parameters): "
             "give a checkpoint written by train.py"
         )
+    if missing := checkpoints.missing(checkpoint, checkpoints.MODEL):
+        raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: it has no {', '.join(missing)}")
+    # Built from what was read and checked, as Lightning's load_from_checkpoint would, without reading it again.
     try:
-        model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-        datamodule = MNISTDataModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **data)
+        model = Classifier(**checkpoint["hyper_parameters"])
+        model.load_state_dict(checkpoint["state_dict"])
+        datamodule = MNISTDataModule(**{**checkpoint["datamodule_hyper_parameters"], **data})
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {shown(reason)}") from None

@@ -13,15 +13,19 @@ checkpoints can be continued at all. The rest of resuming lives with what it res
 import logging
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints, precision, record, rundir
-from cnn_exp.errors import UserError
+from cnn_exp import build, checkpoints, precision, record, rundir
+from cnn_exp.classifier import Classifier
+from cnn_exp.errors import UserError, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,47 @@ def _log_file(output_dir: str, task: str, resume: str | None = None) -> str:
 OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
 OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
 OmegaConf.register_new_resolver("run_log", _log_file, replace=True)
+
+
+@dataclass
+class Start:
+    """Where a run of train.py starts: the config it runs with (the command's, or the resumed run's own), its key
+    settings for the record, and the training state it continues (read and checked once), if any."""
+
+    cfg: DictConfig
+    settings: dict[str, Any]
+    checkpoint: dict[str, Any] | None = None
+
+    @property
+    def step(self) -> int:
+        """The optimizer step training continues from: 0 for a run from its beginning."""
+        return self.checkpoint["global_step"] if self.checkpoint else 0
+
+    def check(self, model: Classifier, datamodule: Any) -> None:
+        """Refuse, before anything is recorded, a training state that does not fit the model and data built from
+        the config: a refused resume= then leaves its run as it was."""
+        if self.checkpoint is not None:
+            check_fits(self.checkpoint, self.cfg.ckpt_path, model, datamodule)
+
+
+def start(cfg: DictConfig) -> Start:
+    """Decide, once, how a run of train.py starts: new, `resume=` of a run, a requeued SLURM job's own unfinished run
+    (continued as if resumed), or a new run from `ckpt_path=`. The other ranks of a DDP run work in rank zero's
+    directory, by design, with its config."""
+    output_dir, other_rank = Path(cfg.paths.output_dir), rank_zero_only.rank != 0
+    if cfg.get("resume"):
+        cfg, settings = resumed_run(cfg)
+    elif rundir.holds_a_run(output_dir) and (rundir.requeued() or not other_rank):
+        unfinished = (record.read(output_dir) or {}).get("status") != record.FINISHED
+        if not other_rank and not (rundir.requeued() and unfinished):
+            rundir.check_new(output_dir, "train")
+        cfg, settings = resumed_run(cfg, requeued=True)
+        log.info("requeued: continuing the run in %s", output_dir)
+    else:
+        settings = record.settings(cfg)
+    if not cfg.ckpt_path:
+        return Start(cfg, settings)
+    return Start(cfg, settings, training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume")))
 
 
 def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, dict[str, Any]]:
@@ -188,15 +233,12 @@ def _yaml(path: Path) -> Any:
 
 
 def training_state(path: str, max_epochs: int | None, resume: str | None = None) -> dict[str, Any]:
-    """The checkpoint `ckpt_path` names, refused unless it holds a training state of train.py's to continue."""
-    checkpoint = checkpoints.load(path)
-    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters", "global_step"} <= set(checkpoint):
-        raise UserError(
-            f"ckpt_path={path} is not a checkpoint written by train.py (a bare state_dict or another program's "
-            "file has no training state to continue from)"
-        )
+    """The checkpoint `ckpt_path` names, read and checked once (cnn_exp/checkpoints.py: Lightning's restore gets the
+    same object), refused unless it holds a training state of train.py's with epochs left to train."""
+    checkpoint = checkpoints.load_once(path)
+    _check_state(checkpoint, f"ckpt_path={path}")
     # Past max_epochs Lightning fails with a traceback; at it, it would train nothing (caught after fit).
-    if max_epochs is not None and 0 <= max_epochs <= checkpoint.get("epoch", 0):
+    if max_epochs is not None and 0 <= max_epochs <= checkpoint["epoch"]:
         raise UserError(nothing_left_message(path, max_epochs, resume))
     return checkpoint
 
@@ -212,3 +254,140 @@ def nothing_left_message(path: str, max_epochs: int, resume: str | None) -> str:
         f"ckpt_path={path} has already trained to trainer.max_epochs={max_epochs}: nothing left to train. "
         "Give a larger trainer.max_epochs, or test it with test.py."
     )
+
+
+def _check_state(checkpoint: dict[str, Any], where: str) -> None:
+    """A training state of train.py's, by its keys (cnn_exp/checkpoints.py's one vocabulary) and their kinds."""
+    if checkpoints.missing(checkpoint, checkpoints.MODEL):
+        raise UserError(
+            f"{where} is not a checkpoint written by train.py (a bare state_dict or another program's file has no "
+            "training state to continue from)"
+        )
+    if checkpoints.missing(checkpoint, ("optimizer_states", "lr_schedulers")):
+        raise UserError(
+            f"{where} holds weights only (saved with save_weights_only=true): it has no optimizer state to continue "
+            f"training from. Test it with test.py {where}, or continue from a checkpoint written by train.py"
+        )
+    if missing := checkpoints.missing(checkpoint, checkpoints.TRAINING_STATE):
+        raise UserError(f"{where} has no {', '.join(missing)}: it is not a training state written by train.py")
+    for key in ("epoch", "global_step"):
+        if not is_whole(checkpoint[key]) or checkpoint[key] < 0:
+            raise UserError(f"{where}: {key}={checkpoint[key]!r} is not a count")
+    if not isinstance(checkpoint["loops"], Mapping) or not isinstance(checkpoint["loops"].get("fit_loop"), Mapping):
+        raise UserError(f"{where}: loops holds no fit_loop state to continue from")
+    if not isinstance(checkpoint.get("callbacks", {}), Mapping):
+        raise UserError(f"{where}: callbacks is not a mapping of callback states")
+
+
+def check_fits(checkpoint: dict[str, Any], path: str | Path, model: Classifier, datamodule: Any) -> None:
+    """Refuse, before training starts, a training state (from `training_state`) that cannot continue this run's.
+
+    Lightning would find each of these only once training has begun, and a refused `resume=` would then leave its
+    run marked failed: weights without a training state (Lightning's `save_weights_only=true`), another network,
+    optimizer, schedule or dataset than the run's, or states that do not fit them.
+    """
+    where = f"ckpt_path={path}"
+    _check_state(checkpoint, where)
+    # The settings first: they say what differs in the user's words (model.channels, optimizer.lr).
+    model.check_checkpoint(checkpoint)
+    _check_weights(checkpoint["state_dict"], model, where)
+    optimizer, schedulers = _optimizer_and_schedulers(model)
+    _check_optimizer_state(checkpoint["optimizer_states"], optimizer, where)
+    _check_scheduler_states(checkpoint["lr_schedulers"], schedulers, where)
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state is not None:
+        if not isinstance(state, Mapping) or not all(is_whole(state.get(k)) for k in ("epoch", "batches")):
+            raise UserError(f"{where}: {type(datamodule).__qualname__} holds no data position (epoch, batches)")
+        if state.get("dataset") != datamodule.hparams.dataset:
+            raise UserError(
+                f"{where}: the checkpoint was trained on {state.get('dataset')}, this run asks for "
+                f"{datamodule.hparams.dataset} (data=...): resume with the data it was trained on"
+            )
+
+
+def _check_weights(weights: Any, model: torch.nn.Module, where: str) -> None:
+    ours = model.state_dict()
+    if not isinstance(weights, Mapping):
+        raise UserError(f"{where}: state_dict is not a mapping of weights")
+    differences = [
+        f"{name}: {checkpoints.shape(weights.get(name))} in the checkpoint, {checkpoints.shape(ours.get(name))} here"
+        for name in sorted(set(ours) | set(weights))
+        if checkpoints.shape(weights.get(name)) != checkpoints.shape(ours.get(name))
+    ]
+    if differences:
+        more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise UserError(f"{where} holds weights of another network than this run's: {'; '.join(differences[:3])}{more}")
+
+
+def _optimizer_and_schedulers(model: Classifier) -> tuple[torch.optim.Optimizer, list[Any]]:
+    """The optimizer and schedulers the run will train with, built afresh, to load the checkpoint's states into."""
+    configured = model.configure_optimizers()
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured, []
+    return configured["optimizer"], [configured["lr_scheduler"]]
+
+
+def _check_optimizer_state(states: Any, optimizer: torch.optim.Optimizer, where: str) -> None:
+    if not isinstance(states, list | tuple) or len(states) != 1:
+        raise UserError(f"{where}: optimizer_states must hold one optimizer's state, the run trains with one")
+    state = states[0]
+    if not isinstance(state, Mapping) or not isinstance(state.get("param_groups"), list | tuple):
+        raise UserError(f"{where}: optimizer_states[0] is not an optimizer's state (param_groups, state)")
+    fresh = [dict(group) for group in optimizer.param_groups]
+    for index, group in enumerate(state["param_groups"]):
+        if not isinstance(group, Mapping):
+            raise UserError(f"{where}: optimizer_states[0].param_groups[{index}] is not a mapping of settings")
+        for key, value in group.items():
+            if (
+                index < len(fresh)
+                and key != "params"
+                and key in fresh[index]
+                and not _same_kind(value, fresh[index][key])
+            ):
+                raise UserError(
+                    f"{where}: optimizer_states[0].param_groups[{index}].{key}={value!r} is not of the kind the "
+                    f"optimizer takes ({fresh[index][key]!r} here)"
+                )
+    try:  # torch checks the groups' sizes against the parameters
+        optimizer.load_state_dict(dict(state))
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as err:
+        raise UserError(
+            f"{where}: its optimizer state does not fit this run's network: {build.first_line(err)}"
+        ) from None
+    # torch takes the per-parameter state (momentum, moments) as it comes: its shapes must be the parameters'.
+    for number, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        for name, value in optimizer.state.get(parameter, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
+                raise UserError(
+                    f"{where}: its optimizer state {name} of parameter {number} has shape {list(value.shape)}, "
+                    f"the parameter {list(parameter.shape)}"
+                )
+
+
+def _check_scheduler_states(states: Any, schedulers: list[Any], where: str) -> None:
+    if not isinstance(states, list | tuple) or len(states) != len(schedulers):
+        held = len(states) if isinstance(states, list | tuple) else build.kind(states)
+        raise UserError(f"{where}: lr_schedulers holds {held} scheduler states, the run has {len(schedulers)}")
+    for scheduler, state in zip(schedulers, states, strict=True):
+        fresh = scheduler.state_dict()
+        if not isinstance(state, Mapping):
+            raise UserError(f"{where}: lr_schedulers[0] is not a scheduler's state")
+        # torch copies every key of it onto the scheduler: none may replace a method or the optimizer.
+        for key, value in state.items():
+            if key not in fresh or not _same_kind(value, fresh[key]):
+                raise UserError(
+                    f"{where}: lr_schedulers[0].{key}={value!r} is not a state of {type(scheduler).__name__}"
+                )
+
+
+def _same_kind(value: Any, ours: Any) -> bool:
+    """Plain values of one kind: both bools, both numbers, both strings, lists alike; None matches any."""
+    if value is None or ours is None:
+        return build.is_plain(value)
+    if isinstance(ours, bool) or isinstance(value, bool):
+        return isinstance(ours, bool) and isinstance(value, bool)
+    if checkpoints.is_scalar(ours):
+        return checkpoints.is_scalar(value)
+    if isinstance(ours, list | tuple):
+        return isinstance(value, list | tuple) and len(value) == len(ours) and all(map(_same_kind, value, ours))
+    return type(value) is type(ours) and build.is_plain(value)

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import checkpoints, console, export, predict, record, resume, rundir, sweep
+from cnn_exp import build, console, export, predict, record, resume, rundir, sweep
 from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
@@ -107,26 +107,11 @@ def train(cfg: DictConfig) -> float | None:
 def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    # The processes Lightning starts for the other ranks of a DDP run work in rank zero's directory, by design.
-    other_rank = rank_zero_only.rank != 0
+    other_rank = rank_zero_only.rank != 0  # DDP's other ranks work in rank zero's directory (resume.start)
     if not other_rank:
         rundir.check_claimed(output_dir)
-    if cfg.get("resume"):
-        cfg, settings = resume.resumed_run(cfg)
-    elif rundir.holds_a_run(output_dir) and (rundir.requeued() or not other_rank):
-        unfinished = (record.read(output_dir) or {}).get("status") != record.FINISHED
-        if not other_rank and not (rundir.requeued() and unfinished):
-            rundir.check_new(output_dir, "train")
-        cfg, settings = resume.resumed_run(cfg, requeued=True)
-        log.info("requeued: continuing the run in %s", output_dir)
-    else:
-        settings = record.settings(cfg)
-    # A missing, damaged, unsafe or foreign file fails now, before any work.
-    start_step = (
-        resume.training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume"))["global_step"]
-        if cfg.ckpt_path
-        else 0
-    )
+    begin = resume.start(cfg)  # which config and which checkpoint, decided, read and checked once
+    cfg, settings = begin.cfg, begin.settings
     _check_monitored_metrics(cfg)
     _check_run_settings(cfg)
     if cfg.get("resume") and not other_rank:
@@ -138,10 +123,10 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
 
     # The model first: a network that cannot be built fails before any data is read.
     model = Classifier(
-        net=plain_values(cfg.model),
-        optimizer=plain_values(cfg.optimizer),
-        scheduler=plain_values(cfg.scheduler),
-        **plain_values(cfg.get("classifier") or {}),
+        net=build.plain(cfg.model),
+        optimizer=build.plain(cfg.optimizer),
+        scheduler=build.plain(cfg.scheduler),
+        **build.plain(cfg.get("classifier") or {}),
     )
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
     if len(datamodule.classes) != model.net.out.out_features:  # else the first validation fails, an epoch in
@@ -149,8 +134,7 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
             f"data.classes names {len(datamodule.classes)} classes, but the network has "
             f"model.num_classes={model.net.out.out_features} outputs: give them the same number"
         )
-    if cfg.ckpt_path:  # before anything is recorded: a refused resume= leaves its run's record as it was
-        checkpoints.check_training_state(checkpoints.load(cfg.ckpt_path), cfg.ckpt_path, model, datamodule)
+    begin.check(model, datamodule)
     loggers = _instantiate_each(cfg.get("logger"), "logger")
     stopper.save = cfg.trainer.get("enable_checkpointing") is not False
     trainer: L.Trainer = instantiate(
@@ -181,7 +165,7 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
     result: dict[str, Any] = {"status": record.INTERRUPTED}
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        trained = trainer.global_step > start_step
+        trained = trainer.global_step > begin.step
         if cfg.ckpt_path and not trained and not cfg.get("resume"):
             raise UserError(resume.nothing_left_message(cfg.ckpt_path, cfg.trainer.max_epochs, None))
         # Without anything trained, a resumed run had ended its training before it stopped, in its final test.
@@ -326,11 +310,11 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
 def _check_run_settings(cfg: DictConfig) -> None:
     """seed, threads and the classifier's settings, which torch and numpy would otherwise refuse with a traceback."""
     seed, threads, classifier = cfg.seed, cfg.get("threads"), cfg.get("classifier") or {}
-    unknown = set(classifier) - set(checkpoints.CLASSIFIER_SETTINGS)
+    unknown = set(classifier) - set(build.CLASSIFIER_SETTINGS)
     if unknown:
         raise UserError(
             f"classifier.{sorted(unknown)[0]} is not a setting of the classifier "
-            f"(it takes {', '.join(checkpoints.CLASSIFIER_SETTINGS)})"
+            f"(it takes {', '.join(build.CLASSIFIER_SETTINGS)})"
         )
     if classifier.get("flip_average") and cfg.data.dataset == "MNIST":
         raise UserError(
@@ -379,11 +363,6 @@ def _set_threads(threads: int | None) -> None:
             threads = max(1, cores // max(1, jobs))
     if threads is not None:
         torch.set_num_threads(threads)
-
-
-def plain_values(node: Any) -> Any:
-    """Plain Python values for hyperparameters: checkpoints then hold no OmegaConf objects."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _instantiate_each(group: DictConfig | None, name: str) -> list[Any]:

@@ -22,16 +22,18 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch import callbacks as lightning_callbacks
 from omegaconf import OmegaConf
 
-from cnn_exp import checkpoints
-from cnn_exp.checkpoints import ModelCheckpoint, SafeCheckpointIO
+import cnn_exp
+from cnn_exp import checkpoints, resume
+from cnn_exp.build import plain as _plain
+from cnn_exp.callbacks import ModelCheckpoint
+from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
-from cnn_exp.run import plain_values as _plain
 from tests.conftest import MIRROR, ROOT, read_metrics, run
 
 # Network2 with a learning rate so high that its best epoch is its first: 2 epochs of 8 steps (800 images in batches
@@ -157,8 +159,9 @@ def test_a_checkpoint_whose_settings_name_code_is_refused_before_anything_is_bui
     craft(crafted, marker)
     torch.save(crafted, path)
     # The file is real: Hydra, building what it names, calls open() and leaves the marker.
-    with contextlib.suppress(Exception):
-        instantiate({"hyper_parameters": crafted["hyper_parameters"], "data": crafted["datamodule_hyper_parameters"]})
+    for node in (*crafted["hyper_parameters"].values(), crafted["datamodule_hyper_parameters"]):
+        with contextlib.suppress(Exception):  # each on its own: one that fails stops Hydra before the next
+            instantiate(node)
     with contextlib.suppress(Exception):
         instantiate(crafted.get("hparams", {}))
     if case not in ("Lightning's instantiator", "Lightning's settings type"):  # these two would call other things
@@ -346,7 +349,7 @@ def test_a_resumed_run_never_deletes_a_file_its_checkpoint_names_outside(high_lr
     assert checkpoints.load(folder / "last.ckpt")["epoch"] == 2
 
 
-# What Lightning finds only once training has begun; check_training_state finds before: (what to change, message)
+# What Lightning finds only once training has begun; resume.check_fits finds before: (what to change, message)
 MISFITS = {
     "another network's weights": (
         lambda c: c["state_dict"].update({"net.conv1.weight": torch.zeros(3, 1, 5, 5)}),
@@ -381,11 +384,11 @@ MISFITS = {
 @pytest.mark.parametrize("case", MISFITS)
 def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_training(case: str, last: dict[str, Any]) -> None:
     model, data = Classifier(**last["hyper_parameters"]), MNISTDataModule(**last["datamodule_hyper_parameters"])
-    checkpoints.check_training_state(last, "last.ckpt", model, data)  # the real one fits
+    resume.check_fits(last, "last.ckpt", model, data)  # the real one fits
     change, message = MISFITS[case]
     change(last)
     with pytest.raises(UserError, match=re.escape(message)):
-        checkpoints.check_training_state(last, "last.ckpt", model, data)
+        resume.check_fits(last, "last.ckpt", model, data)
 
 
 @pytest.mark.slow
@@ -498,3 +501,39 @@ def test_settings_that_would_build_a_huge_network_are_refused_before_any_memory_
     refusal, grown = done.stdout.strip().splitlines()
     assert int(grown) < 100, f"the refusal took {grown} MB more memory"
     assert "state_dict holds other weights than hyper_parameters.net describes: net.fc1.weight" in refusal
+
+
+# A training state written by train.py at commit 62d8d00 (Network2, one epoch of the MNIST subset), before the builder,
+# the training-state checks and ModelCheckpoint moved, and while conf/optimizer still held `_partial_: true`.
+OLD = ROOT / "tests" / "data" / "checkpoints" / "62d8d00-net2-mnist-last.ckpt"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_an_earlier_version_still_loads_tests_and_trains_on(paths: list[str], tmp_path: Path) -> None:
+    assert checkpoints.load(OLD)["hyper_parameters"]["optimizer"]["_partial_"] is True
+    model = cnn_exp.load(OLD)
+    assert model.classes == [str(digit) for digit in range(10)] and model.dataset == "MNIST"
+    run("test.py", *paths[:2], f"ckpt_path={OLD}", f"hydra.run.dir={tmp_path / 'test'}")
+    # What test.py at 62d8d00 measured on this checkpoint and the test subset, to the bit.
+    assert read_metrics(tmp_path / "test")["metrics"] == {
+        "test/loss": 2.294067621231079,
+        "test/acc": 0.14499999582767487,
+    }
+    # Today's configs hold no `_partial_`: the same optimizer all the same, so its training goes on.
+    run("train.py", *paths, f"ckpt_path={OLD}", "data.val_size=200", "trainer.max_epochs=2", "test=false",
+        f"hydra.run.dir={tmp_path / 'train'}")  # fmt: skip
+    trained = read_metrics(tmp_path / "train")
+    assert trained["status"] == "finished" and trained["steps"] == 16
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("cnn_exp.checkpoints.ModelCheckpoint", "cnn_exp.callbacks.ModelCheckpoint")]
+    + [
+        (f"cnn_exp.callbacks.{name}", f"cnn_exp.reports.{name}")
+        for name in ("LayerTable", "UntrainedScores", "ConfusionMatrix", "TestReport", "EpochTable")
+    ],
+)
+def test_the_callbacks_an_earlier_runs_config_names_still_resolve(old: str, new: str) -> None:
+    """A run directory started before these moved names them so in its .hydra/config.yaml, which resume= builds."""
+    assert get_class(old) is get_class(new)

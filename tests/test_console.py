@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cnn_exp import console
-from cnn_exp.callbacks import EarlyStopping, ProgressBar, UntrainedScores
+from cnn_exp.callbacks import EarlyStopping, ProgressBar
 from cnn_exp.classifier import Classifier
+from cnn_exp.reports import UntrainedScores
 from tests.conftest import QUICK, ROOT, read_metrics, run
 from tests.test_classifier import SGD, net
 
@@ -70,7 +71,7 @@ def test_the_bar_ends_on_the_last_epochs_numbers_counted_from_one(
 
 def test_log_lines_print_on_the_bars_console_above_it(tmp_path: Path, screen: StringIO) -> None:
     """A line logged while the bar is live goes through the bar's own console, not around it."""
-    logger, handler = logging.getLogger("cnn_exp.callbacks"), console.Handler()
+    logger, handler = logging.getLogger("cnn_exp.reports"), console.Handler()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:

@@ -13,7 +13,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from cnn_exp import callbacks, checkpoints, record
+from cnn_exp import checkpoints, record, reports
+from cnn_exp.callbacks import ModelCheckpoint
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
@@ -110,9 +111,9 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
 def test_a_moved_run_keeps_ranking_its_own_checkpoints_and_a_new_run_starts_afresh(tmp_path: Path) -> None:
     old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
 
-    def restored(ckpt_path: Path) -> checkpoints.ModelCheckpoint:
+    def restored(ckpt_path: Path) -> ModelCheckpoint:
         """A checkpoint callback of the run in `new`, after Lightning restored it from the run once in `old`."""
-        callback = checkpoints.ModelCheckpoint(dirpath=new, monitor="val/acc", mode="max")
+        callback = ModelCheckpoint(dirpath=new, monitor="val/acc", mode="max")
         best, score = str(old / "best-epoch01.ckpt"), torch.tensor(0.35)
         last = str(old / "last.ckpt")
         state = {"dirpath": str(old), "best_model_path": best, "best_model_score": score, "kth_value": score,
@@ -390,9 +391,9 @@ def test_values_of_the_wrong_kind_are_named() -> None:
     with pytest.raises(UserError, match=r"optimizer\.lr=abc must be positive"):
         Classifier({"_target_": "cnn_exp.net.ConvNet"}, {"_target_": "torch.optim.SGD", "lr": "abc"})
     with pytest.raises(UserError, match=r"callbacks\.test_report\.samples=-1 must be a count"):
-        callbacks.TestReport(dirpath=".", samples=-1)
+        reports.TestReport(dirpath=".", samples=-1)
     with pytest.raises(UserError, match=r"callbacks\.confusion_matrix\.every_n_epochs=-1 must be a number of epochs"):
-        callbacks.ConfusionMatrix(every_n_epochs=-1)
+        reports.ConfusionMatrix(every_n_epochs=-1)
     with pytest.raises(UserError, match=r"model\.dropout=abc must be at least 0 and below 1"):
         ConvNet(dropout="abc")
     with pytest.raises(UserError, match=r"data\.shift=1\.5 must be 0 \(off\) or a whole number of pixels"):

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cnn_exp.callbacks import _log_per_class
+from cnn_exp.reports import _log_per_class
 from tests.conftest import MIRROR, run
 
 # Ten class names, each a way text can act on what shows it.

@@ -1,0 +1,267 @@
+"""Building a network, optimizer and schedule from plain settings: the only classes ever built, and the checks of
+their values.
+
+Settings come from a config (conf/, the command line) or from a checkpoint, which is input from outside: the same
+rule serves both. A `_target_` is looked up in BUILDS, never imported (importing a module a file names would run its
+code), and every other value must be plain data of the kind its parameter takes; no `hydra.utils.instantiate`, which
+would call whatever a `_target_` names, at any depth. The Classifier builds through `build`; cnn_exp/checkpoints.py
+checks a checkpoint's settings with `check_model_settings` and `check_arguments` before anything in it is used.
+"""
+
+import inspect
+import os
+import types
+import typing
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from cnn_exp.errors import UserError, is_number, is_whole
+from cnn_exp.net import ConvNet
+
+
+def _classes(module: types.ModuleType, base: type) -> dict[str, type]:
+    """The public subclasses of `base` in `module`, by their public name and by their defining module's."""
+    found = {}
+    for name in module.__all__:
+        cls = getattr(module, name)
+        if inspect.isclass(cls) and issubclass(cls, base) and cls is not base:
+            found[f"{module.__name__}.{name}"] = found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return found
+
+
+# The only classes ever built from settings, a config's or a checkpoint's: a `_target_` is looked up here, never
+# imported (importing a module named by a file would run its code). Per group: the classes, what they are called
+# in messages, and how many leading arguments Classifier passes itself (the parameters, the optimizer).
+BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
+    "net": ({"cnn_exp.net.ConvNet": ConvNet}, "cnn_exp.net.ConvNet", 0),
+    "optimizer": (_classes(torch.optim, torch.optim.Optimizer), "an optimizer of torch.optim, e.g. torch.optim.SGD", 1),
+    "scheduler": (
+        _classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler),
+        "a scheduler of torch.optim.lr_scheduler, e.g. torch.optim.lr_scheduler.StepLR",
+        1,
+    ),
+}
+# The Classifier's settings that are plain values, not things it builds (checked by check_classifier_settings).
+CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average")
+# Hydra's keys at the top of a settings node, with the kind of value each takes. Any other `_key_`, or one of
+# these below the top, would be an instruction to Hydra: settings here are never instantiated, so none may appear.
+# `_partial_` is no longer in conf/ (nothing here used it), but checkpoints written with it still load.
+HOW_TO_BUILD = {"_target_": str, "_partial_": bool, "_convert_": str, "_recursive_": bool}
+
+
+def checked_class(settings: Any, group: str, where: str) -> type:
+    """The class that a settings node of `group` (net, optimizer, scheduler) names, once the node has passed.
+
+    It passes when its `_target_` is one of BUILDS[group]'s classes and every other value is plain data of the kind
+    its parameter takes (no objects, no Hydra instructions). Raises UserError naming the key path (`where`...).
+    """
+    allowed, described, supplied = BUILDS[group]
+    settings = plain(settings)
+    if not isinstance(settings, Mapping):
+        raise UserError(f"{where} must be a mapping of settings, not {kind(settings)}")
+    refuse_instructions(settings, where, top=True)
+    target = settings.get("_target_")
+    if not isinstance(target, str) or target not in allowed:
+        raise UserError(f"{where}._target_={target} is not a class this project builds from settings ({described})")
+    cls = allowed[target]
+    values = {key: value for key, value in settings.items() if key not in HOW_TO_BUILD}
+    check_arguments(cls, values, where, target, supplied)
+    return cls
+
+
+def build(settings: Any, group: str, *args: Any, where: str) -> Any:
+    """Build a network, optimizer or scheduler from its settings: `checked_class(...)(*args, **values)`.
+
+    The one way Classifier builds them, from a config file or a checkpoint alike: no `hydra.utils.instantiate`,
+    which would call whatever a `_target_` names, at any depth.
+    """
+    cls = checked_class(settings, group, where)
+    values = {key: value for key, value in plain(settings).items() if key not in HOW_TO_BUILD}
+    if group == "net" and torch.get_default_device().type != "meta":
+        _check_size(cls, values, where)
+    return cls(*args, **values)
+
+
+def _check_size(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse a network that could not be trained in this machine's memory, measured on torch's meta device first
+    (which allocates nothing) instead of failing in the allocator with a traceback."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in cls(**values).parameters())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    needed = 16 * parameters  # float32 weights, gradients and two optimizer moments
+    if needed > memory:
+        raise UserError(
+            f"{'model' if where == 'model' else where}: the network would have {parameters:,} parameters, "
+            f"{needed / 2**30:,.0f} GiB to train (weights, gradients, optimizer state), more than this machine's "
+            f"{memory / 2**30:.0f} GiB: use fewer model.channels or model.hidden, or a smaller image_size"
+        )
+
+
+def check_classifier_settings(settings: Mapping[str, Any], where: str = "classifier") -> None:
+    """The Classifier's own plain settings (CLASSIFIER_SETTINGS), from a config or a checkpoint."""
+    smoothing = settings.get("label_smoothing", 0.0)
+    if not is_number(smoothing) or not 0 <= smoothing < 1:
+        raise UserError(f"{where}.label_smoothing={smoothing!r} must be a number at least 0 and below 1")
+    if not isinstance(settings.get("flip_average", False), bool):
+        raise UserError(f"{where}.flip_average={settings['flip_average']!r} must be true or false")
+
+
+def check_model_settings(settings: Any, where: str) -> None:
+    if not isinstance(settings, Mapping):
+        raise UserError(f"{where} must be a mapping of the model's settings, not {kind(settings)}")
+    for key, value in settings.items():
+        if key in CLASSIFIER_SETTINGS:
+            continue
+        if key not in BUILDS:
+            known = ", ".join([*BUILDS, *CLASSIFIER_SETTINGS])
+            raise UserError(f"{where}.{key} is not a setting of the model (it takes {known})")
+        if key != "scheduler" or value:  # no scheduler: null or an empty mapping
+            checked_class(value, key, f"{where}.{key}")
+    check_classifier_settings(settings, where)
+
+
+def refuse_instructions(value: Any, where: str, top: bool) -> None:
+    """Refuse Hydra's `_key_` instructions anywhere in `value`, but the known ones at its top when `top`."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise UserError(f"{where} has a key {key!r} that is not a name")
+            if key.startswith("_") and key.endswith("_") and len(key) > 2:
+                if not (top and key in HOW_TO_BUILD):
+                    raise UserError(
+                        f"{where}.{key} is an instruction to build or call something, which settings never hold"
+                    )
+                if not isinstance(item, HOW_TO_BUILD[key]):
+                    raise UserError(f"{where}.{key}={item!r} is not a {HOW_TO_BUILD[key].__name__}")
+            refuse_instructions(item, f"{where}.{key}", top=False)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            refuse_instructions(item, f"{where}[{index}]", top=False)
+
+
+def check_arguments(cls: type, values: Any, where: str, name: str, supplied: int) -> None:
+    """Every value is a keyword argument of `cls` (past the `supplied` leading ones) and of the kind it takes."""
+    if not isinstance(values, Mapping):
+        raise UserError(f"{where} must be a mapping of settings, not {kind(values)}")
+    parameters = list(inspect.signature(cls).parameters.values())[supplied:]
+    keywords = {p.name: p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve (torch's LambdaLR): each parameter's default's kind
+        hints = {}
+    for key, value in values.items():
+        if key not in keywords:
+            raise UserError(f"{where}.{key} is not a setting of {name}")
+        parameter = keywords[key]
+        hint = hints.get(key)
+        if hint is None and parameter.default not in (parameter.empty, None):
+            hint = type(parameter.default)
+        elif hint is None and parameter.annotation is not parameter.empty:
+            raise UserError(f"{where}.{key}={value!r} is not something settings can hold ({parameter.annotation})")
+        if not _fits(value, Any if hint is None else hint):
+            raise UserError(f"{where}.{key}={value!r} is not {_describe(hint)}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` is plain data of the kind a type hint names. A tensor, callable or object never is."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return is_plain(value)
+    if hint in (None, type(None)):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if hint in (bool, int, float, str):
+        return {bool: isinstance(value, bool), int: is_whole(value), float: is_number(value)}.get(
+            hint, isinstance(value, str)
+        )
+    if (origin or hint) in (list, tuple, Sequence, Iterable):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return all(_fits(item, args[0] if args else Any) for item in value)
+    return False
+
+
+def is_plain(value: Any) -> bool:
+    """None, a bool, number or string, or a list of them."""
+    if isinstance(value, list | tuple):
+        return all(is_plain(item) for item in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words, leaving out what settings never hold (tensors)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args if arg is not torch.Tensor)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} values, each {_describe(args[0])}"
+    if (origin or hint) in (list, tuple, Sequence, Iterable):
+        return f"a list, each {_describe(args[0])}" if args else "a list"
+    words = {
+        Any: "plain data (numbers, strings, lists of them)",
+        None: "null",
+        type(None): "null",
+        bool: "true or false",
+    }
+    words |= {int: "a whole number", float: "a number", str: "a string"}
+    return words.get(hint, f"something settings cannot hold ({getattr(hint, '__name__', hint)})")
+
+
+def check_optimizer_and_scheduler(optimizer: dict[str, Any], scheduler: dict[str, Any] | None) -> None:
+    """Build the optimizer and schedule on a stand-in parameter and take two steps of the schedule: torch checks its
+    optimizers' ranges (a negative weight_decay) only when it builds one, and a schedule divides by its settings (a
+    step_size or T_max of 0) only when it steps, both during training, with a traceback."""
+    group, settings = "optimizer", optimizer
+    try:
+        built = build(optimizer, "optimizer", [torch.nn.Parameter(torch.zeros(1))], where="optimizer")
+        if scheduler:
+            group, settings = "scheduler", scheduler
+            with warnings.catch_warnings():  # a schedule stepped before its optimizer: the order is no matter here
+                warnings.simplefilter("ignore")
+                schedule = build(scheduler, "scheduler", built, where="scheduler")
+                for _ in range(2):
+                    schedule.step()
+    except (ValueError, TypeError, ZeroDivisionError, IndexError) as err:
+        zeros = [key for key, value in settings.items() if value == 0 and not isinstance(value, bool)]
+        if isinstance(err, ZeroDivisionError) and zeros:
+            raise UserError(f"{group}.{zeros[0]}=0: the schedule divides by it as it steps, give 1 or more") from None
+        raise UserError(f"{group} ({short(settings)}) is refused by torch: {first_line(err)}") from None
+
+
+def what_to_build(settings: Any) -> Any:
+    """Settings as what they build: the class and its values, without Hydra's other keys (`_partial_`, which configs
+    held until it was dropped as unused, among them), so that stored and given settings compare by what they mean."""
+    if not isinstance(settings, Mapping):
+        return settings
+    return {key: value for key, value in settings.items() if key == "_target_" or key not in HOW_TO_BUILD}
+
+
+def plain(settings: Any) -> Any:
+    return OmegaConf.to_container(settings, resolve=True) if OmegaConf.is_config(settings) else settings
+
+
+def kind(value: Any) -> str:
+    return f"a {type(value).__name__}"
+
+
+def short(settings: Mapping[str, Any] | None) -> str:
+    """A config group's settings in one line: its class's name and its values."""
+    if not settings:
+        return "none"
+    values = ", ".join(f"{key}={value}" for key, value in settings.items() if not key.startswith("_"))
+    return f"{str(settings.get('_target_', '')).rsplit('.', 1)[-1]} {values}".strip()
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
