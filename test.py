@@ -3,7 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from cnn_exp.run import test
+from cnn_exp.run import setup, test
+
+setup()  # resolvers and config schemas, before Hydra composes the config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="test")

@@ -49,7 +49,7 @@ class ConvNet(nn.Sequential):
         in_channels: int = 1,
         image_size: int = 28,
         num_classes: int = 10,
-        channels_last: bool = False,
+        channels_last: bool = True,
         compile: bool = False,
     ) -> None:
         if not is_number(dropout) or not 0 <= dropout < 1:

@@ -26,6 +26,6 @@ def auto_precision(accelerator: str) -> str:
     return BF16 if on_cpu and native_bf16_cpu() else FP32
 
 
-# Registered on import, before Hydra resolves the trainer's config: train.py and test.py import cnn_exp.run, which
-# imports cnn_exp.resume, which imports this module.
-OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
+def register_resolver() -> None:
+    """`${auto_precision:...}`, registered by the entry points before Hydra resolves the config (cnn_exp/run.setup)."""
+    OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)

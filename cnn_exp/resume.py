@@ -93,12 +93,12 @@ def _log_file(output_dir: str, task: str, resume: str | None = None) -> str:
     return str(Path(output_dir) / f"{task}.log")
 
 
-# conf/hydra/default.yaml and conf/hydra/job_logging/cnn_exp.yaml use these. They are registered here, on import,
-# because Hydra resolves hydra.run.dir before it calls train(): train.py imports cnn_exp.run, which imports this
-# module, before @hydra.main composes the config.
-OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
-OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
-OmegaConf.register_new_resolver("run_log", _log_file, replace=True)
+def register_resolvers() -> None:
+    """The resolvers conf/hydra/default.yaml and conf/hydra/job_logging/cnn_exp.yaml choose the run directory, its
+    record and its log file with; registered by the entry points before Hydra resolves them (cnn_exp/run.setup)."""
+    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+    OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("run_log", _log_file, replace=True)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import build, console, export, predict, record, resume, rundir, sweep
+from cnn_exp import build, console, export, precision, predict, record, resume, rundir, schema, sweep
 from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
@@ -35,6 +35,14 @@ from cnn_exp.signals import Interrupted, StopOnSignal, slurm_requeue_signal
 from cnn_exp.tensorboard import log_hparams
 
 log = logging.getLogger(__name__)
+
+
+def setup() -> None:
+    """What Hydra needs before it composes a config of this project: the resolvers conf/ uses and the schemas its
+    options extend. train.py and test.py call it on import (a launcher's worker processes import them too)."""
+    resume.register_resolvers()
+    precision.register_resolver()
+    schema.store()
 
 
 def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cnn_exp import run as tasks
 from tests import forkserver
 
+tasks.setup()  # as train.py and test.py do, for the configs the tests compose
+
 ROOT = Path(__file__).resolve().parents[1]
 # The first 1,000 training and 200 test images of each dataset, written by tests/make_data.py.
 MIRROR = ROOT / "tests" / "data"

@@ -398,7 +398,7 @@ def test_values_of_the_wrong_kind_are_named() -> None:
         ConvNet(dropout="abc")
     with pytest.raises(UserError, match=r"data\.shift=1\.5 must be 0 \(off\) or a whole number of pixels"):
         MNISTDataModule("MNIST", shift=1.5)
-    with pytest.raises(UserError, match=r"data\.mean=abc and data\.std=1\.0 must be numbers"):
+    with pytest.raises(UserError, match=r"data\.mean=abc and data\.std=0\.3081 must be numbers"):  # MNIST's std
         MNISTDataModule("MNIST", mean="abc")
     with pytest.raises(UserError, match=r"model\.padding=abc must be one int or a list of 2 ints"):
         ConvNet(padding="abc")
