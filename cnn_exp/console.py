@@ -14,16 +14,17 @@ from typing import Any
 
 import rich
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cnn_exp import sweep
 from cnn_exp.errors import shown
+from cnn_exp.record import TEST_ACC, TEST_LOSS, VAL_ACC, VAL_LOSS, key_settings
 
 
 def get() -> Console:
@@ -47,6 +48,7 @@ NOISE = [
     # Which checkpoint was tested is in the result line and metrics.json.
     ("lightning", r"Restoring states from the checkpoint path at |Loaded model weights from the checkpoint at "),
     # Each job of a sweep prints its own line when it starts (JobLines); submitit's record of what it submitted stays.
+    # Hydra's basic launcher logs under its private module's name: no setting of Hydra's turns these lines off.
     ("hydra._internal.core_plugins.basic_launcher", r""),
     ("hydra_plugins.hydra_joblib_launcher", r""),
     ("hydra_plugins.hydra_optuna_sweeper", r"(Study name|Storage|Sampler|Directions): "),
@@ -108,15 +110,8 @@ def print_run_header(cfg: DictConfig, output_dir: Path) -> None:
     choices = {group: choice for group, choice in hydra.runtime.choices.items() if not group.startswith("hydra")}
     chosen = [f"{group}={choices.pop(group)}" for group in GROUPS if choices.get(group) is not None]
     chosen += [f"{group}={choice}" for group, choice in choices.items() if choice is not None and group != "paths"]
-    settings = {
-        "lr": OmegaConf.select(cfg, "optimizer.lr"),
-        "batch": OmegaConf.select(cfg, "data.batch_size"),
-        "epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
-        "validation images": OmegaConf.select(cfg, "data.val_size"),
-        "padding": OmegaConf.select(cfg, "model.padding"),
-        "seed": cfg.get("seed"),
-    }
-    given = [_setting(name, value) for name, value in settings.items() if value is not None]
+    values = key_settings(cfg)
+    given = [_setting(label, values[name]) for name, label in SETTINGS.items() if values[name] is not None]
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -134,6 +129,15 @@ def print_run_header(cfg: DictConfig, output_dir: Path) -> None:
 
 # The order in which the header names the config groups chosen; any others follow.
 GROUPS = ["experiment", "data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "hparams_search"]
+# The key settings the header shows (record.KEY_SETTINGS's names), in this order and in these words.
+SETTINGS = {
+    "lr": "lr",
+    "batch_size": "batch",
+    "max_epochs": "epochs",
+    "val_size": "validation images",
+    "padding": "padding",
+    "seed": "seed",
+}
 
 
 def _setting(name: str, value: Any) -> str:
@@ -153,11 +157,8 @@ class JobLines(Callback):
         self.varied: list[str] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # The keys the sweep varies: swept on the command line (a=1,2) or searched by the sweeper (Optuna's params).
         # Kept on this object, which Hydra hands to every job, also to jobs in other processes (joblib, submitit).
-        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        self.varied = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
-        self.varied += list(OmegaConf.select(config, "hydra.sweeper.params") or {})
+        self.varied = sweep.varied_keys(config)
         _print(f"sweep: {config.hydra.sweep.dir}")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -165,7 +166,7 @@ class JobLines(Callback):
             return
         overrides = [o for o in config.hydra.overrides.task if not o.startswith(("paths.", "hydra."))]
         if self.varied:
-            overrides = [o for o in overrides if o.partition("=")[0].lstrip("+~") in self.varied]
+            overrides = [o for o in overrides if sweep.split_override(o)[0] in self.varied]
         _print(f"job {config.hydra.job.num}: {' '.join(map(_short, overrides))}")
         get().quiet = True
 
@@ -209,7 +210,7 @@ def result_text(record: dict[str, Any], brief: bool = False) -> str:
     if record.get("tested") and not brief:
         how.append(f"tested {shown(Path(record['tested']).name)}")
     metrics = record.get("metrics", {})
-    names = ["val/acc", "test/acc"] if brief else ["val/acc", "val/loss", "test/acc", "test/loss"]
+    names = [VAL_ACC, TEST_ACC] if brief else [VAL_ACC, VAL_LOSS, TEST_ACC, TEST_LOSS]
     values = " · ".join(f"{name} {metrics[name]:.4f}" for name in names if name in metrics)
     took = f" in {record['wall_time_s']:.0f} s" if "wall_time_s" in record else ""
     if brief:
@@ -219,7 +220,7 @@ def result_text(record: dict[str, Any], brief: bool = False) -> str:
 
 def _short(override: str) -> str:
     """An override with a long float shortened (an Optuna sample: optimizer.lr=0.01037102396887841)."""
-    key, sep, value = override.partition("=")
-    if sep and re.fullmatch(r"-?\d+\.\d{5,}(e-?\d+)?", value):
-        value = f"{float(value):.4g}"
-    return f"{key}{sep}{value}"
+    value = sweep.split_override(override)[1]  # as given: the override ends in it
+    if re.fullmatch(r"-?\d+\.\d{5,}(e-?\d+)?", value):
+        return override.removesuffix(value) + f"{float(value):.4g}"
+    return override

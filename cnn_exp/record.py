@@ -26,8 +26,29 @@ NAME = "metrics.json"
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
 
-# The names under which Classifier logs its epoch metrics, in the order metrics.json lists them.
-METRICS = [f"{split}/{name}" for split in ("train", "val", "test") for name in ("loss", "acc")]
+# The names under which Classifier logs its epoch metrics, in the order metrics.json lists them. Every module that
+# names a metric takes its name from here.
+TRAIN_LOSS, TRAIN_ACC = "train/loss", "train/acc"
+VAL_LOSS, VAL_ACC = "val/loss", "val/acc"
+TEST_LOSS, TEST_ACC = "test/loss", "test/acc"
+METRICS = [TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, TEST_LOSS, TEST_ACC]
+# The metric a run is judged and a sweep ranked by where the config names none (`optimized_metric`; conf/train.yaml
+# names the same).
+OPTIMIZED = VAL_ACC
+
+# The run's key settings, the values most often swept: their names in metrics.json → the config keys they are read
+# from. The run header and TensorBoard's HParams show these too.
+KEY_SETTINGS = {
+    "seed": "seed",
+    "lr": "optimizer.lr",
+    "batch_size": "data.batch_size",
+    "val_size": "data.val_size",
+    "max_epochs": "trainer.max_epochs",
+    "precision": "trainer.precision",
+    "padding": "model.padding",
+}
+# The config groups whose choice the record keeps beside them.
+GROUPS = ("experiment", "data", "model", "optimizer", "scheduler")
 
 
 def path(run_dir: str | Path) -> Path:
@@ -88,22 +109,26 @@ def _is_record(record: Any) -> bool:
     )
 
 
+def key_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The key settings' values in `cfg` as plain values, None where it has none. model.padding is one int for
+    every conv layer or a list with one per layer: a list, not the config's ListConfig."""
+    values = {}
+    for name, key in KEY_SETTINGS.items():
+        value = OmegaConf.select(cfg, key)
+        values[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return values
+
+
 def settings(cfg: DictConfig) -> dict[str, Any]:
-    """The run's key settings, kept in its record: the config groups chosen and the values most often swept."""
+    """The run's key settings, kept in its record: the config groups chosen, the key settings' values and the
+    overrides given. Precision as text (`32-true`, `bf16-mixed`, also a `32` given as a number): resume compares it
+    with cnn_exp/precision.py's names."""
     hydra = HydraConfig.get()
-    padding = cfg.model.padding  # one int for every conv layer, or a list with one per layer
+    values = key_settings(cfg)
     return {
-        **{
-            group: hydra.runtime.choices.get(group)
-            for group in ("experiment", "data", "model", "optimizer", "scheduler")
-        },
-        "seed": cfg.seed,
-        "lr": cfg.optimizer.lr,
-        "batch_size": cfg.data.batch_size,
-        "val_size": cfg.data.val_size,
-        "max_epochs": cfg.trainer.max_epochs,
-        "precision": str(cfg.trainer.precision),
-        "padding": OmegaConf.to_container(padding, resolve=True) if OmegaConf.is_config(padding) else padding,
+        **{group: hydra.runtime.choices.get(group) for group in GROUPS},
+        **values,
+        "precision": str(values["precision"]),
         "overrides": list(hydra.overrides.task),
     }
 

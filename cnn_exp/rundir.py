@@ -100,7 +100,8 @@ def requeued() -> bool:
 
 
 def slurm_job() -> str | None:
-    """This SLURM job's id (an array task's id for job arrays) when Lightning sees a SLURM job, else None."""
+    """This SLURM job's id as scontrol names it (an array task's, `<array job>_<task>`, for job arrays) when Lightning
+    sees a SLURM job, else None. Its directory (resume.py) and its requeue (signals.py) are named by it."""
     if not SLURMEnvironment.detect():
         return None
     if array := os.environ.get("SLURM_ARRAY_JOB_ID"):

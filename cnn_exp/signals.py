@@ -17,7 +17,6 @@ Lightning's handler does.
 """
 
 import logging
-import os
 import signal
 import subprocess
 import threading
@@ -29,6 +28,8 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from cnn_exp.rundir import slurm_job
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,12 @@ class StopOnSignal(L.Callback):
 
 
 def _requeue() -> bool:
-    """Ask SLURM to put this job back in its queue, as Lightning's auto-requeue does; True if it agreed."""
-    job = os.environ.get("SLURM_JOB_ID", "")
-    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
-        job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    """Ask SLURM to put this job back in its queue, as Lightning's auto-requeue does; True if it agreed.
+
+    Called only on SLURM's requeue signal, which `slurm_requeue_signal` names only where Lightning sees a SLURM job:
+    where `slurm_job` gives the job's id.
+    """
+    job = slurm_job() or ""  # no id set: scontrol refuses "", and its refusal is logged
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:

@@ -3,15 +3,19 @@ a picture of the optimized metric against the swept keys; and, when the jobs dif
 """
 
 import csv
+import functools
 import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+# Private to Hydra: no public API expands a sweep's overrides into its jobs (`_planned`); this is what Hydra's own
+# basic sweeper runs (tests/test_lightning_privates.py checks it is still there).
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -20,14 +24,15 @@ from cnn_exp import atomic, record
 from cnn_exp.errors import shown
 from cnn_exp.plots import pixels, sweep_figure, write_png
 
-METRICS = ["val/acc", "val/loss", "test/acc", "test/loss"]
+# The metrics the summary shows, its columns in this order.
+METRICS = [record.VAL_ACC, record.VAL_LOSS, record.TEST_ACC, record.TEST_LOSS]
 # Besides these, summary.csv has one column per swept key, after "job".
 COLUMNS = ["job", "overrides", *METRICS, "epochs", "wall_time_s", "status", "run_dir"]
 # How a sweep tells its jobs which keys it varies (set in the sweep's process, inherited by every job).
 SWEPT_KEYS = "CNN_EXP_SWEPT_KEYS"
 
 
-def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, Any]], str]:
+def summarize(sweep_dir: Path, metric: str = record.OPTIMIZED) -> tuple[list[dict[str, Any]], str]:
     """Rows for every job directory of a sweep, sorted by `metric` (test/acc when no job has it), failures last.
 
     A job's overrides come from Hydra's own record of them, so a job that failed before writing anything is
@@ -55,7 +60,7 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
             }
         )
     if not any(metric in metrics for metrics in scores.values()):
-        metric = "test/acc"
+        metric = record.TEST_ACC
     rows = [_with_keys(row, swept) for row, swept in zip(rows, _swept_values(overrides.values(), common), strict=True)]
     sign = 1 if metric.endswith("loss") else -1  # best first
     rows.sort(key=lambda row: (metric not in scores[row["job"]], sign * scores[row["job"]].get(metric, 0)))
@@ -65,17 +70,27 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> tuple[list[dict[str, 
 def _swept_values(jobs: Any, common: set[str]) -> list[dict[str, str]]:
     """Each job's value of every key that not all jobs set alike: "" where a job leaves it at its default.
     A lone job varies nothing."""
-    values = [dict(_key_value(o) for o in overrides if o not in common) for overrides in jobs]
+    values = [dict(split_override(o) for o in overrides if o not in common) for overrides in jobs]
     if len(values) < 2:
         return [{} for _ in values]
     keys = list(dict.fromkeys(key for job in values for key in job))
     return [{key: job.get(key, "") for key in keys} for job in values]
 
 
-def _key_value(override: str) -> tuple[str, str]:
-    """`+model.dropout=0.5` → ("model.dropout", "0.5"); a deletion `~key` has the value "~"."""
-    key, _, value = override.partition("=")
-    return key.lstrip("+~"), value if not key.startswith("~") else "~"
+@functools.cache  # a summary is rewritten after every job, from every job's overrides: each is parsed once
+def split_override(override: str) -> tuple[str, str]:
+    """An override's config key and its value as given, as Hydra's own parser reads it: `+model.dropout=0.5` →
+    ("model.dropout", "0.5"), `++a@pkg='x=y'` → ("a", "'x=y'"). A deletion (`~key`) has the value "~", which no
+    value can be.
+
+    Every module that needs an override's key or value takes them from here.
+    """
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException:  # not one Hydra took (a hand-edited overrides.yaml): its key is before the first "="
+        key, _, value = override.partition("=")
+        return key.lstrip("+~"), value
+    return parsed.key_or_group, "~" if parsed.is_delete() else parsed.get_value_string()
 
 
 def _with_keys(row: dict[str, Any], swept: dict[str, str]) -> dict[str, Any]:
@@ -173,6 +188,16 @@ def _mean_std(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
 
 
+def varied_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: those given as a list, range or interval on the command line or in the sweeper's
+    params (Optuna's search space), in that order. A job sees only its own values: SweepSummary and JobLines hand
+    these on to it."""
+    params = config.hydra.sweeper.get("params") or {}
+    given = [*config.hydra.overrides.task, *(f"{key}={value}" for key, value in params.items())]
+    parsed = OverridesParser.create().parse_overrides(given)
+    return list(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))
+
+
 def running_sweep_keys() -> list[str] | None:
     """In a sweep's job: the keys the sweep varies (None when no sweep told, e.g. without SweepSummary)."""
     if HydraConfig.get().mode != RunMode.MULTIRUN or SWEPT_KEYS not in os.environ:
@@ -188,24 +213,19 @@ class SweepSummary(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # A job sees only its own values; run names and TensorBoard's HParams need to know which keys vary: those
-        # given as a list, range or interval on the command line or in the sweeper's params (Optuna's search space).
-        params = config.hydra.sweeper.get("params") or {}
-        given = [*config.hydra.overrides.task, *(f"{key}={value}" for key, value in params.items())]
-        parsed = OverridesParser.create().parse_overrides(given)
-        keys = dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override())
-        os.environ[SWEPT_KEYS] = ",".join(keys)
+        # Run names and TensorBoard's HParams need to know which keys vary (read back by running_sweep_keys).
+        os.environ[SWEPT_KEYS] = ",".join(varied_keys(config))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
             sweep_dir = Path(config.hydra.sweep.dir)
-            write(sweep_dir, *summarize(sweep_dir, config.get("optimized_metric") or "val/acc"))
+            write(sweep_dir, *summarize(sweep_dir, config.get("optimized_metric") or record.OPTIMIZED))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        rows, metric = summarize(sweep_dir, config.get("optimized_metric") or "val/acc")
+        rows, metric = summarize(sweep_dir, config.get("optimized_metric") or record.OPTIMIZED)
         print(write(sweep_dir, rows, metric))
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
@@ -243,7 +263,7 @@ def write_stopped(sweep_dir: Path, metric: str) -> None:
     for overrides in planned:
         if sorted(overrides) not in ran:
             missing = dict.fromkeys(rows[0] if rows else COLUMNS, None)
-            missing |= {key: value for key, value in map(_key_value, overrides) if key in missing}
+            missing |= {key: value for key, value in map(split_override, overrides) if key in missing}
             missing |= {"job": "-", "overrides": " ".join(o for o in overrides if o not in common), "run_dir": ""}
             rows.append(missing | {"status": "not run: the sweep was stopped"})
     print(write(sweep_dir, rows, metric))

@@ -16,13 +16,19 @@ from lightning.pytorch.loggers import tensorboard
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-from torch.utils.tensorboard._pytorch_graph import graph
+from torch.utils.tensorboard._pytorch_graph import graph  # private: add_graph's tracer; add_graph cannot rename
 
-from cnn_exp.sweep import running_sweep_keys
+from cnn_exp import record
+from cnn_exp.sweep import running_sweep_keys, split_override
 
 # TensorBoard orders its charts by the text before the first "/", alphabetically: as acc/… and loss/… the epoch
 # curves come first, train beside val. Every other name is the one the run logs (test/acc, train/loss_step, …).
-TAGS = {"train/acc": "acc/train", "val/acc": "acc/val", "train/loss": "loss/train", "val/loss": "loss/val"}
+TAGS = {
+    record.TRAIN_ACC: "acc/train",
+    record.VAL_ACC: "acc/val",
+    record.TRAIN_LOSS: "loss/train",
+    record.VAL_LOSS: "loss/val",
+}
 
 
 class TensorBoardLogger(tensorboard.TensorBoardLogger):
@@ -48,7 +54,7 @@ class TensorBoardLogger(tensorboard.TensorBoardLogger):
     def log_graph(self, model: L.LightningModule, input_array: torch.Tensor | None = None) -> None:
         net = getattr(model, "net", model)
         example = model.example_input_array if input_array is None else input_array
-        # Lightning asks again for the final test: one graph a run.
+        # Lightning asks again for the final test: one graph a run. Its log_graph= is kept only as a private attribute.
         if not self._log_graph or example is None or self._graph_logged:
             return
         self._graph_logged = True
@@ -59,6 +65,7 @@ class TensorBoardLogger(tensorboard.TensorBoardLogger):
         for node in graph_def.node:
             node.name = _layer_path(node.name, prefix)
             node.input[:] = [_layer_path(name, prefix) for name in node.input]
+        # SummaryWriter's only public way to a graph (add_graph) traces the network again, unrenamed: its file writer.
         self.experiment._get_file_writer().add_graph((graph_def, step_stats))
 
 
@@ -97,7 +104,7 @@ def job_values(overrides: list[str], keys: list[str] | None) -> dict[str, str]:
     """The job's value of each key in `keys` (None: of every override but paths.* and hydra.*), as given."""
     values = {}
     for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
+        key, value = split_override(override)
         if (key in keys) if keys is not None else not key.startswith(("paths.", "hydra.")):
             values[key] = value
     return {key: values[key] for key in (keys or values) if key in values}
@@ -109,19 +116,17 @@ def short_keys(values: dict[str, Any]) -> dict[str, Any]:
     return {(short if last.count(short) == 1 else key): v for short, (key, v) in zip(last, values.items(), strict=True)}
 
 
-# metrics.json's names of the settings (cnn_exp/run.py) → the config keys a user overrides, so a key set on the
-# command line shows once.
-CONFIG_KEYS = {
-    "lr": "optimizer.lr",
-    "batch_size": "data.batch_size",
-    "val_size": "data.val_size",
-    "max_epochs": "trainer.max_epochs",
-    "padding": "model.padding",
-}
 # Keys whose values are real numbers even when written as whole ones (lr=1): one type for every run.
 REAL = ("lr", "momentum", "weight_decay", "dropout", "mean", "std", "eta_min")
 # The metrics the HParams tab shows beside the settings: the run's own curves' last values (TensorBoard's tags).
-HPARAM_METRICS = [TAGS["val/acc"], TAGS["val/loss"], "test/acc", "test/loss", TAGS["train/acc"], TAGS["train/loss"]]
+HPARAM_METRICS = [
+    TAGS[record.VAL_ACC],
+    TAGS[record.VAL_LOSS],
+    record.TEST_ACC,
+    record.TEST_LOSS,
+    TAGS[record.TRAIN_ACC],
+    TAGS[record.TRAIN_LOSS],
+]
 
 
 @rank_zero_only
@@ -136,11 +141,13 @@ def log_hparams(trainer: L.Trainer, settings: dict[str, Any]) -> None:
     loggers = [logger for logger in trainer.loggers if isinstance(logger, tensorboard.TensorBoardLogger)]
     if not loggers:
         return
-    values = {CONFIG_KEYS.get(key, key): value for key, value in settings.items() if key != "overrides"}
+    # metrics.json's names of the key settings as the config keys a user overrides, so a key set on the command
+    # line shows once.
+    values = {record.KEY_SETTINGS.get(key, key): value for key, value in settings.items() if key != "overrides"}
     given = {}
     for override in settings.get("overrides", []):
-        key, _, value = override.lstrip("+").partition("=")
-        if value and not key.startswith(("~", "paths.", "hydra.", "resume", "ckpt_path")):
+        key, value = split_override(override)
+        if value not in ("", "~") and not key.startswith(("paths.", "hydra.", "resume", "ckpt_path")):  # ~: deleted
             given[key] = value
     values |= {key: _typed(text) for key, text in given.items() if key not in values}
     swept = set(running_sweep_keys() or given)
@@ -159,7 +166,8 @@ def log_hparams(trainer: L.Trainer, settings: dict[str, Any]) -> None:
     for key, value in hparams.items():
         field = {bool: "bool_value", str: "string_value", float: "number_value"}[type(value)]
         setattr(start.hparams[key], field, value)
-    # SummaryWriter.add_hparams would write them to a run of their own, and its metrics as one-point charts.
+    # SummaryWriter.add_hparams would write them to a run of their own, and its metrics as one-point charts; it has no
+    # public way to add a Summary as built here: its file writer does.
     writer = logger.experiment._get_file_writer()
     writer.add_summary(
         _hparams_summary(
