@@ -7,10 +7,8 @@ import errno
 import functools
 import logging
 import math
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,18 +18,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import build, console, export, precision, predict, record, resume, rundir, schema, sweep
+from cnn_exp import assemble, console, export, precision, predict, record, resume, rundir, schema, sweep
 from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from cnn_exp.errors import UserError, is_number, is_whole, shown
-from cnn_exp.signals import Interrupted, StopOnSignal, slurm_requeue_signal
+from cnn_exp.errors import UserError, shown
+from cnn_exp.signals import Interrupted, StopOnSignal
 from cnn_exp.tensorboard import log_hparams
 
 log = logging.getLogger(__name__)
@@ -104,7 +100,7 @@ def train(cfg: DictConfig) -> float | None:
     metrics, and only finite ones. With `resume=<run dir>` the run continues in that directory, with its config,
     from its newest checkpoint; so does a requeued SLURM job that finds its own unfinished run.
     """
-    _silence_known_warnings()
+    assemble.silence_known_warnings()
     # A signal stops the run cleanly from its first moment: while it starts (loads its data, say) it stops at once
     # with nothing to save, and `resume=` or a requeued SLURM job starts it again from the beginning.
     stopper = StopOnSignal(Path(cfg.paths.output_dir) / "checkpoints")
@@ -113,86 +109,30 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
-    start = time.perf_counter()
-    output_dir = Path(cfg.paths.output_dir)
-    other_rank = rank_zero_only.rank != 0  # DDP's other ranks work in rank zero's directory (resume.start)
-    if not other_rank:
+    start, output_dir = time.perf_counter(), Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:  # DDP's other ranks work in rank zero's directory (resume.start)
         rundir.check_claimed(output_dir)
-    begin = resume.start(cfg)  # which config and which checkpoint, decided, read and checked once
-    cfg, settings = begin.cfg, begin.settings
-    _check_monitored_metrics(cfg)
-    _check_run_settings(cfg)
-    if cfg.get("resume") and not other_rank:
+    begin = resume.start(cfg)  # which config and which checkpoint: decided, read and checked once
+    cfg = begin.cfg
+    assemble.check_monitored_metrics(cfg)
+    assemble.check_run_settings(cfg)
+    if cfg.get("resume") and rank_zero_only.rank == 0:
         resume.keep_edited_config(output_dir)
-    save_config(cfg, output_dir / "config.yaml")
+    assemble.save_config(cfg, output_dir / "config.yaml")
     console.print_run_header(cfg, output_dir)
-    _set_threads(cfg.get("threads"))
+    assemble.set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
-
-    # The model first: a network that cannot be built fails before any data is read.
-    model = Classifier(
-        net=build.plain(cfg.model),
-        optimizer=build.plain(cfg.optimizer),
-        scheduler=build.plain(cfg.scheduler),
-        **build.plain(cfg.get("classifier") or {}),
-    )
-    datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
-    if len(datamodule.classes) != model.net.out.out_features:  # else the first validation fails, an epoch in
-        raise UserError(
-            f"data.classes names {len(datamodule.classes)} classes, but the network has "
-            f"model.num_classes={model.net.out.out_features} outputs: give them the same number"
-        )
+    model, datamodule = assemble.model_and_data(cfg)
     begin.check(model, datamodule)
-    loggers = _instantiate_each(cfg.get("logger"), "logger")
-    stopper.save = cfg.trainer.get("enable_checkpointing") is not False
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*_callbacks(cfg, loggers), stopper], logger=loggers or False, plugins=_plugins(cfg)
-    )
-    settings["parameters"] = sum(p.numel() for p in model.net.parameters())
-    settings["threads"] = torch.get_num_threads()
-
-    def write_record(result: dict[str, Any]) -> None:
-        if trainer.is_global_zero:  # under DDP every rank runs this function; one writes the results
-            progress = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
-            elapsed = round(time.perf_counter() - start, 2)
-            written = {"config_sha256": record.digest(output_dir / "config.yaml")}  # so that an edit is seen
-            try:
-                record.write(
-                    output_dir,
-                    {**result, **progress, "wall_time_s": elapsed, "settings": settings, "run_dir": str(output_dir)}
-                    | written,
-                )
-            except OSError as err:  # a full disk: what ended the run is the error to report, not this one
-                if result["status"] == record.RUNNING:
-                    raise
-                log.error("%s could not be updated (%s): it still says running", record.path(output_dir), err)
-
-    write_record({"status": record.RUNNING})
+    trainer = assemble.trainer(cfg, stopper)
+    parameters = sum(p.numel() for p in model.net.parameters())
+    settings = {**begin.settings, "parameters": parameters, "threads": torch.get_num_threads()}
+    write = functools.partial(_write_record, trainer, output_dir, settings, start)
+    write({"status": record.RUNNING})
     log_hparams(trainer, settings)
-    # Unless training finishes, fails or is stopped by a signal, something else ended it (SystemExit).
-    result: dict[str, Any] = {"status": record.INTERRUPTED}
+    result: dict[str, Any] = {"status": record.INTERRUPTED}  # unless it finishes, fails or is stopped by a signal
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        trained = trainer.global_step > begin.step
-        if cfg.ckpt_path and not trained and not cfg.get("resume"):
-            raise UserError(resume.nothing_left_message(cfg.ckpt_path, cfg.trainer.max_epochs, None))
-        # Without anything trained, a resumed run had ended its training before it stopped, in its final test.
-        metrics = _epoch_metrics(trainer) if trained else _restored_metrics(trainer, model, datamodule)
-        _check_trained(model, metrics)
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
-        if cfg.test:
-            # The best checkpoint on val/acc when there is one; else the weights training ended with.
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-            metrics |= _epoch_metrics(trainer)
-            _check_trained(model, metrics)
-        result = {
-            "status": record.FINISHED,
-            "metrics": metrics,
-            "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
-            "tested": (best or "final weights") if cfg.test else None,
-            "early_stopping": next((c.stopped for c in trainer.callbacks if isinstance(c, EarlyStopping)), None),
-        }
+        result = _fit_and_test(cfg, trainer, model, datamodule, begin.step)
     except Interrupted as stop:
         result = {"status": record.INTERRUPTED, "signal": stop.name, "requeued": stop.requeued}
         result["resume"] = f"python train.py resume={output_dir}"
@@ -201,14 +141,58 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
         result = {"status": record.FAILED, "error": _error_text(err)}
         raise
     finally:
-        write_record(result)
+        write(result)
     return result["metrics"].get(cfg.get("optimized_metric"))
+
+
+def _fit_and_test(
+    cfg: DictConfig, trainer: L.Trainer, model: Classifier, datamodule: MNISTDataModule, start_step: int
+) -> dict[str, Any]:
+    """Fit, then test unless `test=false`: the best checkpoint on val/acc when there is one, else the weights training
+    ended with. The record of a finished run."""
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trained = trainer.global_step > start_step
+    if cfg.ckpt_path and not trained and not cfg.get("resume"):
+        raise UserError(resume.nothing_left_message(cfg.ckpt_path, cfg.trainer.max_epochs, None))
+    # Without anything trained, a resumed run had ended its training before it stopped, in its final test.
+    metrics = _epoch_metrics(trainer) if trained else _restored_metrics(trainer, model, datamodule)
+    _check_trained(model, metrics)
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint and checkpoint.monitor else ""
+    if cfg.test:
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        metrics |= _epoch_metrics(trainer)
+        _check_trained(model, metrics)
+    return {
+        "status": record.FINISHED,
+        "metrics": metrics,
+        "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
+        "tested": (best or "final weights") if cfg.test else None,
+        "early_stopping": next((c.stopped for c in trainer.callbacks if isinstance(c, EarlyStopping)), None),
+    }
+
+
+def _write_record(trainer: L.Trainer, output_dir: Path, settings: dict[str, Any], start: float, result: dict) -> None:
+    """metrics.json with `result`, the progress, the time so far, the settings, and config.yaml's SHA-256 (so that
+    an edit of it is seen on resume). Under DDP every rank calls this; one writes."""
+    if not trainer.is_global_zero:
+        return
+    progress = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
+    written = {"wall_time_s": round(time.perf_counter() - start, 2), "settings": settings, "run_dir": str(output_dir)}
+    try:
+        record.write(
+            output_dir, {**result, **progress, **written, "config_sha256": record.digest(output_dir / "config.yaml")}
+        )
+    except OSError as err:  # a full disk: what ended the run is the error to report, not this one
+        if result["status"] == record.RUNNING:
+            raise
+        log.error("%s could not be updated (%s): it still says running", record.path(output_dir), err)
 
 
 @reports_user_errors
 def test(cfg: DictConfig) -> float:
     """Rebuild model and data from a checkpoint alone, test on the official test split, write metrics.json."""
-    _silence_known_warnings()
+    assemble.silence_known_warnings()
     start = time.perf_counter()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise UserError("test.py needs ckpt_path=<file>.ckpt, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt")
@@ -233,7 +217,7 @@ def test(cfg: DictConfig) -> float:
     if cfg.batch_size is not None:
         data_overrides["batch_size"] = cfg.batch_size
     model, datamodule = predict.from_checkpoint(path, **data_overrides)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=_callbacks(cfg, loggers=[]))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=assemble.callbacks(cfg, loggers=[]))
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = _epoch_metrics(trainer)
     _check_trained(model, metrics)
@@ -249,37 +233,6 @@ def test(cfg: DictConfig) -> float:
         },
     )
     return metrics["test/acc"]
-
-
-def _silence_known_warnings() -> None:
-    """Hide the warnings and messages of this task that ask nothing of a user; called as a task starts, so
-    importing this module changes nothing."""
-    # Batches are slices of in-memory tensors: worker processes would only add copies.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    # MNISTDataModule resumes mid-epoch itself (its state_dict), so Lightning's loader-level warning does not apply.
-    warnings.filterwarnings("ignore", ".*ended before the epoch ended and your dataloader is not resumable.*")
-    # With data.val_size=0 there is deliberately no validation set.
-    warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
-    # Lightning 2.6 calls a torch API that torch 2.14 deprecates; nothing for a user to act on.
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-    # TensorBoard draws the model graph from a torch.jit trace, which torch 2.14 deprecates; there is no other way yet.
-    warnings.filterwarnings("ignore", ".*torch.jit.trace.* is deprecated.*", FutureWarning)
-    # Lightning advertises its cloud logger at every start.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_litlogger_advert)
-
-
-def _not_a_litlogger_advert(log_record: logging.LogRecord) -> bool:
-    # A named function, not a lambda: adding it again (one process runs every job of a sweep) adds nothing.
-    return "litlogger" not in log_record.getMessage()
-
-
-def _plugins(cfg: DictConfig) -> list[Any]:
-    """The Trainer's configured plugins; under SLURM, also its environment without Lightning's auto-requeue, whose
-    signal StopOnSignal acts on at a batch boundary instead (cnn_exp/signals.py says why)."""
-    plugins = [instantiate(node) for node in cfg.trainer.get("plugins") or []]
-    if slurm_requeue_signal() is not None:
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return plugins
 
 
 def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: MNISTDataModule) -> dict[str, float]:
@@ -302,108 +255,6 @@ def _check_trained(model: L.LightningModule, metrics: dict[str, float]) -> None:
             f"training diverged: {', '.join(broken)}. Lower optimizer.lr (now {model.hparams.optimizer.get('lr')}) "
             "or choose another optimizer."
         )
-
-
-def _check_monitored_metrics(cfg: DictConfig) -> None:
-    """Early stopping on a validation metric needs a validation split; without one Lightning fails after epoch 1."""
-    for key, node in (cfg.callbacks or {}).items():
-        monitor = str((node or {}).get("monitor") or "")
-        if cfg.data.val_size == 0 and monitor.startswith("val/") and "EarlyStopping" in str(node.get("_target_")):
-            raise UserError(
-                f"callbacks.{key} stops on {monitor}, but data.val_size=0 leaves no validation split: "
-                "set data.val_size (e.g. 5000) or drop the callback"
-            )
-
-
-def _check_run_settings(cfg: DictConfig) -> None:
-    """seed, threads and the classifier's settings, which torch and numpy would otherwise refuse with a traceback."""
-    seed, threads, classifier = cfg.seed, cfg.get("threads"), cfg.get("classifier") or {}
-    unknown = set(classifier) - set(build.CLASSIFIER_SETTINGS)
-    if unknown:
-        raise UserError(
-            f"classifier.{sorted(unknown)[0]} is not a setting of the classifier "
-            f"(it takes {', '.join(build.CLASSIFIER_SETTINGS)})"
-        )
-    if classifier.get("flip_average") and cfg.data.dataset == "MNIST":
-        raise UserError(
-            "classifier.flip_average=true mirrors images, which turns digits into other shapes: FashionMNIST only"
-        )
-    if not is_whole(seed) or not 0 <= seed < 2**32:
-        raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
-    if threads is not None and (not is_whole(threads) or threads < 1):
-        raise UserError(f"threads={threads} must be a number of CPU threads (1 or more), or null for the default")
-    if threads is not None and threads > (os.cpu_count() or 1):
-        raise UserError(f"threads={threads} is more than this machine's {os.cpu_count()} CPU threads")
-    # Lightning divides by it (a traceback in the first step) and takes 0 batches as "train nothing".
-    every = cfg.trainer.get("log_every_n_steps")
-    if every is not None and (not is_whole(every) or every < 1):
-        raise UserError(f"trainer.log_every_n_steps={every} must be a whole number of at least 1")
-    limit = cfg.trainer.get("limit_train_batches")
-    if limit is not None and (not is_number(limit) or limit <= 0):
-        raise UserError(
-            f"trainer.limit_train_batches={limit} trains on no batch: give a share above 0 (0.1) or a number of batches"
-        )
-    # Lightning takes 0 and reports the untrained network's scores as the run's; -1 (with max_steps) has no end.
-    for key in ("max_epochs", "max_steps"):
-        value = cfg.trainer.get(key)
-        if value is not None and (not is_whole(value) or value == 0 or value < -1):
-            raise UserError(f"trainer.{key}={value} must be a whole number of at least 1 (or -1: no limit)")
-
-
-@rank_zero_only
-def save_config(cfg: DictConfig, save_to: Path) -> None:
-    """Save the composed config, resolved, with the run (the console shows a short header instead)."""
-    save_to.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, save_to, resolve=True)
-
-
-def _set_threads(threads: int | None) -> None:
-    """Give each job its share of the cores when a parallel launcher runs several at once, so they do not fight.
-
-    `threads=N` sets it; by default a job under the joblib launcher gets cores ÷ parallel jobs, any other run
-    keeps torch's default (all cores).
-    """
-    if threads is None and HydraConfig.get().mode == RunMode.MULTIRUN:
-        launcher = HydraConfig.get().launcher
-        if "Joblib" in launcher.get("_target_", ""):
-            cores = os.cpu_count() or 1
-            jobs = launcher.n_jobs if launcher.n_jobs > 0 else cores + 1 + launcher.n_jobs  # joblib's -1 = all
-            threads = max(1, cores // max(1, jobs))
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-def _instantiate_each(group: DictConfig | None, name: str) -> list[Any]:
-    """Build every entry of a group that holds several objects by name (callbacks, loggers)."""
-    for key, node in (group or {}).items():
-        # An entry with settings but no class: an experiment tunes an object that the group chosen (e.g.
-        # callbacks=none) does not define. Instantiated, it would reach Lightning as a dict and fail deep inside.
-        if node and "_target_" not in node:
-            raise UserError(
-                f"{name}.{key} sets {', '.join(map(str, node))} but names no _target_: the {name} config chosen "
-                f"does not define {key}. Drop it with ~{name}.{key}, or choose a {name} config that has it."
-            )
-    return [instantiate(node) for node in (group or {}).values() if node]
-
-
-# Lightning's switches for its own defaults turn ours off too (Lightning would refuse the pair with a traceback).
-TURNED_OFF_BY_LIGHTNING = {
-    "enable_progress_bar": ProgressBar,
-    "enable_checkpointing": Checkpoint,
-    "enable_model_summary": ModelSummary,
-}
-
-
-def _callbacks(cfg: DictConfig, loggers: list[Any]) -> list[Any]:
-    """The configured callbacks, less those that `trainer.enable_*=false` or a run without loggers turns off."""
-    off = [kind for switch, kind in TURNED_OFF_BY_LIGHTNING.items() if cfg.trainer.get(switch) is False]
-    if not loggers:  # a learning-rate monitor has nowhere to write
-        off.append(LearningRateMonitor)
-    callbacks = _instantiate_each(cfg.callbacks, "callbacks")
-    for callback in callbacks:
-        if isinstance(callback, tuple(off)):
-            log.info("%s left out: trainer.enable_*=false or no logger turns it off", type(callback).__name__)
-    return [callback for callback in callbacks if not isinstance(callback, tuple(off))]
 
 
 def _epoch_metrics(trainer: L.Trainer) -> dict[str, float]:

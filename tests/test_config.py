@@ -9,11 +9,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
+from cnn_exp.assemble import callbacks as _callbacks
+from cnn_exp.assemble import instantiate_each as _instantiate_each
 from cnn_exp.build import plain as plain_values
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.net import ConvNet
-from cnn_exp.run import _callbacks, _instantiate_each
 from tests.conftest import ROOT
 
 CONF = ROOT / "conf"

@@ -14,6 +14,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from cnn_exp import checkpoints, record, reports
+from cnn_exp.assemble import check_run_settings as _check_run_settings
 from cnn_exp.callbacks import ModelCheckpoint
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
@@ -22,7 +23,6 @@ from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
 from cnn_exp.precision import BF16, FP32, auto_precision
 from cnn_exp.resume import training_state
-from cnn_exp.run import _check_run_settings
 from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, assert_no_result, read_metrics, run, run_here
 
 # 800 training images in batches of 50: 16 steps an epoch. step.ckpt every 5 steps. Dropout, shifts and flips

@@ -1,0 +1,187 @@
+"""What train.py and test.py assemble from a config, each object one build: the model and data, the Trainer with its
+callbacks, loggers and plugins; and the run-level settings, checked before any of it is built."""
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from cnn_exp import build
+from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
+from cnn_exp.errors import UserError, is_number, is_whole
+from cnn_exp.signals import StopOnSignal, slurm_requeue_signal
+
+log = logging.getLogger(__name__)
+
+
+def model_and_data(cfg: DictConfig) -> tuple[Classifier, MNISTDataModule]:
+    """The model first, so that a network that cannot be built fails before any data is read; then the data, whose
+    class names must be as many as the network's outputs (else the first validation fails, an epoch in)."""
+    model = Classifier(
+        net=build.plain(cfg.model),
+        optimizer=build.plain(cfg.optimizer),
+        scheduler=build.plain(cfg.scheduler),
+        **build.plain(cfg.get("classifier") or {}),
+    )
+    datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
+    if len(datamodule.classes) != model.net.out.out_features:
+        raise UserError(
+            f"data.classes names {len(datamodule.classes)} classes, but the network has "
+            f"model.num_classes={model.net.out.out_features} outputs: give them the same number"
+        )
+    return model, datamodule
+
+
+def trainer(cfg: DictConfig, stopper: StopOnSignal) -> L.Trainer:
+    """The configured Trainer with its callbacks (and `stopper`, which saves the exact state on a signal), loggers
+    and plugins."""
+    loggers = instantiate_each(cfg.get("logger"), "logger")
+    stopper.save = cfg.trainer.get("enable_checkpointing") is not False
+    return instantiate(
+        cfg.trainer, callbacks=[*callbacks(cfg, loggers), stopper], logger=loggers or False, plugins=plugins(cfg)
+    )
+
+
+def silence_known_warnings() -> None:
+    """Hide the warnings and messages of this task that ask nothing of a user; called as a task starts, so
+    importing this module changes nothing."""
+    # Batches are slices of in-memory tensors: worker processes would only add copies.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # MNISTDataModule resumes mid-epoch itself (its state_dict), so Lightning's loader-level warning does not apply.
+    warnings.filterwarnings("ignore", ".*ended before the epoch ended and your dataloader is not resumable.*")
+    # With data.val_size=0 there is deliberately no validation set.
+    warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
+    # Lightning 2.6 calls a torch API that torch 2.14 deprecates; nothing for a user to act on.
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # TensorBoard draws the model graph from a torch.jit trace, which torch 2.14 deprecates; there is no other way yet.
+    warnings.filterwarnings("ignore", ".*torch.jit.trace.* is deprecated.*", FutureWarning)
+    # Lightning advertises its cloud logger at every start.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_litlogger_advert)
+
+
+def _not_a_litlogger_advert(log_record: logging.LogRecord) -> bool:
+    # A named function, not a lambda: adding it again (one process runs every job of a sweep) adds nothing.
+    return "litlogger" not in log_record.getMessage()
+
+
+def plugins(cfg: DictConfig) -> list[Any]:
+    """The Trainer's configured plugins; under SLURM, also its environment without Lightning's auto-requeue, whose
+    signal StopOnSignal acts on at a batch boundary instead (cnn_exp/signals.py says why)."""
+    plugins = [instantiate(node) for node in cfg.trainer.get("plugins") or []]
+    if slurm_requeue_signal() is not None:
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def check_monitored_metrics(cfg: DictConfig) -> None:
+    """Early stopping on a validation metric needs a validation split; without one Lightning fails after epoch 1."""
+    for key, node in (cfg.callbacks or {}).items():
+        monitor = str((node or {}).get("monitor") or "")
+        if cfg.data.val_size == 0 and monitor.startswith("val/") and "EarlyStopping" in str(node.get("_target_")):
+            raise UserError(
+                f"callbacks.{key} stops on {monitor}, but data.val_size=0 leaves no validation split: "
+                "set data.val_size (e.g. 5000) or drop the callback"
+            )
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """seed, threads and the classifier's settings, which torch and numpy would otherwise refuse with a traceback."""
+    seed, threads, classifier = cfg.seed, cfg.get("threads"), cfg.get("classifier") or {}
+    unknown = set(classifier) - set(build.CLASSIFIER_SETTINGS)
+    if unknown:
+        raise UserError(
+            f"classifier.{sorted(unknown)[0]} is not a setting of the classifier "
+            f"(it takes {', '.join(build.CLASSIFIER_SETTINGS)})"
+        )
+    if classifier.get("flip_average") and cfg.data.dataset == "MNIST":
+        raise UserError(
+            "classifier.flip_average=true mirrors images, which turns digits into other shapes: FashionMNIST only"
+        )
+    if not is_whole(seed) or not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed} must be a whole number from 0 to {2**32 - 1}")
+    if threads is not None and (not is_whole(threads) or threads < 1):
+        raise UserError(f"threads={threads} must be a number of CPU threads (1 or more), or null for the default")
+    if threads is not None and threads > (os.cpu_count() or 1):
+        raise UserError(f"threads={threads} is more than this machine's {os.cpu_count()} CPU threads")
+    # Lightning divides by it (a traceback in the first step) and takes 0 batches as "train nothing".
+    every = cfg.trainer.get("log_every_n_steps")
+    if every is not None and (not is_whole(every) or every < 1):
+        raise UserError(f"trainer.log_every_n_steps={every} must be a whole number of at least 1")
+    limit = cfg.trainer.get("limit_train_batches")
+    if limit is not None and (not is_number(limit) or limit <= 0):
+        raise UserError(
+            f"trainer.limit_train_batches={limit} trains on no batch: give a share above 0 (0.1) or a number of batches"
+        )
+    # Lightning takes 0 and reports the untrained network's scores as the run's; -1 (with max_steps) has no end.
+    for key in ("max_epochs", "max_steps"):
+        value = cfg.trainer.get(key)
+        if value is not None and (not is_whole(value) or value == 0 or value < -1):
+            raise UserError(f"trainer.{key}={value} must be a whole number of at least 1 (or -1: no limit)")
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig, save_to: Path) -> None:
+    """Save the composed config, resolved, with the run (the console shows a short header instead)."""
+    save_to.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, save_to, resolve=True)
+
+
+def set_threads(threads: int | None) -> None:
+    """Give each job its share of the cores when a parallel launcher runs several at once, so they do not fight.
+
+    `threads=N` sets it; by default a job under the joblib launcher gets cores ÷ parallel jobs, any other run
+    keeps torch's default (all cores).
+    """
+    if threads is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+        launcher = HydraConfig.get().launcher
+        if "Joblib" in launcher.get("_target_", ""):
+            cores = os.cpu_count() or 1
+            jobs = launcher.n_jobs if launcher.n_jobs > 0 else cores + 1 + launcher.n_jobs  # joblib's -1 = all
+            threads = max(1, cores // max(1, jobs))
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def instantiate_each(group: DictConfig | None, name: str) -> list[Any]:
+    """Build every entry of a group that holds several objects by name (callbacks, loggers)."""
+    for key, node in (group or {}).items():
+        # An entry with settings but no class: an experiment tunes an object that the group chosen (e.g.
+        # callbacks=none) does not define. Instantiated, it would reach Lightning as a dict and fail deep inside.
+        if node and "_target_" not in node:
+            raise UserError(
+                f"{name}.{key} sets {', '.join(map(str, node))} but names no _target_: the {name} config chosen "
+                f"does not define {key}. Drop it with ~{name}.{key}, or choose a {name} config that has it."
+            )
+    return [instantiate(node) for node in (group or {}).values() if node]
+
+
+# Lightning's switches for its own defaults turn ours off too (Lightning would refuse the pair with a traceback).
+TURNED_OFF_BY_LIGHTNING = {
+    "enable_progress_bar": ProgressBar,
+    "enable_checkpointing": Checkpoint,
+    "enable_model_summary": ModelSummary,
+}
+
+
+def callbacks(cfg: DictConfig, loggers: list[Any]) -> list[Any]:
+    """The configured callbacks, less those that `trainer.enable_*=false` or a run without loggers turns off."""
+    off = [kind for switch, kind in TURNED_OFF_BY_LIGHTNING.items() if cfg.trainer.get(switch) is False]
+    if not loggers:  # a learning-rate monitor has nowhere to write
+        off.append(LearningRateMonitor)
+    callbacks = instantiate_each(cfg.callbacks, "callbacks")
+    for callback in callbacks:
+        if isinstance(callback, tuple(off)):
+            log.info("%s left out: trainer.enable_*=false or no logger turns it off", type(callback).__name__)
+    return [callback for callback in callbacks if not isinstance(callback, tuple(off))]
