@@ -1,5 +1,8 @@
 """Callbacks that steer a run as it goes: the progress bar, early stopping, the weights' moving average, and the
-checkpoints (the reports a run writes are in cnn_exp/reports.py)."""
+checkpoints (the reports a run writes are in cnn_exp/reports.py).
+
+They reach into Lightning's privates where no public API does the job, each marked "Private:" with its reason;
+tests/test_lightning_privates.py fails, naming it, when a Lightning release removes or changes one."""
 
 import logging
 import math
@@ -73,9 +76,11 @@ class ProgressBar(RichProgressBar):
         # the previous epoch's (or, after one epoch, none). Shown now, and the bar ended: what follows (early
         # stopping, the test) is printed below its final state, which then holds the numbers metrics.json records
         # (and not the last step's).
+        # Private: no public handle to the metrics shown beside the bar once training ends.
         if self.is_enabled and self._metric_component is not None:
             metrics = self.get_metrics(trainer, pl_module)
             self._metric_component.update({split: text for split, text in metrics.items() if " step" not in split})
+        # Private: no public way to end the live bar in the middle of a stage.
         self._stop_progress()
 
     def on_test_batch_end(
@@ -93,6 +98,7 @@ class ProgressBar(RichProgressBar):
         # Ended at its last batch: the test report's tables come after the finished bar, not around a live one.
         last_loader = dataloader_idx == len(trainer.num_test_batches) - 1
         if last_loader and batch_idx + 1 >= self.total_test_batches_current_dataloader:
+            # Private, as above: the live bar ends here.
             self._stop_progress()
 
     def configure_columns(self, trainer: L.Trainer) -> list:
@@ -116,6 +122,7 @@ class ProgressBar(RichProgressBar):
         splits = sorted(lines, key=lambda split: ("train", "val").index(split) if split in ("train", "val") else 2)
         return {split: " ".join(lines[split]) for split in splits}
 
+    # Private override: the only place the bar's "Epoch N" text is built.
     def _get_train_description(self, current_epoch: int) -> str:
         # Counted from 1: the last of 2 epochs reads Epoch 2/2 (Lightning's own bar reads Epoch 1/1).
         total = self.trainer.max_epochs
@@ -136,6 +143,7 @@ class EarlyStopping(LightningEarlyStopping):
         super().__init__(**kwargs)
         self.best_epoch: int | None = None  # counted from 1, as the progress bar counts
 
+    # Private override: no public hook for when the best score improves.
     def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
         best = self.best_score
         super()._run_early_stopping_check(trainer)
@@ -203,6 +211,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
+        # Private: Lightning's choice between epoch end and after validation is not exposed.
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_due(trainer)
 
@@ -266,6 +275,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self.best_model_score = None
             self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
 
+    # Private override: every deletion goes through it, and no public hook can veto one.
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Lightning checks the folder on the name as written, where `..` or a link can lead out of it.
         if not self._own(filepath):
@@ -283,6 +293,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _save_last_if_due(self, trainer: L.Trainer) -> None:
         # Lightning's skip: not fitting, a sanity check, fast_dev_run, or a checkpoint (last.ckpt with it) written
         # at this very step already.
+        # Private: Lightning's skip rule and its 'write last.ckpt' are not public.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cnn_exp import build
+from cnn_exp import build, record
 from cnn_exp.errors import UserError, is_number
 
 
@@ -175,19 +175,19 @@ class Classifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # Logged metric objects are computed (over all ranks under DDP) and reset by Lightning.
-        self.log_dict({"train/loss": self.train_loss, "train/acc": self.train_acc}, prog_bar=True)
+        self.log_dict({record.TRAIN_LOSS: self.train_loss, record.TRAIN_ACC: self.train_acc}, prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
         self.val_confusion.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/loss": self.val_loss, "val/acc": self.val_acc}, prog_bar=True)
+        self.log_dict({record.VAL_LOSS: self.val_loss, record.VAL_ACC: self.val_acc}, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({"test/loss": self.test_loss, "test/acc": self.test_acc})
+        self.log_dict({record.TEST_LOSS: self.test_loss, record.TEST_ACC: self.test_acc})
 
     def _evaluate(
         self,

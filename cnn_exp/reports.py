@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from cnn_exp import atomic, console
+from cnn_exp import atomic, console, record
 from cnn_exp.errors import UserError, is_whole, shown
 from cnn_exp.plots import confusion_figure, curves_figure, image_grid, literal, pixels, side_by_side, write_png
 
@@ -284,7 +284,7 @@ class EpochTable(L.Callback):
     next epoch starts or training ends. The rows travel in checkpoints: a resumed run keeps its earlier epochs.
     """
 
-    FIELDS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "seconds")
+    FIELDS = ("epoch", record.TRAIN_LOSS, record.TRAIN_ACC, record.VAL_LOSS, record.VAL_ACC, "lr", "seconds")
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
@@ -304,7 +304,7 @@ class EpochTable(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._epoch is not None and not trainer.sanity_checking:
-            self._epoch |= {name: _metric(trainer, name) for name in ("val/loss", "val/acc")}
+            self._epoch |= {name: _metric(trainer, name) for name in (record.VAL_LOSS, record.VAL_ACC)}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._epoch is not None:
@@ -320,7 +320,7 @@ class EpochTable(L.Callback):
             # A checkpoint written as the epoch ends (after its train metrics were logged) holds them too: a run
             # resumed from it starts with the next epoch, in a process that never saw them.
             if running.get("ended") and self._trainer is not None:
-                running |= {name: _metric(self._trainer, name) for name in ("train/loss", "train/acc")}
+                running |= {name: _metric(self._trainer, name) for name in (record.TRAIN_LOSS, record.TRAIN_ACC)}
         return {"rows": self.rows, "running": running}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -341,7 +341,7 @@ class EpochTable(L.Callback):
         if self._epoch is None:
             return
         row = {name: self._epoch.get(name) for name in self.FIELDS}
-        for name in ("train/loss", "train/acc"):
+        for name in (record.TRAIN_LOSS, record.TRAIN_ACC):
             row[name] = self._epoch.get(name, _metric(trainer, name))
         row["seconds"] = round(monotonic() - self._started, 2)
         self.rows.append(row)

@@ -1,9 +1,11 @@
 """Continuing a run that stopped: `resume=<run dir>` (in that run, with its own config) and `ckpt_path=<file>`
 (a checkpoint's training, in a new run).
 
-This module decides where a resumed run writes, which config and checkpoint it continues from, and which
-checkpoints can be continued at all. The rest of resuming lives with what it restores, and must stay there:
-- checkpoints.py: the ModelCheckpoint callback that finds its files again when a run was moved, then resumed;
+`start` decides, once, how a run of train.py starts (new, resume=, a requeued SLURM job, ckpt_path=), which config
+and checkpoint it continues from, reads and checks that checkpoint once, and checks that it fits the model and data.
+Which directory a resumed run writes in is rundir.py's (its resolvers). The rest of resuming lives with what it
+restores, and must stay there:
+- callbacks.py: the ModelCheckpoint callback that finds its files again when a run was moved, then resumed;
   conf/callbacks/step_checkpoint.yaml: the mid-epoch step.ckpt a killed run continues from;
 - classifier.py: the Classifier saves and restores torch's random state and its epoch sums (on_save_checkpoint,
   on_load_checkpoint), so dropout, augmentation and epoch means go on as if never stopped;
@@ -11,7 +13,6 @@ checkpoints can be continued at all. The rest of resuming lives with what it res
 """
 
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,82 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import build, checkpoints, precision, record, rundir
+from cnn_exp import build, checkpoints, precision, record, rundir, sweep
 from cnn_exp.classifier import Classifier
 from cnn_exp.errors import UserError, is_whole
 
 log = logging.getLogger(__name__)
-
-
-def resumable(resume: str | None) -> bool:
-    """Whether resume= names a run of train.py that has not finished: only then may Hydra write into it."""
-    if not resume:
-        return False
-    saved = record.read(resume)
-    return saved is not None and saved["status"] != record.FINISHED
-
-
-def _run_dir(resume: str | None, new: str) -> str:
-    """hydra.run.dir: the run named by resume=<run dir> when it can be resumed, else a new one: a wrong resume= then
-    fails in a new run directory instead of writing Hydra's files into the directory it names. A SLURM job's run
-    is named for the job, so that when SLURM requeues it (same job id) it finds its own run again and continues."""
-    if resumable(resume):
-        return str(resume)
-    job = rundir.slurm_job()
-    return str(Path(new).parent / f"slurm-{job}") if job else new
-
-
-# Per run directory, once a process: how this process enters it (see `_entry`).
-_entries: dict[str, str] = {}
-
-
-def _entry(output_dir: str, task: str, resume: str | None) -> str:
-    """How this process enters its run directory, decided once, before Hydra writes anything there: "new" (an empty
-    or new directory), "resumed" (train.py continuing the run that lives there: `resume=` it, or a requeued SLURM
-    job's own unfinished run), "refused" (another process works there, or a run lives there that this one may not
-    continue: nothing is written into it, and the task fails with one line), or "rank-N" (a DDP rank's, in rank
-    zero's directory). The directory's lock is taken now (cnn_exp/rundir.py)."""
-    if output_dir not in _entries:
-        if rank_zero_only.rank != 0:
-            _entries[output_dir] = f"rank-{rank_zero_only.rank}"
-        elif not rundir.claim(output_dir):
-            _entries[output_dir] = "refused"
-        elif not rundir.holds_a_run(output_dir):
-            _entries[output_dir] = "new"
-        elif task == "train" and resumable(output_dir) and (_same(resume, output_dir) or rundir.requeued()):
-            _entries[output_dir] = "resumed"
-        else:
-            _entries[output_dir] = "refused"
-    return _entries[output_dir]
-
-
-def _same(resume: str | None, output_dir: str) -> bool:
-    return bool(resume) and Path(str(resume)).resolve() == Path(output_dir).resolve()
-
-
-def _hydra_subdir(output_dir: str, time: str, task: str = "train", resume: str | None = None) -> str | None:
-    """hydra.output_subdir, where Hydra records the config: `.hydra` for a new run, `.hydra/resumed-<time>` for a
-    resumed one (how the run was started is kept), none for a refused one (Hydra then writes no record)."""
-    entry = _entry(output_dir, task, resume)
-    if entry == "refused":
-        return None
-    return {"new": ".hydra", "resumed": f".hydra/resumed-{time}"}.get(entry, f".hydra/{entry}")
-
-
-def _log_file(output_dir: str, task: str, resume: str | None = None) -> str:
-    """The run's log file, <task>.log in its directory; a refused run logs nowhere but the console, so it adds no
-    lines to the log of the run it was refused into."""
-    if _entry(output_dir, task, resume) == "refused":
-        return os.devnull
-    return str(Path(output_dir) / f"{task}.log")
-
-
-def register_resolvers() -> None:
-    """The resolvers conf/hydra/default.yaml and conf/hydra/job_logging/cnn_exp.yaml choose the run directory, its
-    record and its log file with; registered by the entry points before Hydra resolves them (cnn_exp/run.setup)."""
-    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
-    OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
-    OmegaConf.register_new_resolver("run_log", _log_file, replace=True)
 
 
 @dataclass
@@ -176,13 +106,14 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
         )
     if requeued:
         given = []
-    if extra := [o for o in given if not o.startswith(("resume=", "hydra.", "paths.data_dir=", "paths.data_mirror="))]:
+    allowed = ("resume", "paths.data_dir", "paths.data_mirror")
+    if extra := [o for o in given if not (sweep.split_override(o)[0] in allowed or o.startswith("hydra."))]:
         raise UserError(
             f"resume= continues a run with its own config and takes no other settings ({' '.join(extra)}). "
             "To change them, start a new run from its checkpoint: ckpt_path=<run>/checkpoints/last.ckpt"
         )
     for key in ("data_dir", "data_mirror"):
-        if any(o.startswith(f"paths.{key}=") for o in given):
+        if any(sweep.split_override(o)[0] == f"paths.{key}" for o in given):
             saved.paths[key] = cfg.paths[key]
     # The precision chosen on the machine the run started on: a requeued job that lands on another kind of node
     # continues with the same arithmetic. Taken from the record only if it is one auto_precision could have chosen.

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def setup() -> None:
     """What Hydra needs before it composes a config of this project: the resolvers conf/ uses and the schemas its
     options extend. train.py and test.py call it on import (a launcher's worker processes import them too)."""
-    resume.register_resolvers()
+    rundir.register_resolvers()
     precision.register_resolver()
     schema.store()
 
@@ -57,7 +57,7 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
             print(_stopped_message(stop, cfg.paths.output_dir), file=sys.stderr)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 # The jobs after this one must not start: the summary lists them as not run.
-                sweep.write_stopped(Path(HydraConfig.get().sweep.dir), cfg.get("optimized_metric") or "val/acc")
+                sweep.write_stopped(Path(HydraConfig.get().sweep.dir), cfg.get("optimized_metric") or record.OPTIMIZED)
             sys.exit(stop.exit_code)
         except Exception as err:
             if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -166,7 +166,7 @@ def _fit_and_test(
     return {
         "status": record.FINISHED,
         "metrics": metrics,
-        "best": {"val/acc": float(checkpoint.best_model_score), "checkpoint": best} if best else None,
+        "best": {record.VAL_ACC: float(checkpoint.best_model_score), "checkpoint": best} if best else None,
         "tested": (best or "final weights") if cfg.test else None,
         "early_stopping": next((c.stopped for c in trainer.callbacks if isinstance(c, EarlyStopping)), None),
     }
@@ -232,13 +232,13 @@ def test(cfg: DictConfig) -> float:
             "run_dir": cfg.paths.output_dir,
         },
     )
-    return metrics["test/acc"]
+    return metrics[record.TEST_ACC]
 
 
 def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: MNISTDataModule) -> dict[str, float]:
     """The last epoch's metrics of a run whose training had ended before it stopped: the train means from the epoch
     sums its checkpoint holds, the validation measured again (the same weights give the same numbers)."""
-    metrics = {"train/loss": float(model.train_loss.compute()), "train/acc": float(model.train_acc.compute())}
+    metrics = {record.TRAIN_LOSS: float(model.train_loss.compute()), record.TRAIN_ACC: float(model.train_acc.compute())}
     if datamodule.hparams.val_size:
         trainer.validate(model, datamodule=datamodule, verbose=False)
         metrics |= _epoch_metrics(trainer)

@@ -1,9 +1,11 @@
 """A run directory belongs to one run, worked in by one process at a time.
 
-The lock is taken when Hydra resolves where the run's own record of its config goes (`hydra.output_subdir`): that
-is after Hydra has chosen the directory and before it writes anything there, so a second process started on the
-same directory never overwrites the first one's record. It is an flock (through `filelock`): the kernel drops it
-when its process dies, however it dies, so a stale lock of a killed run is simply taken over.
+The directory is chosen, and how this process enters it decided (new, resumed, refused), by the resolvers that
+Hydra calls for hydra.run.dir, hydra.output_subdir and the log file (`register_resolvers`). The lock is taken then:
+after Hydra has chosen the directory and before it writes anything there, so a second process started on the same
+directory never overwrites the first one's record, and a refused one writes nothing there. It is an flock (through
+`filelock`): the kernel drops it when its process dies, however it dies, so a stale lock of a killed run is simply
+taken over.
 """
 
 import os
@@ -11,6 +13,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 from cnn_exp import record
 from cnn_exp.errors import UserError
@@ -107,3 +111,77 @@ def slurm_job() -> str | None:
     if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
         return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+# Choosing the directory, before Hydra writes there: the resolvers of conf/hydra/default.yaml and its job logging.
+
+
+def resumable(resume: str | None) -> bool:
+    """Whether resume= names a run of train.py that has not finished: only then may Hydra write into it."""
+    if not resume:
+        return False
+    saved = record.read(resume)
+    return saved is not None and saved["status"] != record.FINISHED
+
+
+def _run_dir(resume: str | None, new: str) -> str:
+    """hydra.run.dir: the run named by resume=<run dir> when it can be resumed, else a new one: a wrong resume= then
+    fails in a new run directory instead of writing Hydra's files into the directory it names. A SLURM job's run
+    is named for the job, so that when SLURM requeues it (same job id) it finds its own run again and continues."""
+    if resumable(resume):
+        return str(resume)
+    job = slurm_job()
+    return str(Path(new).parent / f"slurm-{job}") if job else new
+
+
+# Per run directory, once a process: how this process enters it (see `_entry`).
+_entries: dict[str, str] = {}
+
+
+def _entry(output_dir: str, task: str, resume: str | None) -> str:
+    """How this process enters its run directory, decided once, before Hydra writes anything there: "new" (an empty
+    or new directory), "resumed" (train.py continuing the run that lives there: `resume=` it, or a requeued SLURM
+    job's own unfinished run), "refused" (another process works there, or a run lives there that this one may not
+    continue: nothing is written into it, and the task fails with one line), or "rank-N" (a DDP rank's, in rank
+    zero's directory). The directory's lock is taken now (`claim`)."""
+    if output_dir not in _entries:
+        if rank_zero_only.rank != 0:
+            _entries[output_dir] = f"rank-{rank_zero_only.rank}"
+        elif not claim(output_dir):
+            _entries[output_dir] = "refused"
+        elif not holds_a_run(output_dir):
+            _entries[output_dir] = "new"
+        elif task == "train" and resumable(output_dir) and (_same(resume, output_dir) or requeued()):
+            _entries[output_dir] = "resumed"
+        else:
+            _entries[output_dir] = "refused"
+    return _entries[output_dir]
+
+
+def _same(resume: str | None, output_dir: str) -> bool:
+    return bool(resume) and Path(str(resume)).resolve() == Path(output_dir).resolve()
+
+
+def _hydra_subdir(output_dir: str, time: str, task: str = "train", resume: str | None = None) -> str | None:
+    """hydra.output_subdir, where Hydra records the config: `.hydra` for a new run, `.hydra/resumed-<time>` for a
+    resumed one (how the run was started is kept), none for a refused one (Hydra then writes no record)."""
+    entry = _entry(output_dir, task, resume)
+    if entry == "refused":
+        return None
+    return {"new": ".hydra", "resumed": f".hydra/resumed-{time}"}.get(entry, f".hydra/{entry}")
+
+
+def _log_file(output_dir: str, task: str, resume: str | None = None) -> str:
+    """The run's log file, <task>.log in its directory; a refused run logs nowhere but the console, so it adds no
+    lines to the log of the run it was refused into."""
+    if _entry(output_dir, task, resume) == "refused":
+        return os.devnull
+    return str(Path(output_dir) / f"{task}.log")
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/hydra/default.yaml and conf/hydra/job_logging/cnn_exp.yaml choose the run directory, its
+    record and its log file with; registered by the entry points before Hydra resolves them (cnn_exp/run.setup)."""
+    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+    OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("run_log", _log_file, replace=True)

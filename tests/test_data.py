@@ -20,8 +20,9 @@ from filelock import FileLock
 from torchvision import transforms
 from torchvision.datasets import MNIST, FashionMNIST
 
-from cnn_exp import data as data_module
-from cnn_exp.data import CHECKED, LOCK, MNISTDataModule, augment
+from cnn_exp import datafiles as data_module
+from cnn_exp.data import MNISTDataModule, augment
+from cnn_exp.datafiles import CHECKED, LOCK
 from cnn_exp.errors import UserError
 from cnn_exp.net import ConvNet
 from tests.conftest import MIRROR, QUICK, ROOT, read_metrics, run, run_here, start
@@ -429,7 +430,7 @@ def test_a_damaged_full_copy_is_refused_and_verify_false_takes_it(tmp_path: Path
 def test_a_subset_of_ones_own_is_used_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     raw = plain(tmp_path, "FashionMNIST")  # the tests' subsets: their MD5s are not the official ones
     caplog.clear()
-    with caplog.at_level(logging.WARNING, "cnn_exp.data"):
+    with caplog.at_level(logging.WARNING, "cnn_exp.datafiles"):
         own(raw).prepare_data()
     assert [r.getMessage() for r in caplog.records] == [
         f"{raw}: 4 of the FashionMNIST files are not the official ones (unknown MD5); "
@@ -540,7 +541,7 @@ def test_a_network_for_other_images_is_refused_before_training(data_dir: Path) -
 @pytest.mark.slow
 def test_the_table_knows_the_real_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Both full datasets copied and checked without a warning; MNIST's real files under FashionMNIST refused.
-    with caplog.at_level(logging.WARNING, "cnn_exp.data"):
+    with caplog.at_level(logging.WARNING, "cnn_exp.datafiles"):
         for dataset in ("MNIST", "FashionMNIST"):
             MNISTDataModule(dataset, data_dir=str(tmp_path), mirror=str(SHARED), download=False).prepare_data()
     assert caplog.records == []
@@ -594,14 +595,15 @@ def test_two_runs_filling_one_fresh_data_dir_both_succeed(tmp_path: Path) -> Non
 KILLED_MID_COPY = """
 import sys, time
 import cnn_exp.data as data
-read = data._read
+import cnn_exp.datafiles as datafiles
+read = datafiles._read
 def read_then_pause(*args):
     chunk = read(*args)
     if not chunk:  # the whole file is written, not yet renamed to its name
         print("paused", flush=True)
         time.sleep(600)
     return chunk
-data._read = read_then_pause
+datafiles._read = read_then_pause
 data.MNISTDataModule("MNIST", data_dir=sys.argv[1], mirror=sys.argv[2], download=False).prepare_data()
 """
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cnn_exp import record
-from cnn_exp.resume import resumable
+from cnn_exp.rundir import resumable
 from cnn_exp.sweep import summarize
 
 
