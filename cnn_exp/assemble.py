@@ -36,10 +36,10 @@ def model_and_data(cfg: DictConfig) -> tuple[Classifier, MNISTDataModule]:
         **build.plain(cfg.get("classifier") or {}),
     )
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
-    if len(datamodule.classes) != model.net.out.out_features:
+    if len(datamodule.classes) != model.net.num_classes:
         raise UserError(
             f"data.classes names {len(datamodule.classes)} classes, but the network has "
-            f"model.num_classes={model.net.out.out_features} outputs: give them the same number"
+            f"model.num_classes={model.net.num_classes} outputs: give them the same number"
         )
     return model, datamodule
 
@@ -96,8 +96,20 @@ def check_monitored_metrics(cfg: DictConfig) -> None:
             )
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU asked for (trainer=gpu, trainer=ddp) where there is none: said before anything else, not by Lightning
+    once the run has started."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator={accelerator} (trainer=gpu, trainer=ddp) asks for a CUDA GPU, and this machine has "
+            "none: use trainer=default (a GPU when there is one), trainer=cpu or trainer=ddp_cpu"
+        )
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """seed, threads and the classifier's settings, which torch and numpy would otherwise refuse with a traceback."""
+    check_accelerator(cfg)
     seed, threads, classifier = cfg.seed, cfg.get("threads"), cfg.get("classifier") or {}
     unknown = set(classifier) - set(build.CLASSIFIER_SETTINGS)
     if unknown:

@@ -17,6 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from cnn_exp.errors import UserError, is_number, is_whole
@@ -37,7 +40,11 @@ def _classes(module: types.ModuleType, base: type) -> dict[str, type]:
 # imported (importing a module named by a file would run its code). Per group: the classes, what they are called
 # in messages, and how many leading arguments Classifier passes itself (the parameters, the optimizer).
 BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
-    "net": ({"cnn_exp.net.ConvNet": ConvNet}, "cnn_exp.net.ConvNet", 0),
+    "net": (
+        {"cnn_exp.net.ConvNet": ConvNet},
+        "cnn_exp.net.ConvNet, or a model a config of this run names: conf/model/, your config directory",
+        0,
+    ),
     "optimizer": (_classes(torch.optim, torch.optim.Optimizer), "an optimizer of torch.optim, e.g. torch.optim.SGD", 1),
     "scheduler": (
         _classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler),
@@ -51,6 +58,68 @@ CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average")
 # these below the top, would be an instruction to Hydra: settings here are never instantiated, so none may appear.
 # `_partial_` is no longer in conf/ (nothing here used it), but checkpoints written with it still load.
 HOW_TO_BUILD = {"_target_": str, "_partial_": bool, "_convert_": str, "_recursive_": bool}
+# What a model must offer besides forward(images) -> logits (docs/extend.md#your-network): the C×H×W of one image it
+# takes, and how many classes it scores.
+MODEL_INTERFACE = {
+    "input_shape": "the C×H×W of one image, e.g. (1, 28, 28)",
+    "num_classes": "how many classes it scores",
+}
+# Model classes beyond ConvNet this process may build, by dotted name: named by trusted input only, a config of the
+# run (conf/, a config directory on Hydra's search path, the command line) or Python code (`cnn_exp.load(models=)`).
+_trusted_models: set[str] = set()
+
+
+def trust_model(target: str) -> None:
+    """Let this process build the model class `target`, which trusted input named (see _trusted_models)."""
+    _trusted_models.add(target)
+
+
+def model_class(target: Any, where: str) -> type:
+    """The model class `target` names, imported only if trusted input names it: ConvNet, a class trust_model was
+    given, or one that a model option of the running Hydra app names (its `model/*.yaml` on the search path). Any
+    other name, from a checkpoint say, is refused before its module is imported: importing runs its code."""
+    builtin, described, _ = BUILDS["net"]
+    if isinstance(target, str) and target in builtin:
+        return builtin[target]
+    if not isinstance(target, str) or (target not in _trusted_models and target not in _configured_models()):
+        raise UserError(f"{where}._target_={target} is not a class this project builds from settings ({described})")
+    try:
+        cls = get_class(target)
+    except Exception as err:  # a module that is gone, or fails as it is imported
+        raise UserError(f"{where}._target_={target} cannot be imported: {first_line(err)}") from None
+    if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
+        raise UserError(f"{where}._target_={target} is not a torch.nn.Module class")
+    return cls
+
+
+def _configured_models() -> set[str]:
+    """The `_target_` of every option of the `model` group on the running Hydra app's search path (none outside
+    one), each option composed alone as Hydra composes it: its defaults list, a schema, included."""
+    if not GlobalHydra.instance().is_initialized():
+        return set()
+    loader, targets = GlobalHydra.instance().config_loader(), set()
+    for option in loader.get_group_options("model"):
+        try:
+            composed = loader.load_configuration(config_name=None, overrides=[f"+model={option}"], run_mode=RunMode.RUN)
+            targets.add(str(composed.model._target_))
+        except Exception:  # an option that does not compose alone names no model here
+            continue
+    return targets
+
+
+def check_model(net: torch.nn.Module, target: str, where: str) -> None:
+    """Refuse a built model that does not offer MODEL_INTERFACE, naming what is missing."""
+    missing = [f"{name} ({what})" for name, what in MODEL_INTERFACE.items() if not hasattr(net, name)]
+    if missing:
+        raise UserError(
+            f"{where}._target_={target} does not offer {'; '.join(missing)}: a model sets them in its __init__ "
+            "(docs/extend.md#your-network)"
+        )
+    shape, classes = net.input_shape, net.num_classes
+    if not (isinstance(shape, tuple | list) and len(shape) == 3 and all(is_whole(n) and n > 0 for n in shape)):
+        raise UserError(f"{where}._target_={target}: input_shape={shape!r} must be three whole numbers C, H, W")
+    if not is_whole(classes) or classes < 2:
+        raise UserError(f"{where}._target_={target}: num_classes={classes!r} must be a whole number of at least 2")
 
 
 def checked_class(settings: Any, group: str, where: str) -> type:
@@ -65,9 +134,12 @@ def checked_class(settings: Any, group: str, where: str) -> type:
         raise UserError(f"{where} must be a mapping of settings, not {kind(settings)}")
     refuse_instructions(settings, where, top=True)
     target = settings.get("_target_")
-    if not isinstance(target, str) or target not in allowed:
+    if group == "net":
+        cls = model_class(target, where)
+    elif not isinstance(target, str) or target not in allowed:
         raise UserError(f"{where}._target_={target} is not a class this project builds from settings ({described})")
-    cls = allowed[target]
+    else:
+        cls = allowed[target]
     values = {key: value for key, value in settings.items() if key not in HOW_TO_BUILD}
     check_arguments(cls, values, where, target, supplied)
     return cls
@@ -81,16 +153,25 @@ def build(settings: Any, group: str, *args: Any, where: str) -> Any:
     """
     cls = checked_class(settings, group, where)
     values = {key: value for key, value in plain(settings).items() if key not in HOW_TO_BUILD}
-    if group == "net" and torch.get_default_device().type != "meta":
+    if group != "net":
+        return cls(*args, **values)
+    if torch.get_default_device().type != "meta":
         _check_size(cls, values, where)
-    return cls(*args, **values)
+    net = cls(*args, **values)
+    check_model(net, plain(settings)["_target_"], where)
+    return net
 
 
 def _check_size(cls: type, values: dict[str, Any], where: str) -> None:
     """Refuse a network that could not be trained in this machine's memory, measured on torch's meta device first
     (which allocates nothing) instead of failing in the allocator with a traceback."""
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in cls(**values).parameters())
+    try:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in cls(**values).parameters())
+    except UserError:
+        raise
+    except Exception:  # a model of one's own that cannot be made without memory: built for real, unmeasured
+        return
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     needed = 16 * parameters  # float32 weights, gradients and two optimizer moments
     if needed > memory:

@@ -197,7 +197,7 @@ def _check_built_shapes(checkpoint: Mapping[str, Any]) -> None:
             f"state_dict holds other weights than hyper_parameters.net describes: {'; '.join(differences[:3])}{more}"
         )
     classes = (checkpoint.get("datamodule_hyper_parameters") or {}).get("classes")
-    outputs = getattr(getattr(net, "out", None), "out_features", None)
+    outputs = getattr(net, "num_classes", None)
     if isinstance(classes, list | tuple) and outputs is not None and len(classes) != outputs:
         raise UserError(
             f"datamodule_hyper_parameters.classes names {len(classes)} classes, but the network has {outputs} outputs"

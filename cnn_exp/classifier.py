@@ -48,7 +48,7 @@ class Classifier(L.LightningModule):
         self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
         # One blank image: the model summary then shows every layer's input and output shape.
         self.example_input_array = torch.zeros(1, *self.net.input_shape)
-        classes = self.net.out.out_features
+        classes = self.net.num_classes
         # One set of metrics per split, so their running states never mix. The confusion matrices feed per-class
         # accuracy and the reports that callbacks draw (cnn_exp/callbacks.py). Inputs come from our own network
         # and data, so the metrics skip their per-call checks, which cost time and, on a GPU, a sync every step;

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -224,3 +224,20 @@ def _short(override: str) -> str:
     if re.fullmatch(r"-?\d+\.\d{5,}(e-?\d+)?", value):
         return override.removesuffix(value) + f"{float(value):.4g}"
     return override
+
+
+def choices(group: str, default: str | None = None) -> str:
+    """`${choices:group,default}` in this project's --help (conf/hydra/help/cnn_exp.yaml): the group's options on
+    the running app's config search path, the default first, so that an option added in conf/ or a config directory
+    of one's own is listed."""
+    from hydra.core.global_hydra import GlobalHydra  # imported here: Hydra loads this module to set up logging
+
+    if not GlobalHydra.instance().is_initialized():
+        return default or ""
+    found = GlobalHydra.instance().config_loader().get_group_options(group)
+    return "|".join(sorted(found, key=lambda option: option != default))
+
+
+def register_help_resolver() -> None:
+    """`${choices:...}`, registered by the entry points before Hydra renders --help (cnn_exp/run.setup)."""
+    OmegaConf.register_new_resolver("choices", choices, replace=True)

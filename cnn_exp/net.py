@@ -92,7 +92,8 @@ class ConvNet(nn.Sequential):
             features = size
         layers["out"] = nn.Linear(features, num_classes)
         super().__init__(layers)
-        self.input_shape = (in_channels, image_size, image_size)
+        # The model interface (cnn_exp/build.py, docs/extend.md): one image's shape, and how many classes it scores.
+        self.input_shape, self.num_classes = (in_channels, image_size, image_size), num_classes
         if channels_last:  # NHWC weights, so activations follow: faster convolutions and pooling (oneDNN, cuDNN)
             self.to(memory_format=torch.channels_last)
         # Not applied here: the Classifier compiles the forward of its training steps (see there why).

@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 from torch.utils.data import DataLoader
 
-from cnn_exp import atomic, checkpoints
+from cnn_exp import atomic, build, checkpoints
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole, shown
@@ -197,12 +197,15 @@ class Predictor:
         ]
 
 
-def load(path: str | Path) -> Predictor:
+def load(path: str | Path, models: Sequence[type | str] = ()) -> Predictor:
     """A checkpoint of train.py, ready to classify images: `cnn_exp.load("…/best.ckpt").predict(["a.png"])`.
 
     Loaded as safely as test.py loads it (no code stored in the file ever runs), with the checkpoint's own
-    normalization and class names.
+    normalization and class names. A network of your own is built only if `models` names its class (the class, or
+    the dotted name its config's _target_ gave): a checkpoint never decides which code is imported.
     """
+    for model in models:
+        build.trust_model(model if isinstance(model, str) else f"{model.__module__}.{model.__qualname__}")
     model, datamodule = from_checkpoint(path)
     data = datamodule.hparams
     return Predictor(model, data.dataset, data.mean, data.std, list(datamodule.classes))

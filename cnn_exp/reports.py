@@ -67,6 +67,21 @@ def layer_rows(model: L.LightningModule) -> list[dict[str, str | int]]:
     return rows
 
 
+def unlisted_operations(net: nn.Module) -> str | None:
+    """What the layer table cannot show, said plainly: the operations forward() does without a layer of its own (a
+    functional ReLU, a residual addition, a pooling call), found by tracing it with torch.fx. None when every
+    operation is a layer (ConvNet)."""
+    try:
+        graph = torch.fx.symbolic_trace(net).graph
+    except Exception:  # control flow on values, say: fx cannot follow it
+        return "Its forward() could not be traced: operations it does outside its layers are not listed."
+    done = [node.target for node in graph.nodes if node.op in ("call_function", "call_method")]
+    names = sorted({getattr(target, "__name__", str(target)) for target in done})
+    if not names:
+        return None
+    return f"Its forward() also does, outside these layers (not listed): {', '.join(names)}."
+
+
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
 
@@ -114,10 +129,12 @@ class LayerTable(ModelSummary):
         for row in rows:
             table.add_row(*map(str, row.values()))
         table.add_row("total", *[""] * 5, f"{total:,}", style="bold")
-        console.get().print(table)
+        unseen = unlisted_operations(pl_module.net)
+        console.get().print(table, *([Text(unseen)] if unseen else []))
         lines = [f"# {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         lines += ["| " + " | ".join(map(str, row.values())) + " |" for row in rows]
         lines.append("| total |" + " |" * 5 + f" {total:,} |")
+        lines += ["", unseen] if unseen else []
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "architecture.md").write_text("\n".join(lines) + "\n")
 

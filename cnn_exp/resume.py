@@ -67,6 +67,9 @@ def start(cfg: DictConfig) -> Start:
         log.info("requeued: continuing the run in %s", output_dir)
     else:
         settings = record.settings(cfg)
+    # The run's own config names its model (trusted input): its checkpoints may name that class too.
+    if (target := OmegaConf.select(cfg, "model._target_")) is not None:
+        build.trust_model(str(target))
     if not cfg.ckpt_path:
         return Start(cfg, settings)
     return Start(cfg, settings, training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume")))

@@ -38,6 +38,7 @@ def setup() -> None:
     options extend. train.py and test.py call it on import (a launcher's worker processes import them too)."""
     rundir.register_resolvers()
     precision.register_resolver()
+    console.register_help_resolver()
     schema.store()
 
 
@@ -69,6 +70,7 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
             cause = _user_error(err)
             if cause is None:
                 raise
+            rundir.discard_unstarted(cfg.paths.output_dir)  # a mistake in the command leaves no half-made run
             # One line whatever the message holds: it may quote a file's text (a class name, a key, a file name).
             sys.exit(f"error: {shown(cause, limit=2000)}")
         finally:
@@ -196,6 +198,7 @@ def test(cfg: DictConfig) -> float:
     start = time.perf_counter()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise UserError("test.py needs ckpt_path=<file>.ckpt, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt")
+    assemble.check_accelerator(cfg)
     # A test is a run of its own: one process per directory, and never in one that holds a run (a training run's
     # record would be replaced by the test's, and the training could never be continued).
     if rank_zero_only.rank == 0:

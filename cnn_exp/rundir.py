@@ -9,6 +9,7 @@ taken over.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -131,7 +132,27 @@ def _run_dir(resume: str | None, new: str) -> str:
     if resumable(resume):
         return str(resume)
     job = slurm_job()
-    return str(Path(new).parent / f"slurm-{job}") if job else new
+    chosen = str(Path(new).parent / f"slurm-{job}") if job else new
+    if not Path(chosen).exists():
+        _made.add(Path(chosen).resolve())
+    return chosen
+
+
+# The run directories this process chose anew (none existed): a run refused before it starts may leave none behind.
+_made: set[Path] = set()
+# What Hydra and a run write in its directory before it starts; anything else there is kept.
+_BEFORE_START = {".hydra", LOCK, "config.yaml", "train.log", "test.log"}
+
+
+def discard_unstarted(run_dir: str | Path) -> None:
+    """Remove a directory this process made for a run that was refused before it started (no record, nothing but
+    what Hydra and the start wrote), so that a mistake in the command leaves no half-made run behind."""
+    key = Path(run_dir).resolve()
+    if key not in _made or record.path(key).exists() or not {p.name for p in key.iterdir()} <= _BEFORE_START:
+        return
+    release(key)
+    shutil.rmtree(key, ignore_errors=True)
+    _made.discard(key)
 
 
 # Per run directory, once a process: how this process enters it (see `_entry`).

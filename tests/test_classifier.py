@@ -111,3 +111,24 @@ def test_flip_averaging_classifies_by_the_mean_of_an_image_and_its_mirror() -> N
 def test_bad_classifier_settings_are_refused(setting: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         Classifier(net=net("net2"), optimizer=SGD, **setting)
+
+
+def test_val_acc_is_the_share_of_validation_images_counted_right_independently(
+    mnist: MNISTDataModule, tmp_path: Path
+) -> None:
+    """val/acc against a count made here, without torchmetrics: the network's top class against each label."""
+    model = Classifier(net=net("net2"), optimizer={"_target_": "torch.optim.Adam", "lr": 0.003})
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=mnist)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in mnist.val_dataloader():
+            images, labels = mnist.on_after_batch_transfer((images, labels), 0)
+            correct += int((model(images).argmax(dim=1) == labels).sum())
+            total += len(labels)
+    assert total == 100 and 10 < correct < 100  # learnt something, not everything: a wrong count would show
+    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(correct / total, abs=1e-6)

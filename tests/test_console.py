@@ -201,6 +201,7 @@ def test_help_fits_a_screen_and_names_the_choices(script: str) -> None:
     assert text.startswith(f"{script}: ") and "Examples:" in text and "--hydra-help" in text
     if script == "test.py":
         assert "ckpt_path=FILE.ckpt" in text and "batch_size=" in text
+        assert "predict=PATH" in text and "export=onnx" in text
         return
     # Every option of every group a user picks from, so that a new one cannot be missing from the help.
     for group in ("data", "model", "optimizer", "scheduler", "trainer", "logger", "experiment", "hparams_search"):
