@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnn_exp import build
+from cnn_exp.errors import UserError
 from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, read_metrics
 
 EXTEND = ROOT / "tests" / "extend"
@@ -98,3 +100,14 @@ def test_pip_install_e_makes_cnn_exp_importable_from_anywhere(tmp_path: Path) ->
     shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     module, conf = shown.stdout.split()
     assert Path(module) == ROOT / "cnn_exp" / "__init__.py" and (Path(conf) / "train.yaml").is_file()
+
+
+def test_a_model_without_the_interface_is_refused_naming_what_it_lacks() -> None:
+    build.trust_model("torch.nn.Linear")  # as a config of the run naming it would
+    try:
+        with pytest.raises(UserError, match=r"_target_=torch\.nn\.Linear does not offer input_shape .*num_classes"):
+            build.build({"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 3}, "net", where="model")
+    finally:
+        build._trusted_models.discard("torch.nn.Linear")
+    with pytest.raises(UserError, match=r"model\._target_=builtins\.open is not a class this project builds"):
+        build.build({"_target_": "builtins.open", "file": "x"}, "net", where="model")  # no config names it
