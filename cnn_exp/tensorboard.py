@@ -141,16 +141,8 @@ def log_hparams(trainer: L.Trainer, settings: dict[str, Any]) -> None:
     loggers = [logger for logger in trainer.loggers if isinstance(logger, tensorboard.TensorBoardLogger)]
     if not loggers:
         return
-    # metrics.json's names of the key settings as the config keys a user overrides, so a key set on the command
-    # line shows once.
-    values = {record.KEY_SETTINGS.get(key, key): value for key, value in settings.items() if key != "overrides"}
-    given = {}
-    for override in settings.get("overrides", []):
-        key, value = split_override(override)
-        if value not in ("", "~") and not key.startswith(("paths.", "hydra.", "resume", "ckpt_path")):  # ~: deleted
-            given[key] = value
-    values |= {key: _typed(text) for key, text in given.items() if key not in values}
-    swept = set(running_sweep_keys() or given)
+    values = setting_values(settings)
+    swept = set(running_sweep_keys() or given_values(settings))
     hparams = {key: _hparam(key, value) for key, value in values.items() if value is not None}
     infos = [
         api_pb2.HParamInfo(name=key, type=_HPARAM_TYPES[type(value)], differs=key in swept)
@@ -175,6 +167,26 @@ def log_hparams(trainer: L.Trainer, settings: dict[str, Any]) -> None:
         )
     )
     writer.add_summary(_hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=start))
+
+
+def setting_values(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings (its record's: the groups chosen, the key settings, the command line) under the names a user
+    gives them: `model` (net3), `optimizer.lr`, and every value set on the command line, typed as Hydra reads it.
+    metrics.json's names of the key settings become their config keys, so a key also set on the command line shows
+    once. TensorBoard's HParams and the trackers (cnn_exp/trackers.py) show these."""
+    values = {record.KEY_SETTINGS.get(key, key): value for key, value in settings.items() if key != "overrides"}
+    return values | {key: _typed(text) for key, text in given_values(settings).items() if key not in values}
+
+
+def given_values(settings: dict[str, Any]) -> dict[str, str]:
+    """The values set on the command line, as given, less where the run writes (paths.*, hydra.*), what it continues
+    (resume=, ckpt_path=) and deletions (~key)."""
+    given = {}
+    for override in settings.get("overrides", []):
+        key, value = split_override(override)
+        if value not in ("", "~") and not key.startswith(("paths.", "hydra.", "resume", "ckpt_path")):
+            given[key] = value
+    return given
 
 
 _HPARAM_TYPES = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING, float: api_pb2.DATA_TYPE_FLOAT64}
