@@ -225,10 +225,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
         try:
             with atomic.replace(path, "wb") as f:
                 torch.save(checkpoint, f)
-        except OSError as err:  # a full disk, a quota, a read-only mount: the previous checkpoint is still whole
+        except (OSError, RuntimeError) as err:  # a full disk, a quota, a read-only mount: the previous one is whole
+            # torch's zip writer reports a failed write as a RuntimeError raised while the OSError was handled.
+            cause = err if isinstance(err, OSError) else err.__context__
+            if not isinstance(cause, OSError):
+                raise
             raise UserError(
-                f"cannot write the checkpoint {path}: {err.strerror or err}. Its previous version is whole: make room "
-                f"(or make it writable), then continue the run with resume={Path(path).parent.parent}"
+                f"cannot write the checkpoint {path}: {cause.strerror or cause}. Its previous version is whole: make "
+                f"room (or make it writable), then continue the run with resume={Path(path).parent.parent}"
             ) from err
         self._folders.add(Path(path).parent.resolve())
 

@@ -1,6 +1,8 @@
 """The one exception type for mistakes a user can fix (a bad setting, a missing file, a bad checkpoint), and the
 type checks of config values that find them."""
 
+import unicodedata
+
 
 class UserError(Exception):
     """Its message names the thing to fix; entry points print it alone, without a traceback."""
@@ -16,15 +18,26 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-# What a terminal would act on: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
-_CONTROL |= {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+class _Escapes(dict):
+    """str.translate's table for `shown`, filled as characters are met: what a terminal or a text renderer acts on
+    (control characters C0 and C1, DEL; format characters such as the right-to-left override U+202E, which would
+    show text reversed; the line and paragraph separators) becomes its escape, anything else stays itself."""
+
+    def __missing__(self, code: int) -> str | int:
+        named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(chr(code))
+        if named is None and unicodedata.category(chr(code)) in ("Cc", "Cf", "Zl", "Zp"):
+            named = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+        self[code] = code if named is None else named
+        return self[code]
+
+
+_ESCAPES = _Escapes()
 
 
 def shown(value: object, limit: int = 200) -> str:
-    """Text read from a file (a checkpoint, a file name, a record) as it may be printed: one line, control characters
-    escaped (an escape sequence would retitle or clear the terminal; a newline would forge a line of its own), and at
-    most `limit` characters. Rich markup and matplotlib's `$` stay literal only where the printer is told so
-    (`markup=False`, `plots.literal`)."""
-    text = str(value).translate(_CONTROL)
+    """Text read from a file (a checkpoint, a file name, a record) as it may be printed: one line, control and format
+    characters escaped (an escape sequence would retitle or clear the terminal, a right-to-left override would show
+    the text reversed, a newline would forge a line of its own), and at most `limit` characters. Rich markup and
+    matplotlib's `$` stay literal only where the printer is told so (`markup=False`, `plots.literal`)."""
+    text = str(value).translate(_ESCAPES)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -57,12 +57,13 @@ def start(cfg: DictConfig) -> Start:
     (continued as if resumed), or a new run from `ckpt_path=`. The other ranks of a DDP run work in rank zero's
     directory, by design, with its config."""
     output_dir, other_rank = Path(cfg.paths.output_dir), rank_zero_only.rank != 0
+    # How this process entered its directory was decided when Hydra chose it (cnn_exp/rundir.py): followed here.
+    entered = "rank" if other_rank else rundir.entry(output_dir, "train", cfg.get("resume"))
     if cfg.get("resume"):
         cfg, settings = resumed_run(cfg)
-    elif rundir.holds_a_run(output_dir) and (rundir.requeued() or not other_rank):
-        unfinished = (record.read(output_dir) or {}).get("status") != record.FINISHED
-        if not other_rank and not (rundir.requeued() and unfinished):
-            rundir.check_new(output_dir, "train")
+    elif entered == "refused":
+        rundir.check_entered(output_dir, "train")  # says why
+    elif entered == "resumed" or (other_rank and rundir.requeued() and rundir.holds_a_run_record(output_dir)):
         cfg, settings = resumed_run(cfg, requeued=True)
         log.info("requeued: continuing the run in %s", output_dir)
     else:

@@ -56,6 +56,8 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
             return task(cfg)
         except Interrupted as stop:
             print(_stopped_message(stop, cfg.paths.output_dir), file=sys.stderr)
+            if not record.path(cfg.paths.output_dir).exists():  # stopped before it started: nothing to keep
+                rundir.discard_unstarted(cfg.paths.output_dir)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 # The jobs after this one must not start: the summary lists them as not run.
                 sweep.write_stopped(Path(HydraConfig.get().sweep.dir), cfg.get("optimized_metric") or record.OPTIMIZED)
@@ -130,6 +132,7 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
     parameters = sum(p.numel() for p in model.net.parameters())
     settings = {**begin.settings, "parameters": parameters, "threads": torch.get_num_threads()}
     write = functools.partial(_write_record, trainer, output_dir, settings, start)
+    rundir.mark_started(output_dir)
     write({"status": record.RUNNING})
     log_hparams(trainer, settings)
     result: dict[str, Any] = {"status": record.INTERRUPTED}  # unless it finishes, fails or is stopped by a signal
@@ -202,8 +205,7 @@ def test(cfg: DictConfig) -> float:
     # A test is a run of its own: one process per directory, and never in one that holds a run (a training run's
     # record would be replaced by the test's, and the training could never be continued).
     if rank_zero_only.rank == 0:
-        rundir.check_claimed(cfg.paths.output_dir)
-        rundir.check_new(cfg.paths.output_dir, "test")
+        rundir.check_entered(cfg.paths.output_dir, "test")
     predict.check_batch_size(cfg.get("batch_size"))
     # Settings that only train.py takes would be ignored here without a word (Hydra suggests +key= for them).
     if ignored := [group for group in ("model", "data", "optimizer", "scheduler", "experiment") if group in cfg]:

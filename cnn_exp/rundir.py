@@ -69,6 +69,7 @@ def release(run_dir: str | Path) -> None:
     lock = _held.pop(Path(run_dir).resolve(), None)
     if lock is not None:
         lock.release()
+    _entries.pop(str(run_dir), None)  # a later run of this process there (a sweep's next job) decides anew
 
 
 def check_claimed(run_dir: str | Path) -> None:
@@ -83,20 +84,33 @@ def check_claimed(run_dir: str | Path) -> None:
 
 
 def holds_a_run(run_dir: str | Path) -> bool:
-    """Whether a run already lives here: its record (of train.py or test.py), or checkpoints of one."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    held = record.path(run_dir).exists() or record.path(run_dir).is_symlink()
+    """Whether a run lives (or lived) here: its record (of train.py or test.py), checkpoints of one, or Hydra's
+    record of one that never got as far as its own."""
+    checkpoints, hydra = Path(run_dir) / "checkpoints", Path(run_dir) / ".hydra" / "config.yaml"
+    held = record.path(run_dir).exists() or record.path(run_dir).is_symlink() or hydra.exists()
     return held or (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
+
+
+def check_entered(run_dir: str | Path, task: str) -> None:
+    """Refuse to work in `run_dir` unless this process may: it holds the lock, and the directory held no run it may
+    not continue when Hydra chose it (Hydra has written its own record there since)."""
+    check_claimed(run_dir)
+    if entry(run_dir, task) == "refused":
+        check_new(run_dir, task)
+        raise UserError(f"{run_dir} holds a run this one may not continue: choose another hydra.run.dir")
 
 
 def check_new(run_dir: str | Path, task: str) -> None:
     """Refuse to start a new run of `task` (train, test) in a directory that already holds one: a new run never
     replaces one, and a test's record would replace a training run's (its settings, its status, its resume)."""
-    if holds_a_run(run_dir):
-        instead = f", or continue an unfinished one with resume={run_dir}" if task == "train" else ""
-        raise UserError(
-            f"{run_dir} already holds a run: choose another hydra.run.dir (a new run never replaces one){instead}"
-        )
+    if not holds_a_run(run_dir):
+        return
+    new = f"{run_dir} already holds a run: choose another hydra.run.dir (a new run never replaces one)"
+    if record.read(run_dir) is not None:
+        raise UserError(new + (f", or continue an unfinished one with resume={run_dir}" if task == "train" else ""))
+    if record.path(run_dir).exists() or record.path(run_dir).is_symlink():
+        raise UserError(f"{new}; its {record.NAME} is not a run record, so it cannot be continued either")
+    raise UserError(f"{new}; it never got as far as its {record.NAME}: delete it to start again there")
 
 
 def requeued() -> bool:
@@ -140,19 +154,30 @@ def _run_dir(resume: str | None, new: str) -> str:
 
 # The run directories this process chose anew (none existed): a run refused before it starts may leave none behind.
 _made: set[Path] = set()
+# The run directories whose run this process started (recorded as running): nothing is taken back from those.
+_started: set[Path] = set()
+
+
+def mark_started(run_dir: str | Path) -> None:
+    """The run has started (its record says running): from now on what it wrote stays."""
+    _started.add(Path(run_dir).resolve())
+
+
 # What Hydra and a run write in its directory before it starts; anything else there is kept.
 _BEFORE_START = {".hydra", LOCK, "config.yaml", "train.log", "test.log"}
 
 
 def discard_unstarted(run_dir: str | Path) -> None:
-    """Remove a directory this process made for a run that was refused before it started (no record, nothing but
-    what Hydra and the start wrote), so that a mistake in the command leaves no half-made run behind."""
+    """Remove a directory this process made for a run refused before it started (holding nothing but what Hydra and
+    the start wrote), so that a mistake in the command leaves no half-made run behind. A run's own directory, one it
+    was to continue, keeps the record of the refused try (.hydra/resumed-<time>/): how each start went is kept."""
     key = Path(run_dir).resolve()
-    if key not in _made or record.path(key).exists() or not {p.name for p in key.iterdir()} <= _BEFORE_START:
+    if key in _started or not key.is_dir():
         return
-    release(key)
-    shutil.rmtree(key, ignore_errors=True)
-    _made.discard(key)
+    if key in _made and not record.path(key).exists() and {p.name for p in key.iterdir()} <= _BEFORE_START:
+        release(key)
+        shutil.rmtree(key, ignore_errors=True)
+        _made.discard(key)
 
 
 # Per run directory, once a process: how this process enters it (see `_entry`).
@@ -172,11 +197,23 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
             _entries[output_dir] = "refused"
         elif not holds_a_run(output_dir):
             _entries[output_dir] = "new"
+        elif task == "train" and requeued() and not holds_a_run_record(output_dir):
+            _entries[output_dir] = "new"  # SLURM started its job again before it recorded anything: it starts again
         elif task == "train" and resumable(output_dir) and (_same(resume, output_dir) or requeued()):
             _entries[output_dir] = "resumed"
         else:
             _entries[output_dir] = "refused"
     return _entries[output_dir]
+
+
+def entry(output_dir: str | Path, task: str, resume: str | None = None) -> str:
+    """How this process entered `output_dir` (see `_entry`): decided when Hydra chose it, or now (a task run
+    without Hydra's resolvers, as the tests' compose API does)."""
+    return _entry(str(output_dir), task, resume)
+
+
+def holds_a_run_record(run_dir: str | Path) -> bool:
+    return record.path(run_dir).exists() or record.path(run_dir).is_symlink()
 
 
 def _same(resume: str | None, output_dir: str) -> bool:
@@ -186,10 +223,10 @@ def _same(resume: str | None, output_dir: str) -> bool:
 def _hydra_subdir(output_dir: str, time: str, task: str = "train", resume: str | None = None) -> str | None:
     """hydra.output_subdir, where Hydra records the config: `.hydra` for a new run, `.hydra/resumed-<time>` for a
     resumed one (how the run was started is kept), none for a refused one (Hydra then writes no record)."""
-    entry = _entry(output_dir, task, resume)
-    if entry == "refused":
+    entered = _entry(output_dir, task, resume)
+    if entered == "refused":
         return None
-    return {"new": ".hydra", "resumed": f".hydra/resumed-{time}"}.get(entry, f".hydra/{entry}")
+    return {"new": ".hydra", "resumed": f".hydra/resumed-{time}"}.get(entered, f".hydra/{entered}")
 
 
 def _log_file(output_dir: str, task: str, resume: str | None = None) -> str:

@@ -86,6 +86,8 @@ class StopOnSignal(L.Callback):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if self.received is not None:  # after the last batch: there was nothing left to stop
+                log.warning("%s came after the last batch: the run has finished", signal.Signals(self.received).name)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         launcher = self.trainer.strategy.launcher if self.trainer is not None else None

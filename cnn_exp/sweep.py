@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import atomic, record
+from cnn_exp import atomic, record, rundir
 from cnn_exp.errors import shown
 from cnn_exp.plots import pixels, sweep_figure, write_png
 
@@ -213,6 +213,15 @@ class SweepSummary(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A new sweep never replaces one: its jobs would be refused in the old jobs' directories, and the summary
+        # would list the old runs as this sweep's. Refused before Hydra writes anything (multirun.yaml included).
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir") or ""))
+        taken = sorted(p.name for p in sweep_dir.iterdir() if rundir.holds_a_run(p)) if sweep_dir.is_dir() else []
+        if str(sweep_dir) not in ("", ".") and taken:
+            sys.exit(
+                f"error: {sweep_dir} already holds a sweep's runs (jobs {', '.join(taken)}): choose another "
+                "hydra.sweep.dir (a new sweep never replaces one)"
+            )
         # Run names and TensorBoard's HParams need to know which keys vary (read back by running_sweep_keys).
         os.environ[SWEPT_KEYS] = ",".join(varied_keys(config))
 

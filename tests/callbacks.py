@@ -89,8 +89,8 @@ class FillDisk(L.Callback):
     """Fills the disk that `path` lies on, as another program would, when training reaches `step`: a file of zeros
     grows until the disk refuses more. Once: the file `once` marks that it did."""
 
-    def __init__(self, path: str, step: int, once: str) -> None:
-        self.path, self.step, self.once = Path(path), step, Path(once)
+    def __init__(self, path: str, step: int, once: str, leave: int = 0) -> None:
+        self.path, self.step, self.once, self.leave = Path(path), step, Path(once), leave
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple, batch_idx: int
@@ -103,3 +103,4 @@ class FillDisk(L.Callback):
                         f.write(bytes(4096))
                 except OSError:
                     pass
+                f.truncate(max(0, f.tell() - self.leave))  # `leave` bytes free: a write fails part-way

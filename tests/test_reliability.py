@@ -218,8 +218,9 @@ def small_disk(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("leave", [0, 100_000], ids=["full", "part-way"])  # a checkpoint takes ~147 KB
 def test_a_full_disk_fails_the_run_in_one_line_with_its_checkpoints_whole(
-    paths: list[str], tmp_path: Path, small_disk: Path
+    paths: list[str], tmp_path: Path, small_disk: Path, leave: int
 ) -> None:
     run_dir, filler = small_disk / "run", small_disk / "filler"
     fill = [
@@ -227,6 +228,7 @@ def test_a_full_disk_fails_the_run_in_one_line_with_its_checkpoints_whole(
         f"+callbacks.fill.path={filler}",
         "+callbacks.fill.step=10",
         f"+callbacks.fill.once={tmp_path / 'once'}",
+        f"+callbacks.fill.leave={leave}",
     ]
     command = [*paths, *QUICK, *NO_FIGURES, "trainer.max_epochs=2", "callbacks.step_checkpoint.every_n_train_steps=3"]
     proc = run("train.py", *command, *fill, f"hydra.run.dir={run_dir}", check=False)
@@ -480,3 +482,21 @@ def test_a_run_directory_of_crafted_files_is_refused_without_harm(paths: list[st
     os.mkfifo(piped / "metrics.json")
     proc = run("train.py", f"resume={piped}", f"paths.log_dir={tmp_path / 'outputs'}", check=False)
     assert proc.returncode == 1 and f"error: resume={piped}: not a run directory of train.py" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_directory_of_a_run_that_never_started_is_not_taken_over(paths: list[str], tmp_path: Path) -> None:
+    """What a run stopped while it started leaves (Hydra's record, no metrics.json): test.py and train.py are refused
+    there with advice that holds, and it is left as it was."""
+    never = tmp_path / "never"
+    (never / ".hydra").mkdir(parents=True)
+    (never / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    for script, given in (("test.py", f"ckpt_path={tmp_path / 'any.ckpt'}"), ("train.py", "data.val_size=200")):
+        proc = run(script, *paths, given, f"hydra.run.dir={never}", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert (
+            f"error: {never} already holds a run" in proc.stderr
+            and "never got as far as its metrics.json" in proc.stderr
+        )
+    assert (never / ".hydra" / "config.yaml").read_text() == "seed: 0\n"
+    assert sorted(p.name for p in never.iterdir()) == [".hydra", ".lock"]

@@ -26,7 +26,7 @@ CLASSES = [
     "two\nfinished: test/acc 1.0000",  # a newline that forges a result line
     "T-shirt[/]",  # Rich markup that closes nothing: Rich fails on it
     "[bold]b",  # Rich markup that would style the rest
-    "$x",  # a lone dollar
+    "\u202eevil",  # a right-to-left override: what follows shows reversed ("live")
     "$_$",  # mathtext that Matplotlib cannot parse: the figure fails
     "\x9b2J",  # a C1 control: some terminals read it as ESC [
     "one\u2028line",  # Unicode's line separator
@@ -49,7 +49,7 @@ def assert_shown_as_data(proc: CompletedProcess) -> str:
     """The run finished and printed no control character but its line ends, and no line that it did not write."""
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    controls = sorted({hex(ord(c)) for c in out if unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\n"})
+    controls = sorted({hex(ord(c)) for c in out if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c != "\n"})
     assert not controls, f"printed as they are: {controls}"
     for line in out.split("\n"):  # a table's cell is a line too: its borders aside
         assert not line.strip(" │┃").startswith((FORGED, "error: forged")), line
@@ -68,7 +68,16 @@ def test_a_checkpoints_class_names_are_printed_and_drawn_as_text(trained: Path, 
         env=WIDE,
     )
     out = assert_shown_as_data(proc)
-    for text in (r"\x1b]0;pwned\x07", r"\x1b[2J", r"two\nfinished:", "T-shirt[/]", "[bold]b", "$_$", r"\x9b2J"):
+    for text in (
+        r"\x1b]0;pwned\x07",
+        r"\x1b[2J",
+        r"two\nfinished:",
+        "T-shirt[/]",
+        "[bold]b",
+        "$_$",
+        r"\x9b2J",
+        r"\u202eevil",
+    ):
         assert text in out
     assert (run_dir / "confusion_matrix.png").stat().st_size > 10_000
     assert (run_dir / "misclassified.png").stat().st_size > 10_000
@@ -80,7 +89,8 @@ def test_image_file_names_are_printed_logged_and_drawn_as_text(trained: Path, tm
     folder = tmp_path / "images"
     folder.mkdir()
     digit = Image.fromarray(np.pad(np.full((12, 4), 255, np.uint8), 8))
-    names = ["\x1b]0;pwned\x07.png", "\x1b[2J.png", "x\nerror: forged.png", "[red]x.png", "$_$.png", "\x9b2J.png"]
+    names = ["\x1b]0;pwned\x07.png", "\x1b[2J.png", "x\nerror: forged.png", "[red]x.png", "$_$.png", "\x9b2J.png",
+             "\u202egnp.exe.png"]  # fmt: skip
     for name in names:
         digit.save(folder / name, format="PNG")
     (folder / "\x1b[2J notes.txt").write_text("not a picture")  # skipped, and named in a warning

@@ -153,3 +153,21 @@ def test_a_test_py_sweep_over_checkpoints_is_summarized_and_fails_for_a_missing_
     rows = {row["overrides"]: row for row in read_summary(tmp_path / "sweep")}
     assert rows[f"ckpt_path={good}"]["status"] == "ok" and float(rows[f"ckpt_path={good}"]["test/acc"]) > 0.2
     assert rows[f"ckpt_path={missing}"]["status"].startswith("failed: ckpt_path=")
+
+
+@pytest.mark.slow
+def test_a_new_sweep_never_replaces_one(paths: list[str], tmp_path: Path) -> None:
+    """Into a sweep directory that holds a sweep's runs, a second sweep is refused whole before Hydra writes there:
+    its jobs would be refused in the old jobs' directories, and the summary would list the old runs as its own."""
+    sweep = tmp_path / "sweep"
+    command = ["-m", *paths, *QUICK, *NO_FIGURES, "test=false", "++trainer.limit_train_batches=2", "seed=0,1"]
+    run("train.py", *command, f"hydra.sweep.dir={sweep}")
+    before = {path: path.read_bytes() for path in sweep.rglob("*") if path.is_file() and path.name != ".lock"}
+    proc = run("train.py", *command, "optimizer.lr=0.5", f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {sweep} already holds a sweep's runs (jobs 0, 1): choose another hydra.sweep.dir "
+        "(a new sweep never replaces one)"
+    )
+    after = {path: path.read_bytes() for path in sweep.rglob("*") if path.is_file() and path.name != ".lock"}
+    assert after == before  # multirun.yaml, the jobs' records and the summary as they were
