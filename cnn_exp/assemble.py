@@ -3,6 +3,7 @@ callbacks, loggers and plugins; and the run-level settings, checked before any o
 
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnn_exp import build
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
-from cnn_exp.errors import UserError, is_number, is_whole
+from cnn_exp.errors import UserError, is_number, is_whole, plain
 from cnn_exp.signals import StopOnSignal, slurm_requeue_signal
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,10 @@ def model_and_data(cfg: DictConfig) -> tuple[Classifier, MNISTDataModule]:
     """The model first, so that a network that cannot be built fails before any data is read; then the data, whose
     class names must be as many as the network's outputs (else the first validation fails, an epoch in)."""
     model = Classifier(
-        net=build.plain(cfg.model),
-        optimizer=build.plain(cfg.optimizer),
-        scheduler=build.plain(cfg.scheduler),
-        **build.plain(cfg.get("classifier") or {}),
+        net=plain(cfg.model),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        **plain(cfg.get("classifier") or {}),
     )
     datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
     if len(datamodule.classes) != model.net.num_classes:
@@ -69,6 +70,17 @@ def silence_known_warnings() -> None:
     warnings.filterwarnings("ignore", ".*torch.jit.trace.* is deprecated.*", FutureWarning)
     # Lightning advertises its cloud logger at every start.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_litlogger_advert)
+    threading.excepthook = _thread_error
+
+
+def _thread_error(args: threading.ExceptHookArgs) -> None:
+    """A background thread's OSError (TensorBoard's event writer on a full disk) as one warning line, not a
+    traceback: the run's own error line says what to do. Anything else as Python shows it."""
+    if isinstance(args.exc_value, OSError):
+        name = args.thread.name if args.thread else "a background thread"
+        log.warning("%s could not write: %s", name, args.exc_value.strerror or args.exc_value)
+    else:
+        threading.__excepthook__(args)
 
 
 def _not_a_litlogger_advert(log_record: logging.LogRecord) -> bool:

@@ -20,9 +20,8 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from hydra.utils import get_class
-from omegaconf import OmegaConf
 
-from cnn_exp.errors import UserError, is_number, is_whole
+from cnn_exp.errors import UserError, is_number, is_whole, plain
 from cnn_exp.net import ConvNet
 
 
@@ -326,10 +325,6 @@ def what_to_build(settings: Any) -> Any:
     if not isinstance(settings, Mapping):
         return settings
     return {key: value for key, value in settings.items() if key == "_target_" or key not in HOW_TO_BUILD}
-
-
-def plain(settings: Any) -> Any:
-    return OmegaConf.to_container(settings, resolve=True) if OmegaConf.is_config(settings) else settings
 
 
 def kind(value: Any) -> str:

@@ -1,7 +1,10 @@
-"""The one exception type for mistakes a user can fix (a bad setting, a missing file, a bad checkpoint), and the
-type checks of config values that find them."""
+"""The one exception type for mistakes a user can fix (a bad setting, a missing file, a bad checkpoint), the type
+checks of config values that find them, config values as plain Python, and text from a file as one printable line."""
 
 import unicodedata
+from typing import Any
+
+from omegaconf import OmegaConf
 
 
 class UserError(Exception):
@@ -16,6 +19,12 @@ def is_whole(value: object) -> bool:
 def is_number(value: object) -> bool:
     """An int or float from a config, and not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (dicts, lists, numbers, strings), resolved: what settings are kept as, in a
+    checkpoint, a record or a tracker."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 class _Escapes(dict):

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import atomic
-from cnn_exp.errors import is_number
+from cnn_exp.errors import is_number, plain
 
 NAME = "metrics.json"
 
@@ -115,7 +115,7 @@ def key_settings(cfg: DictConfig) -> dict[str, Any]:
     values = {}
     for name, key in KEY_SETTINGS.items():
         value = OmegaConf.select(cfg, key)
-        values[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        values[name] = plain(value)
     return values
 
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from cnn_exp import record
-from cnn_exp.errors import UserError
+from cnn_exp.errors import UserError, plain
 from cnn_exp.tensorboard import run_name, setting_values
 
 # What to install for each tracker: the versions this project was tested with (docs/trackers.md), and up.
@@ -64,7 +64,7 @@ def _flat(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def _plain(config: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config or {})
+    return plain(config) if OmegaConf.is_config(config) else dict(config or {})
 
 
 class MLFlowLogger(loggers.MLFlowLogger):

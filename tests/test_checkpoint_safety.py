@@ -28,12 +28,12 @@ from omegaconf import OmegaConf
 
 import cnn_exp
 from cnn_exp import checkpoints, resume
-from cnn_exp.build import plain as _plain
 from cnn_exp.callbacks import ModelCheckpoint
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
+from cnn_exp.errors import plain as _plain
 from tests.conftest import MIRROR, ROOT, read_metrics, run
 
 # Network2 with a learning rate so high that its best epoch is its first: 2 epochs of 8 steps (800 images in batches

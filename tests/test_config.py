@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 from cnn_exp.assemble import callbacks as _callbacks
 from cnn_exp.assemble import instantiate_each as _instantiate_each
-from cnn_exp.build import plain as plain_values
 from cnn_exp.classifier import Classifier
+from cnn_exp.errors import plain as plain_values
 from tests.conftest import ROOT
 
 CONF = ROOT / "conf"

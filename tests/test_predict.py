@@ -21,6 +21,7 @@ from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
+from cnn_exp.images import frame
 from tests.conftest import MIRROR, ROOT, composed, run
 from tests.test_classifier import net
 
@@ -147,12 +148,12 @@ def test_the_python_loader_gives_the_probabilities_predict_writes(
 def test_framing_gives_back_a_dataset_image_as_stored_and_as_drawn(dataset: str, data_dir: Path) -> None:
     data_module(dataset, data_dir).prepare_data()
     images = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}[dataset](data_dir, train=False).data[:100]
-    stored = torch.stack([predict.frame(Image.fromarray(image.numpy()), dataset) for image in images])
+    stored = torch.stack([frame(Image.fromarray(image.numpy()), dataset) for image in images])
     difference = (stored - images / 255).abs()
     # Most come back pixel for pixel; the others moved by a pixel (the rounding of their centre) or were refitted.
     assert (difference.amax(dim=(1, 2)) <= 1 / 255 + 1e-6).float().mean() >= 0.7
     assert difference.mean() < 0.02
-    framed = torch.stack([predict.frame(drawn(image.numpy(), i), dataset) for i, image in enumerate(images)])
+    framed = torch.stack([frame(drawn(image.numpy(), i), dataset) for i, image in enumerate(images)])
     assert (framed - stored).abs().mean() < 0.06, "a drawing is framed like the image it was drawn from"
     assert (framed - torch.roll(stored, 1, dims=0)).abs().mean() > 0.1, "and unlike another one"
 
