@@ -4,6 +4,7 @@ checkpoints (the reports a run writes are in cnn_exp/reports.py).
 They reach into Lightning's privates where no public API does the job, each marked "Private:" with its reason;
 tests/test_lightning_privates.py fails, naming it, when a Lightning release removes or changes one."""
 
+import importlib
 import logging
 import math
 import os
@@ -298,14 +299,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-# Run directories started before the reports moved to cnn_exp/reports.py name them here in .hydra/config.yaml,
-# which a resume builds: they still resolve.
-_MOVED = ("LayerTable", "UntrainedScores", "ConfusionMatrix", "TestReport", "EpochTable")
+# Run directories started before the reports moved out of this module name them here in .hydra/config.yaml, which a
+# resume builds: they still resolve.
+_MOVED = {name: "reports" for name in ("UntrainedScores", "ConfusionMatrix", "TestReport", "EpochTable")}
+_MOVED["LayerTable"] = "layers"
 
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
-        from cnn_exp import reports
-
-        return getattr(reports, name)
+        return getattr(importlib.import_module(f"cnn_exp.{_MOVED[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

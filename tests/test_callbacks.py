@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cnn_exp import callbacks
 from cnn_exp.classifier import Classifier
-from cnn_exp.reports import layer_rows
+from cnn_exp.layers import layer_rows
 from tests.conftest import read_metrics, run
 from tests.test_classifier import SGD, net
 

@@ -531,8 +531,9 @@ def test_a_checkpoint_of_an_earlier_version_still_loads_tests_and_trains_on(path
     [("cnn_exp.checkpoints.ModelCheckpoint", "cnn_exp.callbacks.ModelCheckpoint")]
     + [
         (f"cnn_exp.callbacks.{name}", f"cnn_exp.reports.{name}")
-        for name in ("LayerTable", "UntrainedScores", "ConfusionMatrix", "TestReport", "EpochTable")
-    ],
+        for name in ("UntrainedScores", "ConfusionMatrix", "TestReport", "EpochTable")
+    ]
+    + [("cnn_exp.callbacks.LayerTable", "cnn_exp.layers.LayerTable")],
 )
 def test_the_callbacks_an_earlier_runs_config_names_still_resolve(old: str, new: str) -> None:
     """A run directory started before these moved names them so in its .hydra/config.yaml, which resume= builds."""
