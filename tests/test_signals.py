@@ -100,15 +100,21 @@ def test_a_sigterm_stops_a_sweep_and_its_summary_lists_the_jobs_never_run(paths:
     assert {row.split(" | ")[1] for row in rows[1:]} == {"optimizer.lr=0.1", "optimizer.lr=0.2"}
 
 
-def test_a_slurm_job_requeued_on_its_signal_continues_its_own_run(tmp_path: Path, data_dir: Path, whole: dict) -> None:
-    """SLURM simulated: its variables, its requeue signal (SIGUSR1), and a stand-in scontrol that records the call."""
+def slurm_job(tmp_path: Path, job: str) -> dict[str, str]:
+    """The environment of a simulated SLURM job: its variables, and a stand-in scontrol on PATH that records each
+    call in tmp_path/scontrol.log."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     (bin_dir / "scontrol").chmod(0o755)
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+    slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
-    env = os.environ | slurm | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return os.environ | slurm | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_a_slurm_job_requeued_on_its_signal_continues_its_own_run(tmp_path: Path, data_dir: Path, whole: dict) -> None:
+    """SLURM simulated: its variables, its requeue signal (SIGUSR1), and a stand-in scontrol that records the call."""
+    env = slurm_job(tmp_path, "4242")
     command = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}", f"paths.log_dir={tmp_path / 'outputs'}",
                *RUN, *signal_at(7, "SIGUSR1")]  # fmt: skip
     first = run("train.py", *command, env=env, check=False)
@@ -194,13 +200,7 @@ def test_a_run_stopped_while_it_starts_starts_again_from_the_beginning(
 ) -> None:
     """A real signal while the run sets up its data, before its first step: nothing to save, so `resume=` (or SLURM's
     requeue, on its own signal) starts it again and it ends as a run never stopped."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    slurm_env = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
-                 "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
-    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"} | (slurm_env if slurm else {})
+    env = slurm_job(tmp_path, "77") if slurm else dict(os.environ)
     stop = [
         "+callbacks.stop._target_=tests.callbacks.SignalAtStart",
         f"+callbacks.stop.once={tmp_path / 'once'}",
