@@ -2,6 +2,7 @@
 callbacks, loggers and plugins; and the run-level settings, checked before any of it is built."""
 
 import logging
+import math
 import os
 import threading
 import warnings
@@ -143,6 +144,15 @@ def check_run_settings(cfg: DictConfig) -> None:
     every = cfg.trainer.get("log_every_n_steps")
     if every is not None and (not is_whole(every) or every < 1):
         raise UserError(f"trainer.log_every_n_steps={every} must be a whole number of at least 1")
+    # A share of the validation batches that is none of them: Lightning would say so only once the run has started.
+    share, images, batch = cfg.trainer.get("limit_val_batches"), cfg.data.get("val_size"), cfg.data.get("batch_size")
+    if isinstance(share, float) and 0 < share < 1 and is_whole(images) and is_whole(batch) and images > 0 < batch:
+        batches = math.ceil(images / batch)
+        if int(share * batches) < 1:
+            raise UserError(
+                f"trainer.limit_val_batches={share} leaves none of the {batches} validation batches: give at least "
+                f"{1 / batches:.2g}, or a number of batches"
+            )
     limit = cfg.trainer.get("limit_train_batches")
     if limit is not None and (not is_number(limit) or limit <= 0):
         raise UserError(

@@ -301,7 +301,7 @@ def damaged(tmp_path: Path) -> callable:
         (["model.num_classes=5"], "error: data.classes names 10 classes, but the network has model.num_classes=5"),
         (
             ["data.val_size=200", "++trainer.limit_val_batches=0.01"],
-            "error: trainer: You requested to check 0.01 of the `val_dataloader`",
+            "error: trainer.limit_val_batches=0.01 leaves none of the 2 validation batches: give at least 0.5",
         ),
     ],
 )
