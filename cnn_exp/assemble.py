@@ -145,7 +145,8 @@ def check_run_settings(cfg: DictConfig) -> None:
     if every is not None and (not is_whole(every) or every < 1):
         raise UserError(f"trainer.log_every_n_steps={every} must be a whole number of at least 1")
     # A share of the validation batches that is none of them: Lightning would say so only once the run has started.
-    share, images, batch = cfg.trainer.get("limit_val_batches"), cfg.data.get("val_size"), cfg.data.get("batch_size")
+    share = cfg.trainer.get("limit_val_batches")
+    images, batch = OmegaConf.select(cfg, "data.val_size"), OmegaConf.select(cfg, "data.batch_size")
     if isinstance(share, float) and 0 < share < 1 and is_whole(images) and is_whole(batch) and images > 0 < batch:
         batches = math.ceil(images / batch)
         if int(share * batches) < 1:
