@@ -132,7 +132,6 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
     parameters = sum(p.numel() for p in model.net.parameters())
     settings = {**begin.settings, "parameters": parameters, "threads": torch.get_num_threads()}
     write = functools.partial(_write_record, trainer, output_dir, settings, start)
-    rundir.mark_started(output_dir)
     write({"status": record.RUNNING})
     log_hparams(trainer, settings)
     result: dict[str, Any] = {"status": record.INTERRUPTED}  # unless it finishes, fails or is stopped by a signal

@@ -154,13 +154,6 @@ def _run_dir(resume: str | None, new: str) -> str:
 
 # The run directories this process chose anew (none existed): a run refused before it starts may leave none behind.
 _made: set[Path] = set()
-# The run directories whose run this process started (recorded as running): nothing is taken back from those.
-_started: set[Path] = set()
-
-
-def mark_started(run_dir: str | Path) -> None:
-    """The run has started (its record says running): from now on what it wrote stays."""
-    _started.add(Path(run_dir).resolve())
 
 
 # What Hydra and a run write in its directory before it starts; anything else there is kept.
@@ -172,7 +165,7 @@ def discard_unstarted(run_dir: str | Path) -> None:
     the start wrote), so that a mistake in the command leaves no half-made run behind. A run's own directory, one it
     was to continue, keeps the record of the refused try (.hydra/resumed-<time>/): how each start went is kept."""
     key = Path(run_dir).resolve()
-    if key in _started or not key.is_dir():
+    if not key.is_dir():
         return
     if key in _made and not record.path(key).exists() and {p.name for p in key.iterdir()} <= _BEFORE_START:
         release(key)
