@@ -87,8 +87,13 @@ def holds_a_run(run_dir: str | Path) -> bool:
     """Whether a run lives (or lived) here: its record (of train.py or test.py), checkpoints of one, or Hydra's
     record of one that never got as far as its own."""
     checkpoints, hydra = Path(run_dir) / "checkpoints", Path(run_dir) / ".hydra" / "config.yaml"
-    held = record.path(run_dir).exists() or record.path(run_dir).is_symlink() or hydra.exists()
+    held = holds_a_run_record(run_dir) or hydra.exists()
     return held or (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
+
+
+def holds_a_run_record(run_dir: str | Path) -> bool:
+    """Whether a metrics.json is there, whatever it holds (a link or a FIFO too)."""
+    return record.path(run_dir).exists() or record.path(run_dir).is_symlink()
 
 
 def check_entered(run_dir: str | Path, task: str) -> None:
@@ -108,7 +113,7 @@ def check_new(run_dir: str | Path, task: str) -> None:
     new = f"{run_dir} already holds a run: choose another hydra.run.dir (a new run never replaces one)"
     if record.read(run_dir) is not None:
         raise UserError(new + (f", or continue an unfinished one with resume={run_dir}" if task == "train" else ""))
-    if record.path(run_dir).exists() or record.path(run_dir).is_symlink():
+    if holds_a_run_record(run_dir):
         raise UserError(f"{new}; its {record.NAME} is not a run record, so it cannot be continued either")
     raise UserError(f"{new}; it never got as far as its {record.NAME}: delete it to start again there")
 
@@ -203,10 +208,6 @@ def entry(output_dir: str | Path, task: str, resume: str | None = None) -> str:
     """How this process entered `output_dir` (see `_entry`): decided when Hydra chose it, or now (a task run
     without Hydra's resolvers, as the tests' compose API does)."""
     return _entry(str(output_dir), task, resume)
-
-
-def holds_a_run_record(run_dir: str | Path) -> bool:
-    return record.path(run_dir).exists() or record.path(run_dir).is_symlink()
 
 
 def _same(resume: str | None, output_dir: str) -> bool:
