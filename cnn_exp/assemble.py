@@ -21,27 +21,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import build
 from cnn_exp.classifier import Classifier
-from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_number, is_whole, plain
 from cnn_exp.signals import StopOnSignal, slurm_requeue_signal
 
 log = logging.getLogger(__name__)
 
 
-def model_and_data(cfg: DictConfig) -> tuple[Classifier, MNISTDataModule]:
-    """The model first, so that a network that cannot be built fails before any data is read; then the data, whose
-    class names must be as many as the network's outputs (else the first validation fails, an epoch in)."""
+def model_and_data(cfg: DictConfig) -> tuple[Classifier, L.LightningDataModule]:
+    """The data first, which says its images' shape and classes (model settings left null take them), then the
+    model; their class counts must agree (else the first validation fails, an epoch in)."""
+    target = str(cfg.data.get("_target_"))
+    build.trusted_class("data", target, "data._target_")  # conf/ and the user's config directory name DataModules
+    datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
+    build.check_datamodule(datamodule, f"data._target_={target}")
     model = Classifier(
-        net=plain(cfg.model),
+        net=build.with_data_shape(plain(cfg.model), datamodule),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
         **plain(cfg.get("classifier") or {}),
     )
-    datamodule: MNISTDataModule = instantiate(cfg.data, _convert_="all")
     if len(datamodule.classes) != model.net.num_classes:
         raise UserError(
-            f"data.classes names {len(datamodule.classes)} classes, but the network has "
-            f"model.num_classes={model.net.num_classes} outputs: give them the same number"
+            f"the data has {len(datamodule.classes)} classes, but the network has "
+            f"model.num_classes={model.net.num_classes} outputs: give them the same number (null: the data's)"
         )
     return model, datamodule
 
@@ -102,7 +104,11 @@ def check_monitored_metrics(cfg: DictConfig) -> None:
     """Early stopping on a validation metric needs a validation split; without one Lightning fails after epoch 1."""
     for key, node in (cfg.callbacks or {}).items():
         monitor = str((node or {}).get("monitor") or "")
-        if cfg.data.val_size == 0 and monitor.startswith("val/") and "EarlyStopping" in str(node.get("_target_")):
+        if (
+            cfg.data.get("val_size") == 0
+            and monitor.startswith("val/")
+            and "EarlyStopping" in str(node.get("_target_"))
+        ):
             raise UserError(
                 f"callbacks.{key} stops on {monitor}, but data.val_size=0 leaves no validation split: "
                 "set data.val_size (e.g. 5000) or drop the callback"
@@ -130,7 +136,7 @@ def check_run_settings(cfg: DictConfig) -> None:
             f"classifier.{sorted(unknown)[0]} is not a setting of the classifier "
             f"(it takes {', '.join(build.CLASSIFIER_SETTINGS)})"
         )
-    if classifier.get("flip_average") and cfg.data.dataset == "MNIST":
+    if classifier.get("flip_average") and cfg.data.get("dataset") == "MNIST":
         raise UserError(
             "classifier.flip_average=true mirrors images, which turns digits into other shapes: FashionMNIST only"
         )

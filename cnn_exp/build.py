@@ -16,12 +16,15 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from hydra.utils import get_class
 
+from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_number, is_whole, plain
+from cnn_exp.folder import FolderDataModule
 from cnn_exp.net import ConvNet
 
 
@@ -39,11 +42,7 @@ def _classes(module: types.ModuleType, base: type) -> dict[str, type]:
 # imported (importing a module named by a file would run its code). Per group: the classes, what they are called
 # in messages, and how many leading arguments Classifier passes itself (the parameters, the optimizer).
 BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
-    "net": (
-        {"cnn_exp.net.ConvNet": ConvNet},
-        "cnn_exp.net.ConvNet, or a model a config of this run names: conf/model/, your config directory",
-        0,
-    ),
+    "net": ({}, "a model class (trusted_class)", 0),
     "optimizer": (_classes(torch.optim, torch.optim.Optimizer), "an optimizer of torch.optim, e.g. torch.optim.SGD", 1),
     "scheduler": (
         _classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler),
@@ -51,6 +50,8 @@ BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
         1,
     ),
 }
+# What the Classifier builds from its settings (hyper_parameters in a checkpoint).
+MODEL_GROUPS = ("net", "optimizer", "scheduler")
 # The Classifier's settings that are plain values, not things it builds (checked by check_classifier_settings).
 CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average")
 # Hydra's keys at the top of a settings node, with the kind of value each takes. Any other `_key_`, or one of
@@ -63,47 +64,146 @@ MODEL_INTERFACE = {
     "input_shape": "the C×H×W of one image, e.g. (1, 28, 28)",
     "num_classes": "how many classes it scores",
 }
-# Model classes beyond ConvNet this process may build, by dotted name: named by trusted input only, a config of the
-# run (conf/, a config directory on Hydra's search path, the command line) or Python code (`cnn_exp.load(models=)`).
-_trusted_models: set[str] = set()
+# What a DataModule must offer besides Lightning's hooks (docs/extend.md#your-data): its class names, in label order,
+# and the C×H×W of the images it serves. predict= also asks for PREDICT_INTERFACE.
+DATA_INTERFACE = {
+    "classes": "its class names, in label order",
+    "input_shape": "the C×H×W of one image it serves",
+}
+PREDICT_INTERFACE = {
+    "load_image": "load_image(image, name) -> C×H×W tensor, values 0 to 1: a Pillow image as the data holds images",
+    "normalize": "normalize(images) -> images as the network takes them",
+}
+# Model settings that null (conf/'s models, by their schema) takes from the data: one image's shape, the classes.
+FROM_DATA = ("in_channels", "image_size", "num_classes")
+# The classes built without a config naming them, per trusted group; a checkpoint's data settings without a
+# _target_ (written before DataModules were named) are MNIST's.
+BUILTIN: dict[str, dict[str, type]] = {
+    "model": {"cnn_exp.net.ConvNet": ConvNet},
+    "data": {"cnn_exp.data.MNISTDataModule": MNISTDataModule, "cnn_exp.folder.FolderDataModule": FolderDataModule},
+}
+DEFAULT_TARGET = {"data": "cnn_exp.data.MNISTDataModule"}
+# The checkpoint key that names the DataModule class of datamodule_hyper_parameters (Lightning names none; a
+# checkpoint without it is MNIST's).
+DATA_TARGET = "datamodule_target"
+_KINDS = {"model": (torch.nn.Module, "a torch.nn.Module"), "data": (L.LightningDataModule, "a LightningDataModule")}
+# Classes beyond BUILTIN this process may build, by dotted name: named by trusted input only, a config of the run
+# (conf/, a config directory on Hydra's search path, the command line) or Python code (`cnn_exp.load(models=)`).
+_trusted: dict[str, set[str]] = {"model": set(), "data": set()}
+
+
+def trust(group: str, target: str) -> None:
+    """Let this process build the `group` ("model", "data") class `target`, which trusted input named."""
+    _trusted[group].add(target)
 
 
 def trust_model(target: str) -> None:
-    """Let this process build the model class `target`, which trusted input named (see _trusted_models)."""
-    _trusted_models.add(target)
+    trust("model", target)
 
 
 def model_class(target: Any, where: str) -> type:
-    """The model class `target` names, imported only if trusted input names it: ConvNet, a class trust_model was
-    given, or one that a model option of the running Hydra app names (its `model/*.yaml` on the search path). Any
-    other name, from a checkpoint say, is refused before its module is imported: importing runs its code."""
-    builtin, described, _ = BUILDS["net"]
+    return trusted_class("model", target, f"{where}._target_")
+
+
+def trusted_class(group: str, target: Any, where: str) -> type:
+    """The model or DataModule class `target` names, imported only if trusted input names it: a BUILTIN class, one
+    `trust` was given, or one that an option of the group in the running Hydra app names (its `model/*.yaml` or
+    `data/*.yaml` on the search path). Any other name, from a checkpoint say, is refused before its module is
+    imported: importing runs its code."""
+    builtin, (base, kind) = BUILTIN[group], _KINDS[group]
     if isinstance(target, str) and target in builtin:
         return builtin[target]
-    if not isinstance(target, str) or (target not in _trusted_models and target not in _configured_models()):
-        raise UserError(f"{where}._target_={target} is not a class this project builds from settings ({described})")
+    named = _trusted[group] | _configured(group) if isinstance(target, str) else set()
+    if target not in named and target not in {_canonical(name) for name in named}:
+        described = ", ".join(builtin)
+        raise UserError(
+            f"{where}={target} is not a class this project builds from settings ({described}, or a {group} a "
+            f"config of this run names: conf/{group}/, your config directory)"
+        )
     try:
         cls = get_class(target)
     except Exception as err:  # a module that is gone, or fails as it is imported
-        raise UserError(f"{where}._target_={target} cannot be imported: {first_line(err)}") from None
-    if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
-        raise UserError(f"{where}._target_={target} is not a torch.nn.Module class")
+        raise UserError(f"{where}={target} cannot be imported: {first_line(err)}") from None
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise UserError(f"{where}={target} is not {kind} class")
     return cls
 
 
-def _configured_models() -> set[str]:
-    """The `_target_` of every option of the `model` group on the running Hydra app's search path (none outside
-    one), each option composed alone as Hydra composes it: its defaults list, a schema, included."""
+def dotted(cls: type) -> str:
+    """A class's name where it is defined: what a checkpoint records of it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _canonical(target: str) -> str | None:
+    """Where the class that trusted input names is defined (it may name it where it is re-exported)."""
+    try:
+        return dotted(get_class(target))
+    except Exception:  # a name that does not import is no class to compare with
+        return None
+
+
+def data_class(checkpoint: Mapping[str, Any], where: str = DATA_TARGET) -> type:
+    """The DataModule class a checkpoint's data settings are for, once trusted input names it too (trusted_class);
+    its settings checked against its signature."""
+    target = checkpoint.get(DATA_TARGET, DEFAULT_TARGET["data"])
+    cls = trusted_class("data", target, where)
+    settings = checkpoint.get("datamodule_hyper_parameters")
+    refuse_instructions(settings, "datamodule_hyper_parameters", top=False)
+    check_arguments(cls, settings, "datamodule_hyper_parameters", f"the DataModule ({target})", 0)
+    return cls
+
+
+def _configured(group: str) -> set[str]:
+    """The `_target_` of every option of `group` on the running Hydra app's search path (none outside one), each
+    option composed alone as Hydra composes it: its defaults list, a schema, included."""
     if not GlobalHydra.instance().is_initialized():
         return set()
     loader, targets = GlobalHydra.instance().config_loader(), set()
-    for option in loader.get_group_options("model"):
+    for option in loader.get_group_options(group):
         try:
-            composed = loader.load_configuration(config_name=None, overrides=[f"+model={option}"], run_mode=RunMode.RUN)
-            targets.add(str(composed.model._target_))
-        except Exception:  # an option that does not compose alone names no model here
+            composed = loader.load_configuration(
+                config_name=None, overrides=[f"+{group}={option}"], run_mode=RunMode.RUN
+            )
+            targets.add(str(composed[group]._target_))
+        except Exception:  # an option that does not compose alone names nothing here
             continue
     return targets
+
+
+def check_datamodule(datamodule: Any, named: str, interface: dict[str, str] = DATA_INTERFACE) -> None:
+    """Refuse a DataModule that does not offer `interface`, or whose saved settings could not rebuild it from a
+    checkpoint, naming what is missing. `named`: where the class was named, e.g. "data._target_=mydata.Stripes"."""
+    missing = [f"{name} ({what})" for name, what in interface.items() if not hasattr(datamodule, name)]
+    if missing:
+        raise UserError(f"{named} does not offer {'; '.join(missing)} (docs/extend.md#your-data)")
+    if interface is not DATA_INTERFACE:
+        return
+    shape, classes = datamodule.input_shape, datamodule.classes
+    if not (isinstance(shape, tuple | list) and len(shape) == 3 and all(is_whole(n) and n > 0 for n in shape)):
+        raise UserError(f"{named}: input_shape={shape!r} must be three whole numbers C, H, W")
+    if not (isinstance(classes, list | tuple) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{named}: classes must be a list of two or more class names")
+    saved = dict(datamodule.hparams)
+    needed = [
+        p.name
+        for p in inspect.signature(type(datamodule)).parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in saved
+    ]
+    if needed:
+        raise UserError(
+            f"{named} does not save its settings ({', '.join(needed)}), which rebuild it from a "
+            "checkpoint: call self.save_hyperparameters() in its __init__"
+        )
+    check_arguments(type(datamodule), saved, "data", named, 0)
+
+
+def with_data_shape(settings: dict[str, Any], datamodule: Any) -> dict[str, Any]:
+    """The model's settings with each FROM_DATA key that they set to null taken from the data."""
+    channels, height, width = datamodule.input_shape
+    values = {"in_channels": channels, "image_size": height, "num_classes": len(datamodule.classes)}
+    if settings.get("image_size", 0) is None and height != width:
+        raise UserError(f"model.image_size cannot be taken from the data's {height}×{width} images: set it")
+    return {key: values[key] if key in values and value is None else value for key, value in settings.items()}
 
 
 def check_model(net: torch.nn.Module, target: str, where: str) -> None:
@@ -134,7 +234,7 @@ def checked_class(settings: Any, group: str, where: str) -> type:
     refuse_instructions(settings, where, top=True)
     target = settings.get("_target_")
     if group == "net":
-        cls = model_class(target, where)
+        cls = trusted_class("model", target, f"{where}._target_")
     elif not isinstance(target, str) or target not in allowed:
         raise UserError(f"{where}._target_={target} is not a class this project builds from settings ({described})")
     else:
@@ -196,8 +296,8 @@ def check_model_settings(settings: Any, where: str) -> None:
     for key, value in settings.items():
         if key in CLASSIFIER_SETTINGS:
             continue
-        if key not in BUILDS:
-            known = ", ".join([*BUILDS, *CLASSIFIER_SETTINGS])
+        if key not in MODEL_GROUPS:
+            known = ", ".join([*MODEL_GROUPS, *CLASSIFIER_SETTINGS])
             raise UserError(f"{where}.{key} is not a setting of the model (it takes {known})")
         if key != "scheduler" or value:  # no scheduler: null or an empty mapping
             checked_class(value, key, f"{where}.{key}")

@@ -22,7 +22,6 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.migration import migrate_checkpoint
 
 from cnn_exp import atomic, build
-from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_number
 
 log = logging.getLogger(__name__)
@@ -136,9 +135,7 @@ def check(checkpoint: Any) -> None:
     if "hyper_parameters" in checkpoint:
         build.check_model_settings(checkpoint["hyper_parameters"], "hyper_parameters")
     if "datamodule_hyper_parameters" in checkpoint:
-        settings, where = checkpoint["datamodule_hyper_parameters"], "datamodule_hyper_parameters"
-        build.refuse_instructions(settings, where, top=False)
-        build.check_arguments(MNISTDataModule, settings, where, "the DataModule (cnn_exp.data.MNISTDataModule)", 0)
+        build.data_class(checkpoint)  # a DataModule a config of the run names, checked before any import
     _check_built_shapes(checkpoint)
     _check_file_names(checkpoint.get("callbacks"))
 

@@ -116,6 +116,10 @@ class Classifier(L.LightningModule):
         # Lightning does not keep the random state; dropout and augmentation draw from it (from the GPU's own
         # generator on a GPU), so a resumed run continues from it. Tensors only: the file loads under weights_only.
         checkpoint["rng_state"] = torch.get_rng_state()
+        # Which DataModule the settings in datamodule_hyper_parameters rebuild (test.py, predict=, export=): a name
+        # that is looked up, never imported unless a config of the run names the class too (cnn_exp/build.py).
+        if (datamodule := getattr(self._trainer, "datamodule", None)) is not None:
+            checkpoint[build.DATA_TARGET] = build.dotted(type(datamodule))
         if torch.cuda.is_available():
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
 

@@ -141,6 +141,8 @@ SETTINGS = {
 
 
 def _setting(name: str, value: Any) -> str:
+    if name == "validation images" and isinstance(value, float) and 0 < value < 1:  # a share (data=folder)
+        return f"{value:.0%} for validation"
     if name in ("epochs", "validation images"):
         return f"{value} {name.removesuffix('s') if value == 1 else name}"
     return f"{name} {value}"

@@ -1,5 +1,8 @@
-"""MNIST and Fashion-MNIST as one LightningDataModule, held in memory as normalized tensors; their files are
-cnn_exp/datafiles.py's."""
+"""Images held in memory as normalized tensors and served by indexing (InMemoryDataModule), and MNIST and
+Fashion-MNIST as one such DataModule; their files are cnn_exp/datafiles.py's, a folder of images cnn_exp/folder.py's.
+
+What train.py, test.py, predict= and export= ask of any DataModule, a user's own included, is in
+docs/extend.md#your-data (checked by cnn_exp.build.check_datamodule)."""
 
 import logging
 import math
@@ -11,10 +14,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import ListConfig
+from PIL import Image
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from cnn_exp.datafiles import DATASETS, IMAGE_SIZE, RawFiles
 from cnn_exp.errors import UserError, is_number, is_whole
+from cnn_exp.images import frame
 
 log = logging.getLogger(__name__)
 
@@ -148,61 +153,23 @@ def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
-class MNISTDataModule(L.LightningDataModule):
-    """Decodes the IDX files once (with torchvision) into normalized float tensors and serves batches by indexing.
+class InMemoryDataModule(L.LightningDataModule):
+    """A LightningDataModule whose images sit in memory as one normalized tensor per split, on the device trained on.
 
-    The validation split is drawn from the training images with a seeded generator; the official test images
-    are only ever the test split. With `val_size=0` every training image is trained on, as in the notebook.
-    `verify=false` skips the MD5 check of the files (their headers are always checked).
+    The validation split is drawn from the training images with a seeded generator (`seed`); the test images are
+    only ever the test split. Each epoch's order depends on (seed, epoch) alone, and the position in the epoch is
+    saved in every checkpoint (`state_dict`), so a resumed run sees the batches an uninterrupted run would. Training
+    batches can be augmented (`shift`, `flip`, `erase`) where they are. A subclass says where its images come from
+    (`_images`: uint8, N×C×H×W) and which images they are (`identity`), and saves its settings (save_hyperparameters)
+    with batch_size, val_size, seed, mean, std, shift, flip and erase among them.
     """
 
-    def __init__(
-        self,
-        dataset: str = "MNIST",
-        data_dir: str = "data",
-        mirror: str | None = None,
-        download: bool = True,
-        mean: float | None = None,
-        std: float | None = None,
-        batch_size: int = 100,
-        val_size: int = 5000,
-        classes: list[str] | None = None,
-        seed: int = 0,
-        shift: int = 0,
-        flip: bool = False,
-        erase: float = 0.0,
-        verify: bool = True,
-    ) -> None:
+    classes: list[str]
+    # What export= writes into model.onnx about its input (cnn_exp/export.py).
+    input_description = "float32, (pixel / 255 - mean) / std"
+
+    def __init__(self) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise UserError(f"data.dataset={dataset!r} is not one of {sorted(DATASETS)}")
-        # Resolved before the settings are saved: a checkpoint holds the numbers it was trained with.
-        mean = STATISTICS[dataset][0] if mean is None else mean
-        std = STATISTICS[dataset][1] if std is None else std
-        if not is_whole(batch_size) or batch_size <= 0:
-            raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
-        if not is_whole(val_size) or val_size < 0:
-            raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
-        if not (is_number(mean) and is_number(std)):
-            raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
-        # nan or inf would make every image nan, reported only later as a training that diverged.
-        if not math.isfinite(mean):
-            raise UserError(f"data.mean={mean} must be a finite number")
-        if not math.isfinite(std) or std <= 0:
-            raise UserError(f"data.std={std} must be a finite number above 0")
-        if not is_whole(shift) or shift < 0:
-            raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
-        if flip and dataset == "MNIST":
-            raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")
-        if not is_number(erase) or not 0 <= erase <= 1:
-            raise UserError(f"data.erase={erase} must be a probability from 0 (off) to 1")
-        if not isinstance(verify, bool):
-            raise UserError(f"data.verify={verify} must be true or false")
-        if classes is not None:
-            _check_classes(classes, dataset)
-        classes = list(classes) if classes is not None else list(CLASSES[dataset])
-        self.save_hyperparameters()
-        self.classes = classes
         self.train_set: InMemoryDataset | None = None
         self.val_set: InMemoryDataset | None = None
         self.test_set: InMemoryDataset | None = None
@@ -210,42 +177,62 @@ class MNISTDataModule(L.LightningDataModule):
         self._resume_from: tuple[int, int] | None = None
 
     @property
-    def files(self) -> RawFiles:
-        data = self.hparams
-        return RawFiles(data.dataset, data.data_dir, data.mirror, data.download, data.verify, len(self.classes))
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image's C×H×W as the network gets it."""
+        raise NotImplementedError
 
     @property
-    def raw_dir(self) -> Path:
-        return self.files.raw_dir
+    def identity(self) -> str:
+        """Which images these are, saved with the epoch's position: a checkpoint of other data is not resumed."""
+        raise NotImplementedError
 
-    def prepare_data(self) -> None:
-        """Make sure data_dir holds the dataset's four IDX files, checked (cnn_exp/datafiles.py)."""
-        self.files.prepare()
+    def _images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images of `split` ("train": those trained and validated on, "test"): uint8 N×C×H×W, int64 labels."""
+        raise NotImplementedError
+
+    def _measure(self, images: torch.Tensor, train: torch.Tensor) -> None:
+        """Called with the training split's images (uint8, on the CPU) and the indices of those trained on, before any
+        is normalized: where mean and std come from them (cnn_exp/folder.py), set them in hparams, which checkpoints
+        hold."""
+
+    def load_image(self, image: Image.Image, name: str = "image") -> torch.Tensor:
+        """An image of one's own (predict=) as this data holds its images: C×H×W, values 0 to 1."""
+        raise NotImplementedError
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as `load_image` gives them (values 0 to 1), stacked, as the network takes them."""
+        mean, std = (_per_channel(self.hparams[key], images) for key in ("mean", "std"))
+        return (images - mean) / std
 
     def setup(self, stage: str) -> None:
         # A network built for other images would fail at its first batch, deep inside; say so before any training.
         shape = getattr(getattr(self.trainer and self.trainer.lightning_module, "net", None), "input_shape", None)
-        if shape is not None and tuple(shape) != (1, IMAGE_SIZE, IMAGE_SIZE):
+        if shape is not None and tuple(shape) != tuple(self.input_shape):
+            size = "×".join(map(str, self.input_shape))
             raise UserError(
                 f"the network takes {'×'.join(map(str, shape))} images (model.in_channels, model.image_size), "
-                f"but {self.hparams.dataset}'s are 1×{IMAGE_SIZE}×{IMAGE_SIZE}: set model.image_size={IMAGE_SIZE} "
-                "and model.in_channels=1"
+                f"but the data's are {size}: set model.in_channels={self.input_shape[0]} and "
+                f"model.image_size={self.input_shape[1]}, or leave them out (null takes them from the data)"
             )
         # The images go once to the device the Trainer trains on (the GPU with trainer=gpu), not batch by batch.
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if stage in ("fit", "validate") and self.train_set is None:
-            images, labels = (tensor.to(device) for tensor in self._load(train=True))
+            images, labels = self._images("train")
             val_size = self.hparams.val_size
             if val_size >= len(labels):
                 raise UserError(f"data.val_size={val_size} leaves no training images (the set has {len(labels)})")
             generator = torch.Generator().manual_seed(self.hparams.seed)
-            order = torch.randperm(len(labels), generator=generator).to(device)
+            order = torch.randperm(len(labels), generator=generator)
+            val, train = order[:val_size], order[val_size:]
+            self._measure(images, train)
+            images, labels, order = (tensor.to(device) for tensor in (self._normalized(images), labels, order))
             val, train = order[:val_size], order[val_size:]
             self.train_set = InMemoryDataset(images[train], labels[train])
             if val_size:
                 self.val_set = InMemoryDataset(images[val], labels[val])
         if stage in ("test", "predict") and self.test_set is None:
-            self.test_set = InMemoryDataset(*(tensor.to(device) for tensor in self._load(train=False)))
+            images, labels = self._images("test")
+            self.test_set = InMemoryDataset(self._normalized(images).to(device), labels.to(device))
 
     def train_dataloader(self) -> DataLoader:
         self.sampler = EpochSampler(len(self.train_set), self.hparams.seed)
@@ -271,19 +258,18 @@ class MNISTDataModule(L.LightningDataModule):
         # Lightning also passes the model's example input through here (for the layer table and graph): not a batch.
         if augmenting and isinstance(batch, tuple | list) and len(batch) == 2:
             images, labels = batch
-            background = -data.mean / data.std  # a black pixel, normalized
-            batch = (augment(images, data.shift, data.flip, background, data.erase), labels)
+            batch = (augment(images, data.shift, data.flip, self._black(images), data.erase), labels)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the dataset, the epoch in progress and how many of its batches were trained on."""
+        """Saved in every checkpoint: the data, the epoch in progress and how many of its batches were trained on."""
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"dataset": self.hparams.dataset, "epoch": self.sampler.epoch, "batches": batches}
+        return {"dataset": self.identity, "epoch": self.sampler.epoch, "batches": batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["dataset"] != self.hparams.dataset:
+        if state["dataset"] != self.identity:
             raise UserError(
-                f"the checkpoint was trained on {state['dataset']}, this run asks for {self.hparams.dataset} "
+                f"the checkpoint was trained on {state['dataset']}, this run asks for {self.identity} "
                 "(data=...): resume with the data it was trained on"
             )
         self._resume_from = (state["epoch"], state["batches"] * self.hparams.batch_size)
@@ -292,15 +278,129 @@ class MNISTDataModule(L.LightningDataModule):
         # No worker processes: batches are slices of tensors already in memory, workers would only add copies.
         return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=_as_batch, generator=_own())
 
-    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read one split with torchvision and normalize it once: N×1×28×28 float images, N int64 labels."""
+    def _black(self, images: torch.Tensor) -> float | torch.Tensor:
+        """A black pixel, normalized: what augmentation shifts in and erases to (a number for one mean and std)."""
+        mean, std = self.hparams.mean, self.hparams.std
+        if not isinstance(mean, list | tuple | ListConfig):
+            return -mean / std
+        return _per_channel([-m / s for m, s in zip(mean, std, strict=True)], images)
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images as floats, normalized in place (one copy of the set in memory, not three)."""
+        images = images.float().div_(255)
+        return images.sub_(_per_channel(self.hparams.mean, images)).div_(_per_channel(self.hparams.std, images))
+
+
+def _per_channel(value: float | list[float], images: torch.Tensor) -> float | torch.Tensor:
+    """A mean or std as it applies to N×C×H×W images: one number for all channels, or one per channel."""
+    if isinstance(value, list | tuple | ListConfig):
+        return torch.tensor(list(value), dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return value
+
+
+class MNISTDataModule(InMemoryDataModule):
+    """Decodes the IDX files once (with torchvision) into normalized float tensors and serves batches by indexing.
+
+    With `val_size=0` every training image is trained on, as in the notebook. `verify=false` skips the MD5 check
+    of the files (their headers are always checked).
+    """
+
+    input_description = "float32, white on black, (pixel / 255 - mean) / std"
+
+    def __init__(
+        self,
+        dataset: str = "MNIST",
+        data_dir: str = "data",
+        mirror: str | None = None,
+        download: bool = True,
+        mean: float | None = None,
+        std: float | None = None,
+        batch_size: int = 100,
+        val_size: int = 5000,
+        classes: list[str] | None = None,
+        seed: int = 0,
+        shift: int = 0,
+        flip: bool = False,
+        erase: float = 0.0,
+        verify: bool = True,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise UserError(f"data.dataset={dataset!r} is not one of {sorted(DATASETS)}")
+        # Resolved before the settings are saved: a checkpoint holds the numbers it was trained with.
+        mean = STATISTICS[dataset][0] if mean is None else mean
+        std = STATISTICS[dataset][1] if std is None else std
+        check_settings(batch_size, val_size, shift, erase)
+        if not (is_number(mean) and is_number(std)):
+            raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
+        check_statistics([mean], [std])
+        if flip and dataset == "MNIST":
+            raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")
+        if not isinstance(verify, bool):
+            raise UserError(f"data.verify={verify} must be true or false")
+        if classes is not None:
+            _check_classes(classes, dataset)
+        classes = list(classes) if classes is not None else list(CLASSES[dataset])
+        self.save_hyperparameters()
+        self.classes = classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (1, IMAGE_SIZE, IMAGE_SIZE)
+
+    @property
+    def identity(self) -> str:
+        return self.hparams.dataset
+
+    @property
+    def files(self) -> RawFiles:
+        data = self.hparams
+        return RawFiles(data.dataset, data.data_dir, data.mirror, data.download, data.verify, len(self.classes))
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.files.raw_dir
+
+    def prepare_data(self) -> None:
+        """Make sure data_dir holds the dataset's four IDX files, checked (cnn_exp/datafiles.py)."""
+        self.files.prepare()
+
+    def load_image(self, image: Image.Image, name: str = "image") -> torch.Tensor:
+        """Framed as the dataset framed its images: grey, white on black, 28×28 (cnn_exp/images.py)."""
+        return frame(image, self.hparams.dataset, name=name)[None]
+
+    def _images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read one split with torchvision: N×1×28×28 uint8 images, N int64 labels."""
+        train = split == "train"
         files = f"{'train' if train else 't10k'}-images-idx3-ubyte and -labels-idx1-ubyte in {self.raw_dir}"
         try:
-            split = DATASETS[self.hparams.dataset](self.hparams.data_dir, train=train)
+            images = DATASETS[self.hparams.dataset](self.hparams.data_dir, train=train)
         except (RuntimeError, AssertionError, ValueError, OSError) as err:  # changed since prepare_data checked them
             raise UserError(
                 f"cannot read {files}: {str(err).strip() or type(err).__name__}. The files are truncated or damaged: "
                 "delete them, and the next run copies them again from the mirror or the download."
             ) from None
-        images = split.data.unsqueeze(1).float().div_(255).sub_(self.hparams.mean).div_(self.hparams.std)
-        return images, split.targets
+        return images.data.unsqueeze(1), images.targets
+
+
+def check_settings(batch_size: object, val_size: object, shift: object, erase: object) -> None:
+    """The settings every InMemoryDataModule shares, refused before any image is read."""
+    if not is_whole(batch_size) or batch_size <= 0:
+        raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
+    if not is_whole(val_size) or val_size < 0:
+        raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
+    if not is_whole(shift) or shift < 0:
+        raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
+    if not is_number(erase) or not 0 <= erase <= 1:
+        raise UserError(f"data.erase={erase} must be a probability from 0 (off) to 1")
+
+
+def check_statistics(mean: list[object], std: list[object]) -> None:
+    """Means and standard deviations (one, or one per channel): nan or inf would make every image nan, reported only
+    later as a training that diverged."""
+    for m in mean:
+        if not is_number(m) or not math.isfinite(m):
+            raise UserError(f"data.mean={m} must be a finite number")
+    for s in std:
+        if not is_number(s) or not math.isfinite(s) or s <= 0:
+            raise UserError(f"data.std={s} must be a finite number above 0")

@@ -1,22 +1,23 @@
 """test.py export=onnx: the trained network as model.onnx for ONNX Runtime, checked against PyTorch before success.
 
-The model takes `images`, a batch of any size of N×1×28×28 float images framed and normalized as in training
-(cnn_exp/predict.py: white on black, (pixel / 255 - mean) / std), and returns `logits`, N×classes (softmax them
-for probabilities; a network trained with classifier.flip_average returns its flip-averaged scores, as test.py
-scores). Its metadata holds what a program needs to use it: `classes` (JSON list, in output order), `mean`, `std`,
-`dataset`, and `input`/`output` descriptions; ONNX Runtime reads them with
-`session.get_modelmeta().custom_metadata_map`.
+The model takes `images`, a batch of any size of float images made and normalized as in training (for MNIST:
+N×1×28×28, framed white on black, (pixel / 255 - mean) / std; cnn_exp/predict.py), and returns `logits`, N×classes
+(softmax them for probabilities; a network trained with classifier.flip_average returns its flip-averaged scores,
+as test.py scores). Its metadata holds what a program needs to use it: `classes` (JSON list, in output order),
+`mean`, `std` (JSON: a number, or one per channel), `dataset`, and `input`/`output` descriptions; ONNX Runtime reads
+them with `session.get_modelmeta().custom_metadata_map`.
 """
 
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cnn_exp import atomic
+from cnn_exp import atomic, build
 from cnn_exp.classifier import flip_averaged
 from cnn_exp.errors import UserError
 from cnn_exp.predict import check_output, from_checkpoint, writing
@@ -41,16 +42,15 @@ def run(cfg: DictConfig) -> None:
     check_output(path)
     data = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
     model, datamodule = from_checkpoint(cfg.ckpt_path, **data)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    images = datamodule.test_set.tensors[0][:CHECKED].cpu()
+    images = test_images(datamodule, CHECKED)
     net = (FlipAveraged(model.net) if model.hparams.flip_average else model.net).eval()
+    shape = "×".join(map(str, datamodule.input_shape))
+    description = getattr(datamodule, "input_description", "as the DataModule serves them")
     metadata = {
         "classes": json.dumps(list(datamodule.classes)),
-        "mean": str(datamodule.hparams.mean),
-        "std": str(datamodule.hparams.std),
-        "dataset": datamodule.hparams.dataset,
-        "input": "images: N×1×28×28 float32, white on black, (pixel / 255 - mean) / std",
+        **{key: json.dumps(datamodule.hparams[key]) for key in ("mean", "std") if key in datamodule.hparams},
+        "dataset": str(datamodule.hparams.get("dataset", build.dotted(type(datamodule)))),
+        "input": f"images: N×{shape} {description}",
         "output": "logits: N×classes float32, in the order of classes"
         + (" (log of the mean probabilities of each image and its mirror)" if model.hparams.flip_average else ""),
         "checkpoint": str(cfg.ckpt_path),
@@ -64,6 +64,19 @@ def run(cfg: DictConfig) -> None:
         "tolerance %.0e absolute + %.0e relative)",
         path, len(images), difference, TOLERANCE, TOLERANCE,
     )  # fmt: skip
+
+
+def test_images(datamodule: Any, count: int) -> torch.Tensor:
+    """The first `count` test images as the network takes them, from the DataModule's own test loader."""
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    taken, total = [], 0
+    for images, _ in datamodule.test_dataloader():
+        taken.append(images.cpu())
+        total += len(images)
+        if total >= count:
+            break
+    return torch.cat(taken)[:count]
 
 
 class FlipAveraged(torch.nn.Module):

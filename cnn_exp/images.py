@@ -1,4 +1,5 @@
-"""What an image of one's own is made into before a network trained on MNIST or Fashion-MNIST sees it.
+"""Reading an image file of one's own, and what it is made into before a network trained on MNIST or Fashion-MNIST
+sees it.
 
 An image is made to look like the data the network was trained on before it sees it (`frame`): grey, white on
 black, its content fitted into 28×28 the way the dataset framed its images, normalized with the checkpoint's own
@@ -40,9 +41,14 @@ BLANK = 16
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Read any image file Pillow knows (PNG, JPEG, BMP, ...) as grey; a file it cannot read is a UserError.
+    """Read any image file Pillow knows (PNG, JPEG, BMP, ...) as grey; a file it cannot read is a UserError."""
+    return grey(open_image(path))
 
-    Its messages show the path as data (`shown`): a file's name may hold anything, an escape sequence or a newline.
+
+def open_image(path: str | Path) -> Image.Image:
+    """Read any image file Pillow knows (PNG, JPEG, BMP, ...), decoded and upright; a file it cannot read is a
+    UserError. Its messages show the path as data (`shown`): a file's name may hold anything, an escape sequence or
+    a newline.
     """
     name = shown(path, PATH)
     try:
@@ -59,15 +65,20 @@ def read_image(path: str | Path) -> Image.Image:
         raise UserError(
             f"{name}: damaged or truncated image ({shown(str(err).strip() or type(err).__name__)})"
         ) from None
-    return grey(image)
+    return image
 
 
 def grey(image: Image.Image) -> Image.Image:
     """One grey channel; transparent parts (a drawing app's empty canvas) become white paper."""
+    return without_alpha(image, "L")
+
+
+def without_alpha(image: Image.Image, mode: str) -> Image.Image:
+    """The image in `mode` ("L": grey, "RGB"), its transparent parts made white paper."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         paper = Image.new("RGBA", image.size, "white")
         image = Image.alpha_composite(paper, image.convert("RGBA"))
-    return image.convert("L")
+    return image.convert(mode)
 
 
 def frame(image: Image.Image, dataset: str, name: str = "image") -> torch.Tensor:

@@ -104,13 +104,27 @@ def image_grid(
         zip(images.cpu(), labels.tolist(), predictions.tolist(), strict=True)
     ):
         ax = figure.add_subplot(rows, columns, i + 1)
-        ax.imshow(image.float().squeeze(0), cmap="gray")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        draw_image(ax, image)
         wrong = label != prediction
         caption = f"{names[label]}\n→ {names[prediction]}" if wrong else names[label]
         ax.set_xlabel(caption, fontsize=size, color="red" if wrong else "black", linespacing=1.0)
     return figure
+
+
+def draw_image(ax: Axes, image: torch.Tensor, values_0_to_1: bool = False) -> None:
+    """One C×H×W image (or H×W), grey or colour, on `ax`, without ticks. Normalized values (`values_0_to_1` false)
+    are stretched to the image's own range, as matplotlib stretches a grey one."""
+    image = image.detach().float().cpu()
+    image = image[None] if image.dim() == 2 else image
+    if not values_0_to_1:
+        low, high = image.min(), image.max()
+        image = (image - low) / (high - low).clamp(min=1e-12)
+    if image.shape[0] == 1:
+        ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:

@@ -3,6 +3,7 @@ Each image is first made to look like the training data (cnn_exp/images.py)."""
 
 import csv
 import glob
+import inspect
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -24,10 +25,9 @@ from torch.utils.data import DataLoader
 
 from cnn_exp import atomic, build, checkpoints
 from cnn_exp.classifier import Classifier
-from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_whole, shown
-from cnn_exp.images import SIZE, frame, grey, read_image
-from cnn_exp.plots import literal, pixels, write_png
+from cnn_exp.images import open_image
+from cnn_exp.plots import draw_image, literal, pixels, write_png
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,11 @@ SHOWN = 64  # images drawn in predictions.png; a larger folder shows its first 6
 Images = str | Path | Image.Image | torch.Tensor | np.ndarray | Sequence["Images"]
 
 
-def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, MNISTDataModule]:
-    """The trained model and its data settings (dataset, mean, std, classes), loaded as safely as test.py does.
+def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, L.LightningDataModule]:
+    """The trained model and its data (its DataModule, rebuilt from its settings), loaded as safely as test.py does.
 
-    `data` overrides data settings (where the data lies: data_dir, mirror, batch_size); nothing else may differ.
+    `data` overrides data settings that say where the data lies (data_dir, mirror) or how it is served (batch_size),
+    where the DataModule takes them; nothing else may differ.
     """
     checkpoint = checkpoints.load(path)  # refuses a missing, damaged or unsafe file with one clear message
     # Without its data settings, the DataModule would fall back to defaults: MNIST, unnormalized.
@@ -53,14 +54,19 @@ def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, MNIST
         )
     if missing := checkpoints.missing(checkpoint, checkpoints.MODEL):
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: it has no {', '.join(missing)}")
+    # Checked by checkpoints.load: a DataModule a config of the run names, with plain settings of its own.
+    data_class = build.data_class(checkpoint)
+    accepted = inspect.signature(data_class).parameters
+    values = checkpoint["datamodule_hyper_parameters"] | {key: value for key, value in data.items() if key in accepted}
     # Built from what was read and checked, as Lightning's load_from_checkpoint would, without reading it again.
     try:
         model = Classifier(**checkpoint["hyper_parameters"])
         model.load_state_dict(checkpoint["state_dict"])
-        datamodule = MNISTDataModule(**{**checkpoint["datamodule_hyper_parameters"], **data})
+        datamodule = data_class(**values)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ckpt_path={path} is not a checkpoint written by train.py: {shown(reason)}") from None
+    build.check_datamodule(datamodule, f"{build.DATA_TARGET}={build.dotted(data_class)}")
     if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
         raise UserError(f"ckpt_path={path} holds weights that are not finite numbers (its training diverged)")
     model.eval()
@@ -69,27 +75,43 @@ def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, MNIST
 
 @dataclass
 class Predictor:
-    """A trained network with its preprocessing and class names built in (made by `cnn_exp.load`)."""
+    """A trained network with its data's preprocessing and class names built in (made by `cnn_exp.load`)."""
 
     model: Classifier
-    dataset: str
-    mean: float
-    std: float
-    classes: list[str]
+    data: L.LightningDataModule
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data.classes)
 
     def prepare(self, images: Images) -> torch.Tensor:
-        """What the network sees: an N×1×28×28 batch, framed (see `frame`) and normalized.
+        """What the network sees: a batch made like the data's images (its DataModule's `load_image`: for MNIST and
+        Fashion-MNIST, framed as the dataset framed them, see cnn_exp/images.py) and normalized like them.
 
         `images`: image files, Pillow images, or pixels as tensors or arrays (values 0-255, or 0-1 in floats)
         of one image (H×W) or a batch (N×H×W, N×1×H×W as torchvision holds MNIST, or N×3×H×W in colour); one,
-        or a list. All are framed the same way, so a dataset image in any of these forms comes out as the dataset
+        or a list. All are made the same way, so a dataset image in any of these forms comes out as the dataset
         stored it.
         """
-        return self.normalize(torch.stack([frame(picture, self.dataset) for picture in _pictures(images)]))
+        return self.normalize(torch.stack([self.data.load_image(picture) for picture in _pictures(images)]))
 
-    def normalize(self, framed: torch.Tensor) -> torch.Tensor:
-        """Framed 28×28 images (0 to 1, white on black) as the network's input: a batch normalized like its data."""
-        return ((framed - self.mean) / self.std).reshape(-1, 1, SIZE, SIZE)
+    def normalize(self, loaded: torch.Tensor) -> torch.Tensor:
+        """Images as `load_image` gives them (values 0 to 1), stacked, as the network's input (N×H×W grey images
+        too, as torchvision holds MNIST's)."""
+        return self.data.normalize(loaded.reshape(-1, *self.data.input_shape))
+
+    @property
+    def dataset(self) -> str | None:
+        """MNIST's or Fashion-MNIST's name; None for other data."""
+        return self.data.hparams.get("dataset")
+
+    @property
+    def mean(self) -> float | list[float] | None:
+        return self.data.hparams.get("mean")
+
+    @property
+    def std(self) -> float | list[float] | None:
+        return self.data.hparams.get("std")
 
     @torch.inference_mode()
     def predict(self, images: Images) -> torch.Tensor:
@@ -99,33 +121,37 @@ class Predictor:
 
     def top(self, probabilities: torch.Tensor, k: int = TOP) -> list[list[tuple[str, float]]]:
         """Per image, its k likeliest classes by name with their probabilities, likeliest first."""
-        values, indices = probabilities.topk(min(k, len(self.classes)), dim=1)
+        classes = self.classes
+        values, indices = probabilities.topk(min(k, len(classes)), dim=1)
         return [
-            [(self.classes[i], p) for i, p in zip(row_indices, row_values, strict=True)]
+            [(classes[i], p) for i, p in zip(row_indices, row_values, strict=True)]
             for row_indices, row_values in zip(indices.tolist(), values.tolist(), strict=True)
         ]
 
 
-def load(path: str | Path, models: Sequence[type | str] = ()) -> Predictor:
+def load(path: str | Path, models: Sequence[type | str] = (), data: Sequence[type | str] = ()) -> Predictor:
     """A checkpoint of train.py, ready to classify images: `cnn_exp.load("…/best.ckpt").predict(["a.png"])`.
 
     Loaded as safely as test.py loads it (no code stored in the file ever runs), with the checkpoint's own
-    normalization and class names. A network of your own is built only if `models` names its class (the class, or
-    the dotted name its config's _target_ gave): a checkpoint never decides which code is imported.
+    preprocessing, normalization and class names. A network or DataModule of your own is built only if `models` or
+    `data` names its class (the class, or the dotted name its config's _target_ gave): a checkpoint never decides
+    which code is imported.
     """
-    for model in models:
-        build.trust_model(model if isinstance(model, str) else f"{model.__module__}.{model.__qualname__}")
+    for group, classes in (("model", models), ("data", data)):
+        for cls in classes:
+            build.trust(group, cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}")
     model, datamodule = from_checkpoint(path)
-    data = datamodule.hparams
-    return Predictor(model, data.dataset, data.mean, data.std, list(datamodule.classes))
+    named = f"{build.DATA_TARGET}={build.dotted(type(datamodule))}"
+    build.check_datamodule(datamodule, named, build.PREDICT_INTERFACE)
+    return Predictor(model, datamodule)
 
 
 def _pictures(images: Images) -> list[Image.Image]:
-    """Grey Pillow images from what `Predictor.prepare` takes."""
+    """Pillow images from what `Predictor.prepare` takes."""
     if isinstance(images, str | Path):
-        return [read_image(images)]
+        return [open_image(images)]
     if isinstance(images, Image.Image):
-        return [grey(images)]
+        return [images]
     if isinstance(images, torch.Tensor | np.ndarray):
         pixels = torch.as_tensor(images).detach().cpu()
         pixels = pixels[None, None] if pixels.dim() == 2 else pixels[:, None] if pixels.dim() == 3 else pixels
@@ -136,7 +162,7 @@ def _pictures(images: Images) -> list[Image.Image]:
         if pixels.is_floating_point():
             pixels = pixels.clamp(0, 1) * 255
         pixels = pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        return [grey(Image.fromarray(image.squeeze(-1).numpy())) for image in pixels]
+        return [Image.fromarray(image.squeeze(-1).numpy()) for image in pixels]
     if isinstance(images, Sequence):
         return [picture for item in images for picture in _pictures(item)]
     raise TypeError(f"cannot classify a {type(images).__name__}: give files, Pillow images, tensors or arrays")
@@ -167,7 +193,7 @@ class Prediction:
     """One file's prediction, as predict= prints, writes and draws it."""
 
     file: Path
-    seen: torch.Tensor  # the framed image, as the network saw it before normalization
+    seen: torch.Tensor  # C×H×W, values 0 to 1: the image as the network saw it before normalization
     top: list[tuple[str, float]]
 
 
@@ -183,7 +209,7 @@ def run(cfg: DictConfig) -> None:
     framed, read, bad = [], [], []
     for file in files:
         try:
-            framed.append(frame(read_image(file), predictor.dataset, name=str(file)))
+            framed.append(predictor.data.load_image(open_image(file), name=str(file)))
             read.append(file)
         except UserError as err:
             bad.append(str(err))
@@ -282,9 +308,7 @@ def figure(predictions: list[Prediction], title: str) -> Figure:
     result.suptitle(title, fontsize=9)
     for i, prediction in enumerate(drawn):
         ax = result.add_subplot(rows, columns, i + 1)
-        ax.imshow(prediction.seen, cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        draw_image(ax, prediction.seen, values_0_to_1=True)
         name, p = prediction.top[0]
         ax.set_xlabel(f"{literal(prediction.file.name, 16)}\n{literal(name)} {p:.0%}", fontsize=8)
     return result

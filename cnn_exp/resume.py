@@ -9,7 +9,8 @@ restores, and must stay there:
   conf/callbacks/step_checkpoint.yaml: the mid-epoch step.ckpt a killed run continues from;
 - classifier.py: the Classifier saves and restores torch's random state and its epoch sums (on_save_checkpoint,
   on_load_checkpoint), so dropout, augmentation and epoch means go on as if never stopped;
-- data.py: the MNISTDataModule saves its position in the epoch (state_dict) and serves the rest of that epoch.
+- data.py: an InMemoryDataModule (MNIST's, a folder's) saves its position in the epoch (state_dict) and serves
+  the rest of that epoch.
 """
 
 import logging
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import build, checkpoints, precision, record, rundir, sweep
 from cnn_exp.classifier import Classifier
+from cnn_exp.data import InMemoryDataModule
 from cnn_exp.errors import UserError, is_whole
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,10 @@ def start(cfg: DictConfig) -> Start:
         log.info("requeued: continuing the run in %s", output_dir)
     else:
         settings = record.settings(cfg)
-    # The run's own config names its model (trusted input): its checkpoints may name that class too.
-    if (target := OmegaConf.select(cfg, "model._target_")) is not None:
-        build.trust_model(str(target))
+    # The run's own config names its model and data (trusted input): its checkpoints may name those classes too.
+    for group in ("model", "data"):
+        if (target := OmegaConf.select(cfg, f"{group}._target_")) is not None:
+            build.trust(group, str(target))
     if not cfg.ckpt_path:
         return Start(cfg, settings)
     return Start(cfg, settings, training_state(cfg.ckpt_path, cfg.trainer.max_epochs, cfg.get("resume")))
@@ -229,14 +232,20 @@ def check_fits(checkpoint: dict[str, Any], path: str | Path, model: Classifier, 
     optimizer, schedulers = _optimizer_and_schedulers(model)
     _check_optimizer_state(checkpoint["optimizer_states"], optimizer, where)
     _check_scheduler_states(checkpoint["lr_schedulers"], schedulers, where)
+    stored, ours = checkpoint.get(build.DATA_TARGET, build.DEFAULT_TARGET["data"]), build.dotted(type(datamodule))
+    if stored != ours:
+        raise UserError(
+            f"{where}: the checkpoint was trained on the data of {stored}, this run's is {ours} (data=...): resume "
+            "with the data it was trained on"
+        )
     state = checkpoint.get(type(datamodule).__qualname__)
-    if state is not None:
+    if state is not None and isinstance(datamodule, InMemoryDataModule):
         if not isinstance(state, Mapping) or not all(is_whole(state.get(k)) for k in ("epoch", "batches")):
             raise UserError(f"{where}: {type(datamodule).__qualname__} holds no data position (epoch, batches)")
-        if state.get("dataset") != datamodule.hparams.dataset:
+        if state.get("dataset") != datamodule.identity:
             raise UserError(
                 f"{where}: the checkpoint was trained on {state.get('dataset')}, this run asks for "
-                f"{datamodule.hparams.dataset} (data=...): resume with the data it was trained on"
+                f"{datamodule.identity} (data=...): resume with the data it was trained on"
             )
 
 

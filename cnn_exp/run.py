@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from cnn_exp import assemble, console, export, precision, predict, record, resume, rundir, schema, sweep
 from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
-from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, shown
 from cnn_exp.signals import Interrupted, StopOnSignal
 from cnn_exp.tensorboard import log_hparams
@@ -150,7 +149,7 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
 
 
 def _fit_and_test(
-    cfg: DictConfig, trainer: L.Trainer, model: Classifier, datamodule: MNISTDataModule, start_step: int
+    cfg: DictConfig, trainer: L.Trainer, model: Classifier, datamodule: L.LightningDataModule, start_step: int
 ) -> dict[str, Any]:
     """Fit, then test unless `test=false`: the best checkpoint on val/acc when there is one, else the weights training
     ended with. The record of a finished run."""
@@ -239,11 +238,11 @@ def test(cfg: DictConfig) -> float:
     return metrics[record.TEST_ACC]
 
 
-def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: MNISTDataModule) -> dict[str, float]:
+def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: L.LightningDataModule) -> dict[str, float]:
     """The last epoch's metrics of a run whose training had ended before it stopped: the train means from the epoch
     sums its checkpoint holds, the validation measured again (the same weights give the same numbers)."""
     metrics = {record.TRAIN_LOSS: float(model.train_loss.compute()), record.TRAIN_ACC: float(model.train_acc.compute())}
-    if datamodule.hparams.val_size:
+    if datamodule.hparams.get("val_size", True):  # a DataModule without val_size: its own val_dataloader says
         trainer.validate(model, datamodule=datamodule, verbose=False)
         metrics |= _epoch_metrics(trainer)
     return metrics

@@ -17,8 +17,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from cnn_exp.build import FROM_DATA
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
+from cnn_exp.folder import FolderDataModule
 from cnn_exp.net import ConvNet
 
 # Per schema: where it is stored (group/name), the class, the name a config's _target_ gives it (None: no
@@ -26,6 +28,7 @@ from cnn_exp.net import ConvNet
 SCHEMAS: list[tuple[str, type, str | None, int]] = [
     ("schema/model/convnet", ConvNet, "cnn_exp.net.ConvNet", 0),
     ("schema/data/mnist", MNISTDataModule, "cnn_exp.data.MNISTDataModule", 0),
+    ("schema/data/folder", FolderDataModule, "cnn_exp.folder.FolderDataModule", 0),
     ("schema/classifier", Classifier, None, 3),  # net, optimizer and scheduler are groups of their own
 ]
 
@@ -39,13 +42,16 @@ def schema(cls: type, target: str | None, skip: int = 0) -> type:
         if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
             continue
         default = parameter.default
+        hint = _checkable(hints.get(parameter.name, Any))
+        if cls is ConvNet and parameter.name in FROM_DATA:  # null: taken from the data (build.with_data_shape)
+            default, hint = None, hint | None
         if default is parameter.empty:
             field = dataclasses.field(default=MISSING)
         elif isinstance(default, list | tuple):
             field = dataclasses.field(default_factory=lambda default=default: list(default))
         else:
             field = dataclasses.field(default=default)
-        fields.append((parameter.name, _checkable(hints.get(parameter.name, Any)), field))
+        fields.append((parameter.name, hint, field))
     return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
 
 

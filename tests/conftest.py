@@ -9,10 +9,12 @@ process. Tests that must run a script as a user does use `run()`; the rest run t
 import copy
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +23,9 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
 
+from cnn_exp import build
 from cnn_exp import run as tasks
 from tests import forkserver
 
@@ -203,7 +207,39 @@ def composed(group: str, name: str, **overrides: object) -> dict:
     cfg = copy.deepcopy(_composed_train(group, name))
     with open_dict(cfg):
         cfg[group] = OmegaConf.merge(cfg[group], overrides)
-    return OmegaConf.to_container(cfg[group], resolve=True)
+    settings = OmegaConf.to_container(cfg[group], resolve=True)
+    # A model's shape settings left null are the data's (train.py takes them from data=mnist, the default).
+    return build.with_data_shape(settings, MNIST_SHAPE) if group == "model" else settings
+
+
+# What data=mnist says of its images, for models built without data (build.with_data_shape).
+MNIST_SHAPE = SimpleNamespace(input_shape=(1, 28, 28), classes=[str(digit) for digit in range(10)])
+
+
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 40, size: tuple[int, int] = (32, 32), mode: str = "RGB",
+    test: int = 0, seed: int = 0,
+) -> Path:  # fmt: skip
+    """An ImageFolder layout of generated images a small network learns in an epoch or two: class k is stripes at
+    k × 60 degrees in a random colour on a random background, with noise. `test` images a class go to test/."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = size[1], size[0]
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    for split, count in (("train", per_class), ("test", test)):
+        for k in range(classes if count else 0):
+            folder = root / split / f"class_{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            angle = torch.tensor(k * math.pi / classes)
+            for i in range(count):
+                phase = torch.rand(1, generator=generator) * 6.28
+                stripes = (torch.sin((x * torch.cos(angle) + y * torch.sin(angle)) * 1.2 + phase) > 0).float()
+                colour, paper = torch.rand(3, 1, 1, generator=generator), torch.rand(3, 1, 1, generator=generator)
+                image = (
+                    stripes * colour + (1 - stripes) * paper + 0.1 * torch.randn(3, height, width, generator=generator)
+                )
+                pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                Image.fromarray(pixels, "RGB").convert(mode).save(folder / f"{i:03d}.png")
+    return root
 
 
 @functools.cache

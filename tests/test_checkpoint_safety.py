@@ -27,14 +27,14 @@ from lightning.pytorch import callbacks as lightning_callbacks
 from omegaconf import OmegaConf
 
 import cnn_exp
-from cnn_exp import checkpoints, resume
+from cnn_exp import build, checkpoints, resume
 from cnn_exp.callbacks import ModelCheckpoint
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.errors import plain as _plain
-from tests.conftest import MIRROR, ROOT, read_metrics, run
+from tests.conftest import MIRROR, MNIST_SHAPE, ROOT, read_metrics, run
 
 # Network2 with a learning rate so high that its best epoch is its first: 2 epochs of 8 steps (800 images in batches
 # of 100). step.ckpt every 5 steps, saved as Lightning's save_weights_only=true writes it: weights, no training state.
@@ -197,14 +197,18 @@ def test_configs_build_their_classes_without_hydra_and_name_what_they_may_not() 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         for optimizer, scheduler in (("sgd", "none"), ("adam", "cosine"), ("adamw", "step")):  # every option once
             cfg = compose("train", overrides=[f"optimizer={optimizer}", f"scheduler={scheduler}"])
-            model = Classifier(_plain(cfg.model), _plain(cfg.optimizer), _plain(cfg.scheduler))
+            model = Classifier(
+                build.with_data_shape(_plain(cfg.model), MNIST_SHAPE), _plain(cfg.optimizer), _plain(cfg.scheduler)
+            )
             built = model.configure_optimizers()
             built = built if isinstance(built, dict) else {"optimizer": built}
             assert type(built["optimizer"]).__name__.lower() == optimizer
             assert (scheduler == "none") == ("lr_scheduler" not in built)
         cfg = compose("train", overrides=["+optimizer.momentum._target_=builtins.print"])
         with pytest.raises(UserError, match=r"^optimizer\.momentum\._target_ is an instruction"):
-            Classifier(_plain(cfg.model), _plain(cfg.optimizer), _plain(cfg.scheduler))
+            Classifier(
+                build.with_data_shape(_plain(cfg.model), MNIST_SHAPE), _plain(cfg.optimizer), _plain(cfg.scheduler)
+            )
     net = {"_target_": "cnn_exp.net.ConvNet"}
     sgd = {"_target_": "torch.optim.SGD", "lr": 0.1}
     for settings, message in [

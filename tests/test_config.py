@@ -8,13 +8,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from cnn_exp import build
 from cnn_exp.assemble import callbacks as _callbacks
 from cnn_exp.assemble import instantiate_each as _instantiate_each
+from cnn_exp.assemble import model_and_data
 from cnn_exp.classifier import Classifier
 from cnn_exp.errors import plain as plain_values
-from tests.conftest import ROOT
+from tests.conftest import MNIST_SHAPE, ROOT, make_image_folder
 
 CONF = ROOT / "conf"
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment", "hparams_search"]
@@ -47,7 +49,7 @@ def test_the_groups_offer_the_documented_options() -> None:
 
 def classifier(cfg: DictConfig) -> Classifier:
     return Classifier(
-        net=plain_values(cfg.model),
+        net=build.with_data_shape(plain_values(cfg.model), MNIST_SHAPE),
         optimizer=plain_values(cfg.optimizer),
         scheduler=plain_values(cfg.scheduler),
         **plain_values(cfg.classifier),
@@ -59,17 +61,19 @@ def classifier(cfg: DictConfig) -> Classifier:
     ("group", "option"),
     [pytest.param(g, o, marks=[pytest.mark.slow] if i else []) for g in GROUPS for i, o in enumerate(options(g))],
 )
-def test_every_option_composes_and_builds(config, group: str, option: str) -> None:
+def test_every_option_composes_and_builds(config, tmp_path: Path, group: str, option: str) -> None:
     """Each option builds what it names, and what it builds offers what the project needs of it (docs/extend.md):
     a config of one's own in conf/ that does keeps this test green."""
     if group == "logger" and option in ("mlflow", "wandb"):
         pytest.importorskip(option, reason="an optional install (docs/trackers.md)")
     cfg = config(f"{group}={option}")
-    model = classifier(cfg)
+    if OmegaConf.is_missing(cfg.data, "root"):  # a folder of images (data=folder): one generated
+        cfg = config(f"{group}={option}", f"data.root={make_image_folder(tmp_path / 'images', per_class=4)}")
+    model, data = model_and_data(cfg)  # as train.py builds them: the data interface checked, shapes from the data
     net = model.net
     assert model(torch.zeros(2, *net.input_shape)).shape == (2, net.num_classes)  # the model interface
-    data = instantiate(cfg.data, _convert_="all")
     assert isinstance(data, L.LightningDataModule) and len(data.classes) == net.num_classes
+    assert tuple(data.input_shape) == tuple(net.input_shape)
     optimizers = model.configure_optimizers()
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     assert isinstance(optimizer, get_class(cfg.optimizer._target_))

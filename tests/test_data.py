@@ -533,7 +533,7 @@ def test_a_mirror_file_longer_than_its_header_is_refused_after_writing_no_more_t
 def test_a_network_for_other_images_is_refused_before_training(data_dir: Path) -> None:
     data = MNISTDataModule("MNIST", data_dir=str(data_dir), mirror=str(MIRROR))
     data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(net=ConvNet(image_size=32)))
-    with pytest.raises(UserError, match=r"the network takes 1×32×32 images .* but MNIST's are 1×28×28"):
+    with pytest.raises(UserError, match=r"the network takes 1×32×32 images .* but the data's are 1×28×28"):
         data.setup("fit")
 
 

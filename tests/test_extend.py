@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from cnn_exp import build
+from cnn_exp import build, checkpoints
 from cnn_exp.errors import UserError
-from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, read_metrics
+from tests.conftest import NO_FIGURES, ROOT, make_image_folder, read_metrics
 
 EXTEND = ROOT / "tests" / "extend"
 
@@ -30,59 +31,63 @@ def user(repo: Path, script: str, *overrides: str) -> subprocess.CompletedProces
 
 
 @pytest.mark.slow
-def test_a_network_of_ones_own_trains_resumes_tests_predicts_and_exports(tmp_path: Path, data_dir: Path) -> None:
+def test_a_network_and_data_of_ones_own_train_resume_test_predict_and_export(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(EXTEND, repo)
-    assert "model=net2|net3|resnetlet" in user(repo, "train.py", "--help").stdout  # the help lists one's own too
-    paths = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}"]
+    usage = user(repo, "train.py", "--help").stdout  # the help lists one's own options too
+    assert "model=net2|net3|resnetlet" in usage and "data=mnist|fashion|folder|stripes" in usage
     run_dir = tmp_path / "run"
     stop = ["+callbacks.stop._target_=tests.callbacks.SignalAt", "+callbacks.stop.step=5",
             "+callbacks.stop.signal=SIGTERM"]  # fmt: skip
-    settings = [*paths, *QUICK, *NO_FIGURES, "trainer.max_epochs=2", "callbacks.step_checkpoint.every_n_train_steps=3"]
-    stopped = user(repo, "train.py", "model=resnetlet", *settings, *stop, f"hydra.run.dir={run_dir}")
+    settings = ["model=resnetlet", "data=stripes", *NO_FIGURES, "trainer.max_epochs=2"]
+    settings += ["callbacks.step_checkpoint.every_n_train_steps=3", "optimizer=adam"]
+    stopped = user(repo, "train.py", *settings, *stop, f"hydra.run.dir={run_dir}")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     resumed = user(repo, "train.py", f"resume={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = read_metrics(run_dir)
-    assert result["status"] == "finished" and result["steps"] == 16 and result["settings"]["model"] == "resnetlet"
+    assert result["status"] == "finished" and result["steps"] == 12, result  # 192 images, batches of 32, 2 epochs
+    assert result["settings"]["model"] == "resnetlet" and result["metrics"]["test/acc"] > 0.6  # of 1/3 by chance
+    # The network's shape came from the data: 3×24×24 images, three classes.
+    hyper = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["net"]
+    assert (hyper["in_channels"], hyper["image_size"], hyper["num_classes"]) == (3, 24, 3)
     # The layer table lists its layers and says what forward() does outside them.
     architecture = (run_dir / "architecture.md").read_text()
     assert "blocks.1" in architecture and "(not listed): adaptive_avg_pool2d, add, flatten, relu." in architecture
 
     last = run_dir / "checkpoints" / "last.ckpt"
-    tested = user(repo, "test.py", f"ckpt_path={last}", *paths, f"hydra.run.dir={tmp_path / 'test'}")
+    tested = user(repo, "test.py", f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'test'}")
     assert tested.returncode == 0, tested.stderr[-3000:]
     assert read_metrics(tmp_path / "test")["metrics"]["test/acc"] == result["metrics"]["test/acc"]
-    images = tmp_path / "images"
-    images.mkdir()
-    for digit in range(3):  # test images of the subset, saved as files
-        from torchvision.datasets import MNIST
-
-        MNIST(str(data_dir), train=False)[digit][0].save(images / f"{digit}.png")
+    images = make_image_folder(tmp_path / "images", per_class=1, size=(30, 30)) / "train" / "class_0"
     predicted = user(repo, "test.py", f"ckpt_path={last}", f"predict={images}", f"hydra.run.dir={tmp_path / 'p'}")
     assert predicted.returncode == 0 and (tmp_path / "p" / "predictions.csv").is_file(), predicted.stderr[-3000:]
-    exported = user(repo, "test.py", f"ckpt_path={last}", "export=onnx", *paths, f"hydra.run.dir={tmp_path / 'e'}")
+    exported = user(repo, "test.py", f"ckpt_path={last}", "export=onnx", f"hydra.run.dir={tmp_path / 'e'}")
     assert exported.returncode == 0 and (tmp_path / "e" / "model.onnx").is_file(), exported.stderr[-3000:]
 
-    # Without the user's configs on the search path, nothing names the class: refused, as a crafted file would be.
+    # Without the user's configs on the search path, nothing names the classes: refused, as a crafted file would be.
     env = os.environ | {"PYTHONPATH": str(repo)}
     command = [sys.executable, str(ROOT / "test.py"), f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'a'}"]
     alone = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert alone.returncode == 1 and "Traceback" not in alone.stderr
     assert "hyper_parameters.net._target_=mynets.ResNetlet is not a class this project builds" in alone.stderr
 
-    # A checkpoint naming a class that no config names: refused before its module is imported.
-    crafted = copy.deepcopy(torch.load(last, weights_only=True))
-    crafted["hyper_parameters"]["net"]["_target_"] = "evil.Payload"
-    torch.save(crafted, tmp_path / "crafted.ckpt")
-    refused = user(repo, "test.py", f"ckpt_path={tmp_path / 'crafted.ckpt'}", f"hydra.run.dir={tmp_path / 'c'}")
-    assert refused.returncode == 1 and "hyper_parameters.net._target_=evil.Payload is not a class" in refused.stderr
-    assert not (repo / "imported").exists()
+    # A checkpoint naming a model or DataModule class that no config names: refused before its module is imported.
+    for where in ("hyper_parameters.net._target_", "datamodule_target"):
+        crafted = copy.deepcopy(torch.load(last, weights_only=True))
+        if where == "datamodule_target":
+            crafted["datamodule_target"] = "evil.Payload"
+        else:
+            crafted["hyper_parameters"]["net"]["_target_"] = "evil.Payload"
+        torch.save(crafted, tmp_path / "crafted.ckpt")
+        refused = user(repo, "test.py", f"ckpt_path={tmp_path / 'crafted.ckpt'}", f"hydra.run.dir={tmp_path / where}")
+        assert refused.returncode == 1 and f"{where}=evil.Payload is not a class" in refused.stderr
+        assert not (repo / "imported").exists()
 
 
 def test_the_docs_show_the_example_files_as_they_are() -> None:
     doc = (ROOT / "docs" / "extend.md").read_text()
-    for example in ("mynets.py", "conf/model/resnetlet.yaml"):
+    for example in ("mynets.py", "conf/model/resnetlet.yaml", "mydata.py", "conf/data/stripes.yaml"):
         assert (EXTEND / example).read_text() in doc, example
 
 
@@ -108,6 +113,42 @@ def test_a_model_without_the_interface_is_refused_naming_what_it_lacks() -> None
         with pytest.raises(UserError, match=r"_target_=torch\.nn\.Linear does not offer input_shape .*num_classes"):
             build.build({"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 3}, "net", where="model")
     finally:
-        build._trusted_models.discard("torch.nn.Linear")
+        build._trusted["model"].discard("torch.nn.Linear")
     with pytest.raises(UserError, match=r"model\._target_=builtins\.open is not a class this project builds"):
         build.build({"_target_": "builtins.open", "file": "x"}, "net", where="model")  # no config names it
+
+
+def test_a_checkpoint_naming_a_datamodule_no_config_names_is_refused_before_its_module_is_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "payload.py").write_text((EXTEND / "evil.py").read_text())
+    crafted = {"datamodule_target": "payload.Payload", "datamodule_hyper_parameters": {"batch_size": 8}}
+    with pytest.raises(UserError, match=r"datamodule_target=payload\.Payload is not a class this project builds"):
+        checkpoints.check(crafted)
+    assert "payload" not in sys.modules and not (tmp_path / "imported").exists()
+    # Its settings are checked against the class it names (MNIST's, when it names none: a checkpoint of before).
+    with pytest.raises(UserError, match=r"datamodule_hyper_parameters\.root is not a setting of the DataModule"):
+        checkpoints.check({"datamodule_hyper_parameters": {"root": "/"}})
+    with pytest.raises(UserError, match=r"datamodule_hyper_parameters\.root=5 is not a string"):
+        checkpoints.check(
+            {"datamodule_target": "cnn_exp.folder.FolderDataModule", "datamodule_hyper_parameters": {"root": 5}}
+        )
+
+
+def test_a_datamodule_without_the_interface_is_refused_naming_what_it_lacks() -> None:
+    class Bare(L.LightningDataModule):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.classes = ["a", "b"]
+
+    with pytest.raises(UserError, match=r"data\._target_=x\.Bare does not offer input_shape \(the C×H×W"):
+        build.check_datamodule(Bare(3), "data._target_=x.Bare")
+    shaped = Bare(3)
+    shaped.input_shape = (1, 8, 8)
+    with pytest.raises(UserError, match=r"does not save its settings \(size\).*self\.save_hyperparameters\(\)"):
+        build.check_datamodule(shaped, "data._target_=x.Bare")
+    shaped.save_hyperparameters({"size": 3})
+    build.check_datamodule(shaped, "data._target_=x.Bare")  # now it offers what train.py needs
+    with pytest.raises(UserError, match=r"does not offer load_image .*; normalize"):
+        build.check_datamodule(shaped, "data._target_=x.Bare", build.PREDICT_INTERFACE)

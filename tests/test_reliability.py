@@ -298,7 +298,7 @@ def damaged(tmp_path: Path) -> callable:
         (["++trainer.limit_train_batches=0"], "error: trainer.limit_train_batches=0 trains on no batch"),
         (["threads=1000000"], "error: threads=1000000 is more than this machine's"),
         (["model.channels=[100000,100000]"], "error: model: the network would have 250,194,707,990 parameters"),
-        (["model.num_classes=5"], "error: data.classes names 10 classes, but the network has model.num_classes=5"),
+        (["model.num_classes=5"], "error: the data has 10 classes, but the network has model.num_classes=5"),
         (
             ["data.val_size=200", "++trainer.limit_val_batches=0.01"],
             "error: trainer.limit_val_batches=0.01 leaves none of the 2 validation batches: give at least 0.5",

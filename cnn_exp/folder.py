@@ -1,0 +1,232 @@
+"""A folder of one's own images as a DataModule: `python train.py data=folder data.root=DIR`.
+
+The layout is torchvision's ImageFolder's: `DIR/train/<class>/<image>`, and optionally `DIR/test/<class>/<image>`
+(else a share of train/ is set aside as the test split, the same images for every run). Class names are the folder
+names, in sorted order. Every image is read once with Pillow, made grey or colour (`channels`) and resized to
+`image_size` × `image_size`, and held in memory like MNIST (cnn_exp/data.py: seeded validation split, exact resume,
+batch augmentation). The mean and standard deviation per channel are measured on the images trained on and saved
+with the other settings in every checkpoint, which test.py, predict= and export= then use.
+
+A folder is input: a missing or empty class, an image Pillow cannot read, one class only, or test classes unlike the
+training ones are each one error line naming the folder or file.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+from cnn_exp.data import MAX_NAME, InMemoryDataModule, check_settings, check_statistics
+from cnn_exp.errors import UserError, is_number, is_whole, shown
+from cnn_exp.images import PATH, open_image, without_alpha
+
+log = logging.getLogger(__name__)
+
+# The test split drawn from train/ when there is no test/ folder: drawn with this seed whatever the run's seed, so
+# that runs with other seeds are compared on the same test images.
+TEST_SEED = 0
+# Images measured at a time for the mean and standard deviation (float64 sums: exact enough for any folder size).
+CHUNK = 4096
+
+
+def _list(directory: Path, where: str) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class folders of `directory` (sorted, hidden ones left out) and its image files with their class index,
+    found as torchvision's ImageFolder finds them (by extension, in subfolders too), without following links to
+    folders (a link to a folder above would be walked forever)."""
+    if not directory.is_dir():
+        raise UserError(f"{where} is not a folder")
+    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise UserError(f"{where} holds no class folders: put each class's images in {where}/<class>/")
+    for name in classes:
+        if len(name) > MAX_NAME:
+            raise UserError(f"{where}/{shown(name[:40])}…: a class name has at most {MAX_NAME} characters")
+    samples = []
+    for index, name in enumerate(classes):
+        found = []
+        for folder, subfolders, files in os.walk(directory / name):
+            subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith("."))
+            found += [
+                Path(folder) / file
+                for file in sorted(files)
+                if not file.startswith(".") and has_file_allowed_extension(file, IMG_EXTENSIONS)
+            ]
+        if not found:
+            raise UserError(
+                f"{where}/{shown(name)} holds no image (files ending in {', '.join(IMG_EXTENSIONS[:5])}, …): add "
+                "images or remove the folder"
+            )
+        samples += [(path, index) for path in found]
+    return classes, samples
+
+
+def _share(value: object, total: int, name: str) -> int:
+    """A split's size from its setting: a share of `total` (0 to below 1) or a whole number of images."""
+    if is_whole(value) and value >= 0:
+        count = int(value)
+    elif is_number(value) and 0 < value < 1:
+        count = round(value * total)
+    else:
+        raise UserError(f"data.{name}={value} must be a share of the images (0.1) or a whole number of them (500)")
+    if count >= total:
+        raise UserError(f"data.{name}={value} sets aside {count} of the {total} images in train/: none are left")
+    return count
+
+
+def _is_grey(image: Image.Image) -> bool:
+    """Whether an image holds no colour: one channel, or three equal ones."""
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return True
+    red, green, blue = without_alpha(image, "RGB").split()
+    return red.tobytes() == green.tobytes() == blue.tobytes()
+
+
+class FolderDataModule(InMemoryDataModule):
+    """Images in an ImageFolder layout (see the module's docstring), held in memory as normalized tensors."""
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int | None = None,
+        channels: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        batch_size: int = 64,
+        val_size: int | float = 0.1,
+        test_size: int | float = 0.2,
+        seed: int = 0,
+        shift: int = 0,
+        flip: bool = False,
+        erase: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(root, str) or not root.strip():
+            raise UserError("data.root must name a folder of images: data.root=DIR, with DIR/train/<class>/<image>")
+        where = f"data.root={shown(root, PATH)}"
+        if not Path(root).is_dir():
+            raise UserError(f"{where}: no such folder")
+        self.classes, self._samples = _list(Path(root) / "train", f"{where}: train")
+        if len(self.classes) < 2:
+            raise UserError(
+                f"{where}: train/ holds one class ({shown(self.classes[0])}): a classifier needs two or more"
+            )
+        self._test_samples: list[tuple[Path, int]] | None = None
+        if (Path(root) / "test").exists():
+            test_classes, self._test_samples = _list(Path(root) / "test", f"{where}: test")
+            if test_classes != self.classes:
+                only = sorted(set(test_classes) ^ set(self.classes))
+                raise UserError(
+                    f"{where}: test/ has other classes than train/ (only in one of them: "
+                    f"{', '.join(shown(name) for name in only[:5])}): give both the same class folders"
+                )
+            test_size = 0  # the test images are test/'s
+        else:
+            test_size = _share(test_size, len(self._samples), "test_size")
+        val_size = _share(val_size, len(self._samples) - test_size, "val_size")
+        # Resolved before the settings are saved, from the first image of each class: a checkpoint holds the shape
+        # it was trained with.
+        firsts = [next(path for path, label in self._samples if label == i) for i in range(len(self.classes))]
+        if channels is None:
+            channels = 1 if all(_is_grey(open_image(path)) for path in firsts) else 3
+        if image_size is None:
+            image_size = max(open_image(firsts[0]).size)
+        if channels not in (1, 3):
+            raise UserError(f"data.channels={channels} must be 1 (grey) or 3 (colour), or null (from the images)")
+        if not is_whole(image_size) or not 1 <= image_size <= 4096:
+            raise UserError(f"data.image_size={image_size} must be a whole number of pixels from 1 to 4096")
+        check_settings(batch_size, val_size, shift, erase)
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None and (not isinstance(value, list | tuple) or len(value) != channels):
+                raise UserError(f"data.{name}={value} must be a list of {channels} numbers (one per channel) or null")
+        if (mean is None) != (std is None):
+            raise UserError("data.mean and data.std are measured together: give both, or neither (null)")
+        if mean is not None:
+            check_statistics(list(mean), list(std))
+            mean, std = [float(m) for m in mean], [float(s) for s in std]
+        if not isinstance(flip, bool):
+            raise UserError(f"data.flip={flip} must be true or false")
+        self._check_memory(len(self._samples) + len(self._test_samples or []), channels, image_size)
+        self.save_hyperparameters()
+        self._decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        size = self.hparams.image_size
+        return (self.hparams.channels, size, size)
+
+    @property
+    def identity(self) -> str:
+        return f"the images in {self.hparams.root}"
+
+    @property
+    def input_description(self) -> str:  # type: ignore[override]
+        kind = "grey" if self.hparams.channels == 1 else "RGB"
+        size = self.hparams.image_size
+        return f"float32, {kind}, resized to {size}×{size}, (pixel / 255 - mean[channel]) / std[channel]"
+
+    def load_image(self, image: Image.Image, name: str = "image") -> torch.Tensor:
+        """Made grey or RGB (transparent parts white) and resized, as the folder's own images were."""
+        size = self.hparams.image_size
+        mode = "L" if self.hparams.channels == 1 else "RGB"
+        pixels = np.asarray(without_alpha(image, mode).resize((size, size), Image.Resampling.BILINEAR))
+        return torch.from_numpy(pixels.copy()).reshape(size, size, -1).permute(2, 0, 1).float() / 255
+
+    def _images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._decoded:
+            samples = self._split_samples(split)
+            log.info("reading %d %s images from %s", len(samples), split, shown(self.hparams.root, PATH))
+            images = torch.stack([self._read(path) for path, _ in samples])
+            labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+            self._decoded[split] = (images, labels)
+        return self._decoded.pop(split)
+
+    def _split_samples(self, split: str) -> list[tuple[Path, int]]:
+        """train/'s images less the test share (when there is no test/), or the test images."""
+        if self._test_samples is not None:
+            return self._samples if split == "train" else self._test_samples
+        order = torch.randperm(len(self._samples), generator=torch.Generator().manual_seed(TEST_SEED)).tolist()
+        test = set(order[: self.hparams.test_size])
+        return [sample for i, sample in enumerate(self._samples) if (i in test) == (split == "test")]
+
+    def _read(self, path: Path) -> torch.Tensor:
+        """One file as uint8 C×H×W (open_image refuses a file Pillow cannot read, naming it)."""
+        size = self.hparams.image_size
+        mode = "L" if self.hparams.channels == 1 else "RGB"
+        pixels = np.asarray(without_alpha(open_image(path), mode).resize((size, size), Image.Resampling.BILINEAR))
+        return torch.from_numpy(pixels.copy()).reshape(size, size, -1).permute(2, 0, 1)
+
+    def _measure(self, images: torch.Tensor, train: torch.Tensor) -> None:
+        """The mean and standard deviation of each channel over the images trained on, unless the config gives
+        them; saved in the settings, so that test.py and predict= normalize as training did."""
+        if self.hparams.mean is not None:
+            return
+        total = torch.zeros(images.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for start in range(0, len(train), CHUNK):
+            chunk = images[train[start : start + CHUNK]].double().div_(255)
+            total += chunk.sum(dim=(0, 2, 3))
+            squares += chunk.square().sum(dim=(0, 2, 3))
+        count = len(train) * images.shape[2] * images.shape[3]
+        mean = total / count
+        std = (squares / count - mean.square()).clamp(min=0).sqrt()
+        if (std < 1e-3).any():
+            raise UserError(f"data.root={shown(self.hparams.root, PATH)}: the training images are all one colour")
+        self.hparams.mean = [round(float(m), 6) for m in mean]
+        self.hparams.std = [round(float(s), 6) for s in std]
+        log.info("data: mean %s and std %s measured on %d training images", self.hparams.mean, self.hparams.std,
+                 len(train))  # fmt: skip
+
+    @staticmethod
+    def _check_memory(count: int, channels: int, size: int) -> None:
+        """Refuse a folder whose images would not fit this machine's memory as float32 tensors, before reading one."""
+        needed = 5 * count * channels * size * size  # uint8 as read, and float32 as held
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory:
+            raise UserError(
+                f"{count:,} images of {channels}×{size}×{size} need {needed / 2**30:,.1f} GiB in memory, more than "
+                f"this machine's {memory / 2**30:.0f} GiB: set a smaller data.image_size"
+            )
