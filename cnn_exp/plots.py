@@ -77,7 +77,8 @@ def _confusion_panel(figure: Figure, ax: Axes, matrix: torch.Tensor, classes: li
     ):
         if matrix[true, predicted] == 0:
             continue
-        text = "<1" if rates and value < 0.5 else f"{value:.0f}"
+        # Half up (format's round-half-to-even would print 0.5 % as "0" in a cell that is not empty).
+        text = "<1" if rates and value < 0.5 else str(math.floor(value + 0.5))
         color = "white" if value > dark else "black"
         ax.text(predicted, true, text, ha="center", va="center", fontsize=size, color=color)
     ticks, names = range(len(classes)), [literal(name) for name in classes]

@@ -9,13 +9,14 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cnn_exp import sweep
-from cnn_exp.plots import sweep_figure
+from cnn_exp.plots import confusion_figure, sweep_figure
 from cnn_exp.tensorboard import job_values, short_keys
 from tests.conftest import NO_FIGURES, QUICK, read_metrics, run
 
@@ -214,3 +215,11 @@ def test_a_sweeps_jobs_are_named_and_compared_by_what_they_vary(paths: list[str]
             assert float(group[f"{metric} std"]) == pytest.approx(statistics.stdev(scores))
     assert (sweep_dir / "summary.png").is_file()
     assert not math.isnan(float(summary[0]["val/acc"]))
+
+
+def test_a_rate_cell_is_never_printed_as_0_when_images_are_in_it() -> None:
+    matrix = torch.zeros(2, 2)
+    matrix[0] = torch.tensor([199, 1])  # 0.5 % of class 0 predicted as 1
+    matrix[1] = torch.tensor([3, 197])  # 1.5 % and 98.5 %
+    figure = confusion_figure(matrix, ["a", "b"], "test set", ["rates"])
+    assert {text.get_text() for text in figure.axes[0].texts} == {"100", "1", "2", "99"}  # rounded half up
