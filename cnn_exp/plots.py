@@ -52,9 +52,14 @@ def write_png(image: np.ndarray, path: str | Path) -> None:
         Image.fromarray(image).save(f, format="PNG")
 
 
-def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str, kinds: Sequence[str] = KINDS) -> Figure:
-    """One panel per kind side by side, each with the class names on its axes and a colour scale."""
-    figure = Figure(figsize=(4.4 * len(kinds), 4.0), layout="constrained")
+def confusion_figure(
+    matrix: torch.Tensor, classes: list[str], title: str, kinds: Sequence[str] = KINDS, heading: str = ""
+) -> Figure:
+    """One panel per kind side by side, each with the class names on its axes and a colour scale; `heading` above
+    them (which run, what accuracy)."""
+    figure = Figure(figsize=(4.4 * len(kinds), 4.3 if heading else 4.0), layout="constrained")
+    if heading:
+        figure.suptitle(literal(heading, 200), fontsize=9)
     for i, kind in enumerate(kinds, start=1):
         ax = figure.add_subplot(1, len(kinds), i)
         _confusion_panel(figure, ax, matrix.cpu().double(), classes, kind)
@@ -145,6 +150,8 @@ def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
                 ax.plot(*zip(*points, strict=True), style, label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
+        if epochs:  # from epoch 0, so that a short run is a line on an axis of epochs, not dots in a 0.08-wide one
+            ax.set_xlim(0, max(epochs) + 0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -155,15 +155,22 @@ class TestReport(L.Callback):
             for row in zip(classes, images.tolist(), matrix.diag().tolist(), accuracy.tolist(), strict=True):
                 writer.writerow([*row[:3], f"{row[3]:.4f}"])
         # The file shows counts and rates side by side; TensorBoard, which shrinks an image to its card, one each.
+        heading = f"{what_ran(trainer)}: test accuracy {float(accuracy_all(matrix)):.2%}"
         images = {
-            "confusion_matrix": pixels(confusion_figure(matrix, classes, "test set", ["counts"])),
-            "confusion_rates": pixels(confusion_figure(matrix, classes, "test set", ["rates"])),
+            "confusion_matrix": pixels(confusion_figure(matrix, classes, "test set", ["counts"], heading)),
+            "confusion_rates": pixels(confusion_figure(matrix, classes, "test set", ["rates"], heading)),
         }
         write_png(
             side_by_side(images["confusion_matrix"], images["confusion_rates"]), self.dirpath / "confusion_matrix.png"
         )
-        grids = {"misclassified": (self._wrong, self.misclassified, "misclassified test images: true → predicted")}
-        grids["predictions"] = (self._samples, self.samples, "test images (red: wrong, true → predicted)")
+        grids = {
+            "misclassified": (
+                self._wrong,
+                self.misclassified,
+                f"misclassified test images: true → predicted\n{heading}",
+            )
+        }
+        grids["predictions"] = (self._samples, self.samples, f"test images (red: wrong, true → predicted)\n{heading}")
         for name, (parts, count, title) in grids.items():
             if count and (chosen := self._take(parts, count)) and len(chosen[0]):  # none asked for, or none wrong
                 images[name] = pixels(image_grid(*chosen, classes, title))
@@ -195,6 +202,20 @@ class TestReport(L.Callback):
                 true, predicted = divmod(index, len(classes))
                 pairs.add_row(names[true], names[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
         console.get().print(table, pairs)
+
+
+def accuracy_all(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix.diag().sum() / matrix.sum().clamp(min=1)
+
+
+def what_ran(trainer: L.Trainer) -> str:
+    """The run in a few words, for a figure's title: network, data, optimizer and learning rate."""
+    settings = trainer.lightning_module.hparams
+    net = str(settings.net.get("_target_", "")).rsplit(".", 1)[-1]
+    data = trainer.datamodule.hparams if trainer.datamodule is not None else {}
+    source = data.get("dataset") or Path(str(data.get("root") or "")).name or type(trainer.datamodule).__name__
+    optimizer = str(settings.optimizer.get("_target_", "")).rsplit(".", 1)[-1]
+    return f"{net} on {source}, {optimizer} lr {settings.optimizer.get('lr')}"
 
 
 class EpochTable(L.Callback):
@@ -274,7 +295,8 @@ class EpochTable(L.Callback):
             writer.writeheader()
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
         run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
-        figure = curves_figure(self.rows, f"loss and accuracy per epoch: {literal(run, 200)}")
+        title = f"{what_ran(trainer)}: loss and accuracy per epoch ({run})"
+        figure = curves_figure(self.rows, literal(title, 200))
         write_png(pixels(figure), self.dirpath / "curves.png")
 
 
