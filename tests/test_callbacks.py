@@ -95,7 +95,7 @@ def test_a_run_shows_its_architecture_and_tensorboard_views(trained: Path) -> No
 
 def check_report(run_dir: Path) -> None:
     """The report files exist, decode, and agree with the run's overall test accuracy."""
-    for name, size in (("confusion_matrix.png", (880, 400)), ("misclassified.png", (420, None))):
+    for name, size in (("confusion_matrix.png", (880, 430)), ("misclassified.png", (420, None))):
         with Image.open(run_dir / name) as image:
             image.verify()
         with Image.open(run_dir / name) as image:
