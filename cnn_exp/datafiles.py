@@ -153,6 +153,11 @@ class RawFiles:
         if self.verify:
             self._check_checksums(counts)
 
+    def checked_md5s(self) -> dict[str, str]:
+        """The files' MD5s as checked (remembered beside them), by file name: the run's provenance."""
+        names = [name for split in SPLITS for name in split_files(split)]
+        return {name: entry["md5"] for name, entry in sorted(self._checked().items()) if name in names}
+
     def _missing_files(self) -> list[str]:
         return [name for split in SPLITS for name in split_files(split) if not (self.raw_dir / name).is_file()]
 

@@ -2,6 +2,9 @@
 printed and saved as architecture.md before training or testing; and, said plainly, what forward() does outside
 its layers."""
 
+import inspect
+import json
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from cnn_exp import console
+from cnn_exp import atomic, console
 
 
 def _shape(size: list[int] | torch.Size) -> str:
@@ -107,3 +110,20 @@ class LayerTable(ModelSummary):
         lines += ["", unseen] if unseen else []
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "architecture.md").write_text("\n".join(lines) + "\n")
+        # For the report: the same table, and the network's forward() as the code says it.
+        network = {
+            "title": title,
+            "rows": rows,
+            "total": total,
+            "unseen": unseen,
+            "forward": forward_source(pl_module.net),
+        }
+        atomic.write_text(self.dirpath / "network.json", json.dumps(network, indent=1) + "\n")
+
+
+def forward_source(net: nn.Module) -> str | None:
+    """The source of the network's forward(), as written; None where Python cannot find it."""
+    try:
+        return textwrap.dedent(inspect.getsource(type(net).forward))
+    except (OSError, TypeError):
+        return None

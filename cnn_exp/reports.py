@@ -3,6 +3,7 @@ epoch table with its curves (the layer table is cnn_exp/layers.py). What they wr
 docs/outputs.md."""
 
 import csv
+import json
 import logging
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from rich.table import Table
 from rich.text import Text
 
-from cnn_exp import atomic, console, record
+from cnn_exp import atomic, console, record, report
 from cnn_exp.errors import UserError, is_whole, shown
 from cnn_exp.plots import confusion_figure, curves_figure, image_grid, literal, pixels, side_by_side, write_png
 
@@ -46,8 +47,11 @@ def _log_per_class(trainer: L.Trainer, split: str, classes: list[str], accuracy:
 class UntrainedScores(L.Callback):
     """Logs, at step 0, how unsure the untrained network is on its first training batch: the mean of each image's
     highest softmax score (about 1/classes, the notebook's "why are all the scores about 0.1?") and the loss
-    (about ln(classes)).
+    (about ln(classes)); kept in `untrained.json` in `dirpath` for the report.
     """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = Path(dirpath) if dirpath else None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -65,6 +69,11 @@ class UntrainedScores(L.Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(scores, step=0)
+        if trainer.is_global_zero and self.dirpath is not None:
+            kept = {"images": len(labels), "classes": logits.shape[1], "loss": scores["untrained/loss"],
+                    "mean_max_softmax": scores["untrained/mean_max_softmax"]}  # fmt: skip
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.dirpath / "untrained.json", json.dumps(kept, indent=1) + "\n")
         if trainer.is_global_zero:
             log.info(
                 "untrained network, %d images: mean highest softmax score %.3f (1/%d classes = %.3f), loss %.3f",
@@ -154,6 +163,10 @@ class TestReport(L.Callback):
             writer.writerow(["class", "images", "correct", "accuracy"])
             for row in zip(classes, images.tolist(), matrix.diag().tolist(), accuracy.tolist(), strict=True):
                 writer.writerow([*row[:3], f"{row[3]:.4f}"])
+        with open(self.dirpath / "confusion.csv", "w", newline="") as f:  # rows: true class; columns: predicted
+            writer = csv.writer(f)
+            writer.writerow(["true", *classes])
+            writer.writerows([name, *counts] for name, counts in zip(classes, matrix.int().tolist(), strict=True))
         # The file shows counts and rates side by side; TensorBoard, which shrinks an image to its card, one each.
         heading = f"{what_ran(trainer)}: test accuracy {float(accuracy_all(matrix)):.2%}"
         images = {
@@ -176,6 +189,7 @@ class TestReport(L.Callback):
                 images[name] = pixels(image_grid(*chosen, classes, title))
         if "misclassified" in images:
             write_png(images["misclassified"], self.dirpath / "misclassified.png")
+        report.write(self.dirpath)
         if tensorboard := _tensorboard(trainer):
             for name, image in images.items():
                 tensorboard.experiment.add_image(
@@ -298,6 +312,7 @@ class EpochTable(L.Callback):
         title = f"{what_ran(trainer)}: loss and accuracy per epoch ({run})"
         figure = curves_figure(self.rows, literal(title, 200))
         write_png(pixels(figure), self.dirpath / "curves.png")
+        report.write(self.dirpath)
 
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:

@@ -22,10 +22,24 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import assemble, console, export, precision, predict, record, resume, rundir, schema, sweep
+from cnn_exp import (
+    assemble,
+    build,
+    console,
+    export,
+    precision,
+    predict,
+    provenance,
+    record,
+    report,
+    resume,
+    rundir,
+    schema,
+    sweep,
+)
 from cnn_exp.callbacks import EarlyStopping
 from cnn_exp.classifier import Classifier
-from cnn_exp.errors import UserError, shown
+from cnn_exp.errors import UserError, is_number, plain, shown
 from cnn_exp.signals import Interrupted, StopOnSignal
 from cnn_exp.tensorboard import log_hparams
 
@@ -119,6 +133,7 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
     cfg = begin.cfg
     assemble.check_monitored_metrics(cfg)
     assemble.check_run_settings(cfg)
+    reporting = report_settings(cfg)
     if cfg.get("resume") and rank_zero_only.rank == 0:
         resume.keep_edited_config(output_dir)
     assemble.save_config(cfg, output_dir / "config.yaml")
@@ -130,8 +145,11 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
     trainer = assemble.trainer(cfg, stopper)
     parameters = sum(p.numel() for p in model.net.parameters())
     settings = {**begin.settings, "parameters": parameters, "threads": torch.get_num_threads()}
-    write = functools.partial(_write_record, trainer, output_dir, settings, start)
+    extra = {"what_ran": _what_ran(cfg, settings, model, datamodule, "train.py"), "report": reporting}
+    extra |= {"resumes": _resumes(output_dir), "provenance": provenance.collect(datamodule)}
+    write = functools.partial(_write_record, trainer, output_dir, settings, start, extra)
     write({"status": record.RUNNING})
+    report.write(output_dir)
     log_hparams(trainer, settings)
     result: dict[str, Any] = {"status": record.INTERRUPTED}  # unless it finishes, fails or is stopped by a signal
     try:
@@ -144,7 +162,12 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
         result = {"status": record.FAILED, "error": _error_text(err)}
         raise
     finally:
+        # As the data was read: its files' MD5s checked, a folder's mean and std measured.
+        extra["provenance"] = provenance.collect(datamodule)
+        extra["what_ran"] = _what_ran(cfg, settings, model, datamodule, "train.py")
         write(result)
+        if trainer.is_global_zero:
+            report.write(output_dir)
     return result["metrics"].get(cfg.get("optimized_metric"))
 
 
@@ -175,13 +198,17 @@ def _fit_and_test(
     }
 
 
-def _write_record(trainer: L.Trainer, output_dir: Path, settings: dict[str, Any], start: float, result: dict) -> None:
-    """metrics.json with `result`, the progress, the time so far, the settings, and config.yaml's SHA-256 (so that
-    an edit of it is seen on resume). Under DDP every rank calls this; one writes."""
+def _write_record(
+    trainer: L.Trainer, output_dir: Path, settings: dict[str, Any], start: float, extra: dict[str, Any], result: dict
+) -> None:
+    """metrics.json with `result`, the progress, the time so far, the settings, what ran and where it came from
+    (`extra`), and config.yaml's SHA-256 (so that an edit of it is seen on resume). Under DDP every rank calls this;
+    one writes."""
     if not trainer.is_global_zero:
         return
     progress = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
     written = {"wall_time_s": round(time.perf_counter() - start, 2), "settings": settings, "run_dir": str(output_dir)}
+    written |= extra
     try:
         record.write(
             output_dir, {**result, **progress, **written, "config_sha256": record.digest(output_dir / "config.yaml")}
@@ -233,9 +260,59 @@ def test(cfg: DictConfig) -> float:
             "wall_time_s": round(time.perf_counter() - start, 2),
             "settings": {"data": dict(datamodule.hparams), "model": dict(model.hparams)},
             "run_dir": cfg.paths.output_dir,
+            "what_ran": _what_ran(
+                cfg,
+                {
+                    "overrides": list(HydraConfig.get().overrides.task),
+                    "parameters": sum(p.numel() for p in model.net.parameters()),
+                    "model": type(model.net).__name__,
+                    "data": build.dotted(type(datamodule)).rsplit(".", 1)[-1],
+                },
+                model,
+                datamodule,
+                "test.py",
+            ),
+            "report": report_settings(cfg),
+            "provenance": provenance.collect(datamodule),
         },
     )
+    report.write(cfg.paths.output_dir)
     return metrics[record.TEST_ACC]
+
+
+def _what_ran(
+    cfg: DictConfig, settings: dict[str, Any], model: Classifier, datamodule: L.LightningDataModule, script: str
+) -> dict[str, Any]:
+    """What ran, in a line each (the report's first section): the command as typed, network, data, optimizer,
+    schedule, seed, precision (the device is the provenance's)."""
+    data = {key: value for key, value in datamodule.hparams.items() if key not in ("data_dir", "mirror", "classes")}
+    choices = [f"experiment {settings['experiment']}: "] if settings.get("experiment") else []
+    lines = {
+        "network": f"{build.short(model.hparams.net)} ({settings.get('parameters', 0):,} parameters)",
+        "data": build.short({"_target_": build.dotted(type(datamodule)), **data}),
+        "optimizer": build.short(model.hparams.optimizer),
+        "scheduler": build.short(model.hparams.scheduler),
+        "seed": str(cfg.get("seed")),
+        "precision": str(cfg.trainer.get("precision")),
+    }
+    title = "".join(choices) + f"{settings.get('model')} on {settings.get('data')}"
+    return {"command": " ".join(["python", script, *settings.get("overrides", [])]), "lines": lines, "title": title}
+
+
+def report_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The report's settings as the record keeps them (cnn_exp/report.py reads them there)."""
+    settings = plain(cfg.get("report") or {"enabled": False})
+    if settings.get("lang", "en") not in report.WORDS:
+        raise UserError(f"report.lang={settings['lang']} is not one of {', '.join(report.WORDS)}")
+    target = settings.get("target")
+    if target is not None and not (is_number(target) and 0 < target < 1):
+        raise UserError(f"report.target={target} must be a test accuracy between 0 and 1 (0.87), or null")
+    return settings
+
+
+def _resumes(output_dir: Path) -> list[str]:
+    """When the run was continued (resume=, a requeued job): Hydra keeps each start's record in .hydra/resumed-*."""
+    return sorted(path.name.removeprefix("resumed-") for path in (output_dir / ".hydra").glob("resumed-*"))
 
 
 def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: L.LightningDataModule) -> dict[str, float]:

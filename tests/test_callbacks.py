@@ -126,6 +126,10 @@ def test_test_py_prints_and_writes_the_report(trained: Path, data_dir: Path, tmp
     check_report(tmp_path)
     assert "test accuracy per class" in proc.stdout and "most confused pairs" in proc.stdout
     assert "| fc1 | Linear | 192 | 120 | 120×192 | 120 | 23160 |" in (tmp_path / "architecture.md").read_text()
+    # A checkpoint alone gives a report: what ran, the network, the test, inside the network.
+    report = (tmp_path / "report.md").read_text()
+    assert "## 1. What ran" in report and "python test.py ckpt_path=" in report and "| fc1 | Linear | 192 |" in report
+    assert f"accuracy **{100 * read_metrics(tmp_path)['metrics']['test/acc']:.2f} %**" in report
 
 
 @pytest.mark.parametrize(

@@ -61,9 +61,15 @@ def test_sigterm_saves_the_exact_state_exits_143_and_resume_ends_as_if_never_sto
     stopped = read_metrics(tmp_path)
     assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGTERM" and "metrics" not in stopped
     assert stopped["steps"] == saved == checkpoints.load(tmp_path / "checkpoints" / "step.ckpt")["global_step"]
+    # Its report says so first, with the command that continues it.
+    assert (
+        f"**status: interrupted** (SIGTERM) · `python train.py resume={tmp_path}`"
+        in (tmp_path / "report.md").read_text()
+    )
     run("train.py", f"resume={tmp_path}")
     resumed = read_metrics(tmp_path)
     assert resumed["status"] == "finished" and resumed["metrics"] == whole["metrics"]
+    assert "**status: finished**" in (tmp_path / "report.md").read_text() and resumed["resumes"]
 
 
 def test_ctrl_c_exits_130_with_the_state_saved(paths: list[str], tmp_path: Path) -> None:

@@ -1,0 +1,233 @@
+"""The lab report of a run: report.html (one self-contained file, pictures embedded, prints to A4 or Letter) and
+report.md (the same, pictures as the files beside it), rendered with Jinja2 from the run's own files.
+
+Every number in it is read from what the run wrote (metrics.json, epochs.csv, per_class.csv, confusion.csv,
+network.json, untrained.json) and every picture is one of its PNGs: the report computes nothing a second way, so it
+says what the run recorded. It is written when a run starts, after every epoch, after its test and however it ends
+(failed and interrupted runs too: what exists so far, status first); `report.enabled=false` turns it off.
+"""
+
+import base64
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from cnn_exp import atomic, record
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).with_name("templates")
+# The pictures a report shows, by file name, in the order of its sections; a run has those it got to.
+PICTURES = ("network.png", "curves.png", "confusion_matrix.png", "misclassified.png", "filters.png",
+            "feature_maps.png", "saliency.png")  # fmt: skip
+# What the report shows of metrics.json: absent keys read as None (a run that failed has no metrics, say).
+RECORDED = (
+    "status",
+    "error",
+    "signal",
+    "resume",
+    "what_ran",
+    "provenance",
+    "resumes",
+    "epochs",
+    "steps",
+    "wall_time_s",
+)
+Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
+
+# Headings and labels in each language (report.lang); the lab's own is Chinese.
+WORDS: dict[str, dict[str, str]] = {
+    "en": {
+        "report": "Lab report",
+        "what_ran": "1. What ran",
+        "network": "2. The network",
+        "before": "3. Before training",
+        "training": "4. Training",
+        "test": "5. Test",
+        "inside": "6. Inside the network",
+        "status": "status",
+        "command": "command",
+        "provenance": "where it came from",
+        "layers": "layers",
+        "arithmetic": "size arithmetic",
+        "forward": "forward()",
+        "epochs": "epochs",
+        "per_class": "per class",
+        "confused": "most confused pairs",
+        "misclassified": "misclassified test images",
+        "filters": "conv1's filters",
+        "feature_maps": "feature maps after each conv block",
+        "saliency": "what the network looked at in images it got wrong",
+        "not_yet": "not yet: the run has not got this far",
+    },
+    "zh": {
+        "report": "实验报告",
+        "what_ran": "1. 运行内容",
+        "network": "2. 网络结构",
+        "before": "3. 训练之前",
+        "training": "4. 训练过程",
+        "test": "5. 测试结果",
+        "inside": "6. 网络内部",
+        "status": "状态",
+        "command": "命令",
+        "provenance": "来源",
+        "layers": "各层",
+        "arithmetic": "尺寸计算",
+        "forward": "forward()",
+        "epochs": "各轮",
+        "per_class": "各类别",
+        "confused": "最易混淆的类别对",
+        "misclassified": "分类错误的测试图像",
+        "filters": "conv1 的卷积核",
+        "feature_maps": "各卷积块之后的特征图",
+        "saliency": "网络在分错的图像上关注的像素",
+        "not_yet": "尚无：运行还没有进行到这一步",
+    },
+}
+
+
+def write(run_dir: str | Path) -> None:
+    """Write report.html and report.md in `run_dir` from its files, unless its record turns reports off. A report
+    that cannot be written is a warning, never the end of a run."""
+    run_dir = Path(run_dir)
+    saved = record.read(run_dir)
+    if saved is None or not (saved.get("report") or {}).get("enabled", True):
+        return
+    try:
+        context = gather(run_dir, saved)
+        environment = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html"]),
+            undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        )  # fmt: skip
+        environment.filters["cell"] = markdown_cell
+        for name in ("report.html", "report.md"):
+            text = environment.get_template(f"{name}.j2").render(context, embed=name.endswith(".html"))
+            atomic.write_text(run_dir / name, text)
+    except (OSError, jinja2.TemplateError) as err:
+        log.warning("the report in %s could not be written: %s", run_dir, err)
+
+
+def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """What the templates show, read from the run's files."""
+    report = saved.get("report") or {}
+    lang = report.get("lang", "en") if report.get("lang") in WORDS else "en"
+    metrics = saved.get("metrics") or {}
+    per_class = _csv(run_dir / "per_class.csv")
+    return {
+        "t": WORDS[lang],
+        "lang": lang,
+        "run": {key: saved.get(key) for key in RECORDED} | {"seed": (saved.get("settings") or {}).get("seed")},
+        "metrics": metrics,
+        "title": saved.get("what_ran", {}).get("title") or run_dir.name,
+        "network": _network(_json(run_dir / "network.json")),
+        "untrained": _untrained(_json(run_dir / "untrained.json")),
+        "epochs": [_epoch_row(row) for row in _csv(run_dir / "epochs.csv")],
+        "per_class": per_class,
+        "test": _test_summary(per_class, metrics, report.get("target")),
+        "confused": _confused(run_dir / "confusion.csv"),
+        "pictures": {name: _picture(run_dir / name) for name in PICTURES if (run_dir / name).is_file()},
+        "ln": math.log,
+    }
+
+
+def markdown_cell(value: Any) -> str:
+    """Text that is data (a class name, an error) as one Markdown table cell or line: pipes, markup and line breaks
+    escaped (HTML is escaped by Jinja2's autoescape)."""
+    text = " ".join(str(value).split())
+    for character in "\\|*_`[]<>#":
+        text = text.replace(character, "\\" + character)
+    return text
+
+
+def wilson(correct: int, total: int) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy of `correct` out of `total`."""
+    if total == 0:
+        return (0.0, 1.0)
+    p = correct / total
+    centre = (p + Z95**2 / (2 * total)) / (1 + Z95**2 / total)
+    half = Z95 * math.sqrt(p * (1 - p) / total + Z95**2 / (4 * total**2)) / (1 + Z95**2 / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _test_summary(per_class: list[dict[str, str]], metrics: dict[str, Any], target: Any) -> dict[str, Any] | None:
+    """The test in the notebook's units: correct of all test images, accuracy with its 95 % interval, mean and summed
+    loss, the recipe's target and whether it is met. From per_class.csv (counts) and metrics.json (loss)."""
+    if not per_class or metrics.get(record.TEST_ACC) is None:
+        return None
+    images = sum(int(row["images"]) for row in per_class)
+    correct = sum(int(row["correct"]) for row in per_class)
+    loss = metrics.get(record.TEST_LOSS)
+    low, high = wilson(correct, images)
+    return {
+        "images": images,
+        "correct": correct,
+        "accuracy": metrics[record.TEST_ACC],
+        "low": low,
+        "high": high,
+        "loss": loss,
+        "summed_loss": None if loss is None else loss * images,
+        "target": target,
+        "met": None if target is None else metrics[record.TEST_ACC] > target,
+    }
+
+
+def _untrained(scores: dict[str, Any] | None) -> dict[str, Any] | None:
+    """untrained.json (cnn_exp/reports.py), when it holds the four numbers the report shows."""
+    keys = ("images", "classes", "loss", "mean_max_softmax")
+    if not scores or not all(isinstance(scores.get(key), int | float) for key in keys) or scores["classes"] < 2:
+        return None
+    return {key: scores[key] for key in keys}
+
+
+def _network(network: dict[str, Any] | None) -> dict[str, Any] | None:
+    """network.json (cnn_exp/layers.py) with each part the report shows, None where it has none."""
+    if not network or not isinstance(network.get("rows"), list) or not network["rows"]:
+        return None
+    parts = ("title", "rows", "total", "unseen", "arithmetic", "forward")
+    return {part: network.get(part) for part in parts}
+
+
+def _epoch_row(row: dict[str, str]) -> dict[str, Any]:
+    return {key: (float(value) if value not in ("", None) else None) for key, value in row.items()}
+
+
+def _confused(path: Path, count: int = 5) -> list[dict[str, Any]]:
+    """The most confused pairs (true, predicted, images, share of the true class) from confusion.csv's counts."""
+    rows = _csv(path)
+    if not rows:
+        return []
+    classes = [row["true"] for row in rows]
+    pairs = []
+    for row in rows:
+        total = sum(int(row[name]) for name in classes)
+        pairs += [
+            {"true": row["true"], "predicted": name, "images": int(row[name]), "share": int(row[name]) / max(total, 1)}
+            for name in classes
+            if name != row["true"] and int(row[name])
+        ]
+    return sorted(pairs, key=lambda pair: -pair["images"])[:count]
+
+
+def _picture(path: Path) -> dict[str, str]:
+    return {"file": path.name, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,113 @@
+"""The lab report (report.html, report.md): its sections, its numbers against the run's own record and files, a
+self-contained HTML file, and a report for a failed run, a checkpoint tested alone, and turned off."""
+
+import csv
+import json
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from cnn_exp import report
+from tests.conftest import read_metrics, run_here
+
+SECTIONS = ["1. What ran", "2. The network", "3. Before training", "4. Training", "5. Test", "6. Inside the network"]
+
+
+class Page(HTMLParser):
+    """The text of an HTML page, and every address its tags load or link to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.addresses: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.addresses += [value or "" for name, value in attrs if name in ("src", "href")]
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def page(run_dir: Path) -> Page:
+    parsed = Page()
+    parsed.feed((run_dir / "report.html").read_text())
+    return parsed
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f} %"
+
+
+def test_a_finished_runs_report_has_every_section_and_the_records_numbers(trained: Path) -> None:
+    html, markdown = page(trained), (trained / "report.md").read_text()
+    text = " ".join(" ".join(html.text).split())
+    for section in SECTIONS:
+        assert section in text and f"## {section}" in markdown
+    saved = read_metrics(trained)
+    assert "status: finished" in text
+    # Test: the counts of per_class.csv, the accuracy and loss of metrics.json.
+    with open(trained / "per_class.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    correct, images = sum(int(r["correct"]) for r in rows), sum(int(r["images"]) for r in rows)
+    accuracy = saved["metrics"]["test/acc"]
+    assert f"{correct} of {images} test images right: accuracy {pct(accuracy)}" in text
+    assert correct / images == pytest.approx(accuracy, abs=1e-6)  # two files of the run agree
+    low, high = report.wilson(correct, images)
+    assert f"(95 % interval {pct(low)} to {pct(high)})" in text
+    assert f"loss {saved['metrics']['test/loss']:.4f} per image" in text
+    # Training: every row of epochs.csv, as written.
+    with open(trained / "epochs.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            cells = f"{int(row['epoch'])} {float(row['train/loss']):.4f} {pct(float(row['train/acc']))}"
+            assert cells in text, cells
+    # Before training: untrained.json's numbers beside ln(classes) and 1/classes.
+    untrained = json.loads((trained / "untrained.json").read_text())
+    assert f"loss {untrained['loss']:.4f} against ln 10 = {math.log(10):.4f}" in text
+    assert f"mean highest softmax score {untrained['mean_max_softmax']:.4f} against 1/10 = 0.1000" in text
+    # The network: its layer table, forward() as written, and provenance.
+    assert "fc1 Linear 192 120 120×192" in text and "def forward(self" in text
+    assert saved["provenance"]["versions"]["torch"] in text and "python train.py" in text
+
+
+def test_the_html_report_is_one_self_contained_file_and_the_markdown_links_its_pictures(trained: Path) -> None:
+    html = page(trained)
+    assert html.addresses and all(address.startswith("data:image/png;base64,") for address in html.addresses)
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (trained / "report.md").read_text())
+    assert {"curves.png", "confusion_matrix.png"} <= set(pictures)
+    assert all((trained / picture).is_file() for picture in pictures)
+
+
+def test_a_failed_run_has_a_report_that_says_so_first(paths: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):  # what only the data reveals: the run has started, and fails
+        run_here("train.py", tmp_path, *paths, "data.val_size=60000")
+    assert read_metrics(tmp_path)["status"] == "failed"
+    text = " ".join(" ".join(page(tmp_path).text).split())
+    assert text.index("status: failed") < text.index("1. What ran")
+    assert "data.val_size=60000 leaves no training images" in text
+    assert "not yet: the run has not got this far" in text
+
+
+def test_report_enabled_false_writes_none_and_lang_zh_the_labs_language(paths: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        run_here("train.py", tmp_path / "off", *paths, "data.val_size=60000", "report.enabled=false")
+    assert not (tmp_path / "off" / "report.html").exists() and not (tmp_path / "off" / "report.md").exists()
+    with pytest.raises(SystemExit):
+        run_here("train.py", tmp_path / "zh", *paths, "data.val_size=60000", "report.lang=zh")
+    assert "## 1. 运行内容" in (tmp_path / "zh" / "report.md").read_text()
+    with pytest.raises(SystemExit, match=r"error: report\.lang=fr is not one of en, zh"):
+        run_here("train.py", tmp_path / "fr", *paths, "report.lang=fr")
+
+
+def test_text_that_is_data_cannot_change_the_markdown() -> None:
+    assert report.markdown_cell("a|b\n# c *d*") == r"a\|b \# c \*d\*"
+    assert report.markdown_cell("![x](http://e/x.png)") == r"!\[x\](http://e/x.png)"
+
+
+def test_the_interval_is_wilsons() -> None:
+    # The notebook's MNIST result; by hand: centre (p + z²/2n) / (1 + z²/n) = 0.98952, half-width 0.00199.
+    low, high = report.wilson(9897, 10000)
+    assert (round(low, 4), round(high, 4)) == (0.9875, 0.9915)
+    assert report.wilson(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
