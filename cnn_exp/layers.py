@@ -10,12 +10,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
 from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from cnn_exp import atomic, console
+from cnn_exp import atomic, console, netdraw
+from cnn_exp.plots import pixels, write_png
 
 
 def _shape(size: list[int] | torch.Size) -> str:
@@ -110,15 +112,16 @@ class LayerTable(ModelSummary):
         lines += ["", unseen] if unseen else []
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "architecture.md").write_text("\n".join(lines) + "\n")
-        # For the report: the same table, and the network's forward() as the code says it.
-        network = {
-            "title": title,
-            "rows": rows,
-            "total": total,
-            "unseen": unseen,
-            "forward": forward_source(pl_module.net),
-        }
+        # For the report: the same table, each layer's size arithmetic, the network's forward() as the code says it,
+        # and the network drawn (also in TensorBoard's Images tab).
+        network = {"title": title, "rows": rows, "total": total, "unseen": unseen}
+        network |= {"arithmetic": netdraw.size_arithmetic(pl_module.net), "forward": forward_source(pl_module.net)}
         atomic.write_text(self.dirpath / "network.json", json.dumps(network, indent=1) + "\n")
+        drawn = pixels(netdraw.network_figure(pl_module.net, title))
+        write_png(drawn, self.dirpath / "network.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("network", drawn, global_step=trainer.global_step, dataformats="HWC")
 
 
 def forward_source(net: nn.Module) -> str | None:

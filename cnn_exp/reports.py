@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from rich.table import Table
 from rich.text import Text
 
-from cnn_exp import atomic, console, record, report
+from cnn_exp import atomic, console, inside, record, report
 from cnn_exp.errors import UserError, is_whole, shown
 from cnn_exp.plots import confusion_figure, curves_figure, image_grid, literal, pixels, side_by_side, write_png
 
@@ -189,12 +189,35 @@ class TestReport(L.Callback):
                 images[name] = pixels(image_grid(*chosen, classes, title))
         if "misclassified" in images:
             write_png(images["misclassified"], self.dirpath / "misclassified.png")
+        # Saliency takes gradients, which Lightning's test loop (inference mode) turns off; a picture that cannot be
+        # drawn is a warning, never the end of a finished test.
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                images |= self._inside(pl_module.net, classes)
+        except Exception as err:
+            log.warning("the pictures of inside the network could not be drawn: %s", err)
         report.write(self.dirpath)
         if tensorboard := _tensorboard(trainer):
             for name, image in images.items():
                 tensorboard.experiment.add_image(
                     f"test/{name}", image, global_step=trainer.global_step, dataformats="HWC"
                 )
+
+    def _inside(self, net: torch.nn.Module, classes: list[str]) -> dict[str, Any]:
+        """Inside the network, for the report and TensorBoard: conv1's filters, the feature maps of the first test
+        images after each conv block, and the gradient saliency of the first misclassified ones
+        (cnn_exp/inside.py); each written as a PNG beside the run's other results."""
+        figures = {"inside/filters": inside.filters_figure(net)}
+        if self.samples and self._samples:
+            images, labels, _ = (part.clone() for part in self._take(self._samples, 3))  # no longer inference tensors
+            figures["inside/feature_maps"] = inside.feature_maps_figure(net, images, labels, classes, count=3)
+        if self.misclassified and self._wrong and (wrong := self._take(self._wrong, 6)) and len(wrong[0]):
+            wrong = tuple(part.clone() for part in wrong)
+            figures["inside/saliency"] = inside.saliency_figure(net, *wrong, classes, count=6)
+        drawn = {name: pixels(figure) for name, figure in figures.items() if figure is not None}
+        for name, image in drawn.items():
+            write_png(image, self.dirpath / f"{name.removeprefix('inside/')}.png")
+        return drawn
 
     @staticmethod
     def _take(parts: list[tuple[torch.Tensor, ...]], count: int) -> tuple[torch.Tensor, ...]:

@@ -175,6 +175,8 @@ def setting_values(settings: dict[str, Any]) -> dict[str, Any]:
     metrics.json's names of the key settings become their config keys, so a key also set on the command line shows
     once. TensorBoard's HParams and the trackers (cnn_exp/trackers.py) show these."""
     values = {record.KEY_SETTINGS.get(key, key): value for key, value in settings.items() if key != "overrides"}
+    # A group left unchosen (no experiment) is a value too: its column then says so instead of staying empty.
+    values |= {group: "none" for group in record.GROUPS if group in values and values[group] is None}
     return values | {key: _typed(text) for key, text in given_values(settings).items() if key not in values}
 
 

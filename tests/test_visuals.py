@@ -63,6 +63,7 @@ def test_a_run_shows_in_tensorboard_under_its_name_curves_first_with_its_setting
     assert hparams["optimizer.lr"].number_value == pytest.approx(0.1) and "lr" not in hparams  # once, by its key
     assert hparams["seed"].string_value == "7" and hparams["data.val_size"].string_value == "200"  # ints as ints
     assert hparams["model"].string_value == "net2" and hparams["model.padding"].string_value == "0"
+    assert hparams["experiment"].string_value == "none"  # a column for every group, chosen or not
     # The HParams metrics are the run's own curves and test results: no copies of them under other tags.
     assert [m.name.tag for m in experiment.metric_infos][:4] == ["acc/val", "loss/val", "test/acc", "test/loss"]
     assert {m.name.tag for m in experiment.metric_infos} <= scalars
