@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -32,7 +33,15 @@ def model_and_data(cfg: DictConfig) -> tuple[Classifier, L.LightningDataModule]:
     model; their class counts must agree (else the first validation fails, an epoch in)."""
     target = str(cfg.data.get("_target_"))
     build.trusted_class("data", target, "data._target_")  # conf/ and the user's config directory name DataModules
-    datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
+    try:
+        datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
+    except InstantiationException as err:  # a DataModule of one's own refusing its settings: its own words, one line
+        cause = err.__cause__ if isinstance(err.__cause__, UserError) else err.__cause__ or err
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(
+            f"data._target_={target} cannot be built from data's settings: {build.first_line(cause)}"
+        ) from None
     build.check_datamodule(datamodule, f"data._target_={target}")
     model = Classifier(
         net=build.with_data_shape(plain(cfg.model), datamodule),

@@ -69,6 +69,7 @@ MODEL_INTERFACE = {
 DATA_INTERFACE = {
     "classes": "its class names, in label order",
     "input_shape": "the C×H×W of one image it serves",
+    "test_dataloader": "the test images, which train.py tests on and test.py rebuilds it for",
 }
 PREDICT_INTERFACE = {
     "load_image": "load_image(image, name) -> C×H×W tensor, values 0 to 1: a Pillow image as the data holds images",
@@ -114,7 +115,7 @@ def trusted_class(group: str, target: Any, where: str) -> type:
     if isinstance(target, str) and target in builtin:
         return builtin[target]
     named = _trusted[group] | _configured(group) if isinstance(target, str) else set()
-    if target not in named and target not in {_canonical(name) for name in named}:
+    if not isinstance(target, str) or (target not in named and target not in {_canonical(name) for name in named}):
         described = ", ".join(builtin)
         raise UserError(
             f"{where}={target} is not a class this project builds from settings ({described}, or a {group} a "
@@ -173,7 +174,13 @@ def _configured(group: str) -> set[str]:
 def check_datamodule(datamodule: Any, named: str, interface: dict[str, str] = DATA_INTERFACE) -> None:
     """Refuse a DataModule that does not offer `interface`, or whose saved settings could not rebuild it from a
     checkpoint, naming what is missing. `named`: where the class was named, e.g. "data._target_=mydata.Stripes"."""
-    missing = [f"{name} ({what})" for name, what in interface.items() if not hasattr(datamodule, name)]
+    # Lightning's DataModule has every hook, raising until a subclass gives it: a hook it did not override is missing.
+    missing = [
+        f"{name} ({what})"
+        for name, what in interface.items()
+        if not hasattr(datamodule, name)
+        or getattr(type(datamodule), name, None) is getattr(L.LightningDataModule, name, 0)
+    ]
     if missing:
         raise UserError(f"{named} does not offer {'; '.join(missing)} (docs/extend.md#your-data)")
     if interface is not DATA_INTERFACE:

@@ -11,6 +11,7 @@ A folder is input: a missing or empty class, an image Pillow cannot read, one cl
 training ones are each one error line naming the folder or file.
 """
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -41,7 +42,7 @@ def _list(directory: Path, where: str) -> tuple[list[str], list[tuple[Path, int]
         raise UserError(f"{where} is not a folder")
     classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
-        raise UserError(f"{where} holds no class folders: put each class's images in {where}/<class>/")
+        raise UserError(f"{where} holds no class folders: put each class's images in a folder of its own there")
     for name in classes:
         if len(name) > MAX_NAME:
             raise UserError(f"{where}/{shown(name[:40])}…: a class name has at most {MAX_NAME} characters")
@@ -62,6 +63,13 @@ def _list(directory: Path, where: str) -> tuple[list[str], list[tuple[Path, int]
             )
         samples += [(path, index) for path in found]
     return classes, samples
+
+
+def _digest(root: str, samples: list[tuple[Path, int]], test_samples: list[tuple[Path, int]] | None) -> str:
+    """A digest of which files are which class's, in each split: another image, a renamed or moved one changes it."""
+    lines = [f"train {label} {path.relative_to(root)}" for path, label in samples]
+    lines += [f"test {label} {path.relative_to(root)}" for path, label in test_samples or []]
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _share(value: object, total: int, name: str) -> int:
@@ -86,7 +94,13 @@ def _is_grey(image: Image.Image) -> bool:
 
 
 class FolderDataModule(InMemoryDataModule):
-    """Images in an ImageFolder layout (see the module's docstring), held in memory as normalized tensors."""
+    """Images in an ImageFolder layout (see the module's docstring), held in memory as normalized tensors.
+
+    A new run reads the folder's listing as it is built and saves with its settings what it found: the class names,
+    the image shape, and `listing`, a digest of the file names. Rebuilt from a checkpoint (those given), it reads the
+    folder only to serve images, and refuses a folder whose files are no longer those it was trained and tested on:
+    predict= and export= need no folder at all.
+    """
 
     def __init__(
         self,
@@ -102,38 +116,39 @@ class FolderDataModule(InMemoryDataModule):
         shift: int = 0,
         flip: bool = False,
         erase: float = 0.0,
+        classes: list[str] | None = None,
+        listing: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(root, str) or not root.strip():
             raise UserError("data.root must name a folder of images: data.root=DIR, with DIR/train/<class>/<image>")
-        where = f"data.root={shown(root, PATH)}"
-        if not Path(root).is_dir():
-            raise UserError(f"{where}: no such folder")
-        self.classes, self._samples = _list(Path(root) / "train", f"{where}: train")
-        if len(self.classes) < 2:
-            raise UserError(
-                f"{where}: train/ holds one class ({shown(self.classes[0])}): a classifier needs two or more"
-            )
-        self._test_samples: list[tuple[Path, int]] | None = None
-        if (Path(root) / "test").exists():
-            test_classes, self._test_samples = _list(Path(root) / "test", f"{where}: test")
-            if test_classes != self.classes:
-                only = sorted(set(test_classes) ^ set(self.classes))
+        root = os.path.abspath(root)  # a checkpoint names the folder wherever it is used from
+        self._where = f"data.root={shown(root, PATH)}"
+        self._found: tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]] | None] | None = None
+        if listing is None:  # a new run: what the folder holds decides
+            classes, samples, test_samples = self._found = self._scan(root)
+            listing = _digest(root, samples, test_samples)
+            test_size = 0 if test_samples is not None else _share(test_size, len(samples), "test_size")
+            if test_samples is None and test_size == 0:
                 raise UserError(
-                    f"{where}: test/ has other classes than train/ (only in one of them: "
-                    f"{', '.join(shown(name) for name in only[:5])}): give both the same class folders"
+                    f"{self._where}: no test/ folder and data.test_size=0 leave no test images: add test/<class>/ or "
+                    "set data.test_size"
                 )
-            test_size = 0  # the test images are test/'s
-        else:
-            test_size = _share(test_size, len(self._samples), "test_size")
-        val_size = _share(val_size, len(self._samples) - test_size, "val_size")
-        # Resolved before the settings are saved, from the first image of each class: a checkpoint holds the shape
-        # it was trained with.
-        firsts = [next(path for path, label in self._samples if label == i) for i in range(len(self.classes))]
-        if channels is None:
-            channels = 1 if all(_is_grey(open_image(path)) for path in firsts) else 3
-        if image_size is None:
-            image_size = max(open_image(firsts[0]).size)
+            val_size = _share(val_size, len(samples) - test_size, "val_size")
+            # From the first image of each class; saved, so a checkpoint holds the shape it was trained with.
+            firsts = [next(path for path, label in samples if label == i) for i in range(len(classes))]
+            if channels is None:
+                channels = 1 if all(_is_grey(open_image(path)) for path in firsts) else 3
+            if image_size is None:
+                image_size = max(open_image(firsts[0]).size)
+                if image_size > 4096:
+                    raise UserError(
+                        f"{self._where}: the first image is {image_size} pixels wide: set data.image_size, at most "
+                        "4096, to resize the images to"
+                    )
+            self._check_memory(len(samples) + len(test_samples or []), channels or 3, image_size)
+        elif not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+            raise UserError("data.classes must list the class names with data.listing (both come from a checkpoint)")
         if channels not in (1, 3):
             raise UserError(f"data.channels={channels} must be 1 (grey) or 3 (colour), or null (from the images)")
         if not is_whole(image_size) or not 1 <= image_size <= 4096:
@@ -149,9 +164,44 @@ class FolderDataModule(InMemoryDataModule):
             mean, std = [float(m) for m in mean], [float(s) for s in std]
         if not isinstance(flip, bool):
             raise UserError(f"data.flip={flip} must be true or false")
-        self._check_memory(len(self._samples) + len(self._test_samples or []), channels, image_size)
+        classes = list(classes)
         self.save_hyperparameters()
+        self.classes = classes
         self._decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _scan(self, root: str) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]] | None]:
+        """The folder's class names, training images and test/ images (None without test/), checked."""
+        if not Path(root).is_dir():
+            raise UserError(f"{self._where}: no such folder")
+        classes, samples = _list(Path(root) / "train", f"{self._where}: train")
+        if len(classes) < 2:
+            raise UserError(
+                f"{self._where}: train/ holds one class ({shown(classes[0])}): a classifier needs two or more"
+            )
+        test_samples = None
+        if (Path(root) / "test").exists():
+            test_classes, test_samples = _list(Path(root) / "test", f"{self._where}: test")
+            if test_classes != classes:
+                only = sorted(set(test_classes) ^ set(classes))
+                raise UserError(
+                    f"{self._where}: test/ has other classes than train/ (only in one of them: "
+                    f"{', '.join(shown(name) for name in only[:5])}): give both the same class folders"
+                )
+        return classes, samples, test_samples
+
+    def _files(self) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]] | None]:
+        """The training and test/ images, read once; refused if the folder no longer holds what the settings say."""
+        if self._found is None:
+            found = self._scan(self.hparams.root)
+            classes, samples, test_samples = found
+            if classes != self.classes or _digest(self.hparams.root, samples, test_samples) != self.hparams.listing:
+                raise UserError(
+                    f"{self._where}: the folder holds other images than this run's data (its class folders or file "
+                    f"names changed: {len(samples)} training images, classes {', '.join(map(shown, classes[:5]))}): "
+                    "use the folder as it was, or train a new run on it"
+                )
+            self._found = found
+        return self._found[1], self._found[2]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -160,7 +210,7 @@ class FolderDataModule(InMemoryDataModule):
 
     @property
     def identity(self) -> str:
-        return f"the images in {self.hparams.root}"
+        return f"the images in {self.hparams.root} (listing {self.hparams.listing[:12]})"
 
     @property
     def input_description(self) -> str:  # type: ignore[override]
@@ -176,21 +226,25 @@ class FolderDataModule(InMemoryDataModule):
         return torch.from_numpy(pixels.copy()).reshape(size, size, -1).permute(2, 0, 1).float() / 255
 
     def _images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in self._decoded:
-            samples = self._split_samples(split)
-            log.info("reading %d %s images from %s", len(samples), split, shown(self.hparams.root, PATH))
-            images = torch.stack([self._read(path) for path, _ in samples])
-            labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-            self._decoded[split] = (images, labels)
+        # Training reads the test images too, before it starts: a file that cannot be read is found now, not after
+        # the last epoch.
+        for part in ("train", "test") if split == "train" else (split,):
+            if part not in self._decoded:
+                samples = self._split_samples(part)
+                log.info("reading %d %s images from %s", len(samples), part, shown(self.hparams.root, PATH))
+                images = torch.stack([self._read(path) for path, _ in samples])
+                labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+                self._decoded[part] = (images, labels)
         return self._decoded.pop(split)
 
     def _split_samples(self, split: str) -> list[tuple[Path, int]]:
         """train/'s images less the test share (when there is no test/), or the test images."""
-        if self._test_samples is not None:
-            return self._samples if split == "train" else self._test_samples
-        order = torch.randperm(len(self._samples), generator=torch.Generator().manual_seed(TEST_SEED)).tolist()
+        samples, test_samples = self._files()
+        if test_samples is not None:
+            return samples if split == "train" else test_samples
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(TEST_SEED)).tolist()
         test = set(order[: self.hparams.test_size])
-        return [sample for i, sample in enumerate(self._samples) if (i in test) == (split == "test")]
+        return [sample for i, sample in enumerate(samples) if (i in test) == (split == "test")]
 
     def _read(self, path: Path) -> torch.Tensor:
         """One file as uint8 C×H×W (open_image refuses a file Pillow cannot read, naming it)."""
@@ -198,6 +252,13 @@ class FolderDataModule(InMemoryDataModule):
         mode = "L" if self.hparams.channels == 1 else "RGB"
         pixels = np.asarray(without_alpha(open_image(path), mode).resize((size, size), Image.Resampling.BILINEAR))
         return torch.from_numpy(pixels.copy()).reshape(size, size, -1).permute(2, 0, 1)
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.mean is None:  # measured only as a run reads its training images
+            raise UserError(
+                "data.mean and data.std are not known (null in the checkpoint): test a checkpoint train.py wrote"
+            )
+        return super()._normalized(images)
 
     def _measure(self, images: torch.Tensor, train: torch.Tensor) -> None:
         """The mean and standard deviation of each channel over the images trained on, unless the config gives

@@ -74,7 +74,15 @@ def grey(image: Image.Image) -> Image.Image:
 
 
 def without_alpha(image: Image.Image, mode: str) -> Image.Image:
-    """The image in `mode` ("L": grey, "RGB"), its transparent parts made white paper."""
+    """The image in `mode` ("L": grey, "RGB"), its transparent parts made white paper; 16-bit grey scaled to 8 bits
+    (Pillow's own conversion would clip it at 255)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(
+            np.round(pixels * 255 / (65535 if pixels.max() > 255 else 255)).clip(0, 255).astype(np.uint8)
+        )
+    elif image.mode == "F":
+        raise UserError(f"{image.mode} images (floating-point pixels) are not read: save them as 8- or 16-bit images")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         paper = Image.new("RGBA", image.size, "white")
         image = Image.alpha_composite(paper, image.convert("RGBA"))

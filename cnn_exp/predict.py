@@ -89,7 +89,8 @@ class Predictor:
         Fashion-MNIST, framed as the dataset framed them, see cnn_exp/images.py) and normalized like them.
 
         `images`: image files, Pillow images, or pixels as tensors or arrays (values 0-255, or 0-1 in floats)
-        of one image (H×W) or a batch (N×H×W, N×1×H×W as torchvision holds MNIST, or N×3×H×W in colour); one,
+        of one image (H×W, or H×W×3 as Pillow and numpy hold colour) or a batch (N×H×W, N×1×H×W as torchvision
+        holds MNIST, or N×3×H×W in colour); one,
         or a list. All are made the same way, so a dataset image in any of these forms comes out as the dataset
         stored it.
         """
@@ -154,6 +155,8 @@ def _pictures(images: Images) -> list[Image.Image]:
         return [images]
     if isinstance(images, torch.Tensor | np.ndarray):
         pixels = torch.as_tensor(images).detach().cpu()
+        if pixels.dim() == 3 and pixels.shape[-1] in (3, 4) and pixels.shape[0] > 4:  # H×W×C, as Pillow gives one
+            pixels = pixels[..., :3].permute(2, 0, 1)[None]
         pixels = pixels[None, None] if pixels.dim() == 2 else pixels[:, None] if pixels.dim() == 3 else pixels
         if pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
             raise ValueError(

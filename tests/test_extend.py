@@ -127,6 +127,8 @@ def test_a_checkpoint_naming_a_datamodule_no_config_names_is_refused_before_its_
     with pytest.raises(UserError, match=r"datamodule_target=payload\.Payload is not a class this project builds"):
         checkpoints.check(crafted)
     assert "payload" not in sys.modules and not (tmp_path / "imported").exists()
+    with pytest.raises(UserError, match=r"datamodule_target=\['x'\] is not a class this project builds"):
+        checkpoints.check({"datamodule_target": ["x"], "datamodule_hyper_parameters": {}})
     # Its settings are checked against the class it names (MNIST's, when it names none: a checkpoint of before).
     with pytest.raises(UserError, match=r"datamodule_hyper_parameters\.root is not a setting of the DataModule"):
         checkpoints.check({"datamodule_hyper_parameters": {"root": "/"}})
@@ -141,6 +143,9 @@ def test_a_datamodule_without_the_interface_is_refused_naming_what_it_lacks() ->
         def __init__(self, size: int) -> None:
             super().__init__()
             self.classes = ["a", "b"]
+
+        def test_dataloader(self) -> list:
+            return []
 
     with pytest.raises(UserError, match=r"data\._target_=x\.Bare does not offer input_shape \(the C×H×W"):
         build.check_datamodule(Bare(3), "data._target_=x.Bare")

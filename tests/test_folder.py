@@ -4,6 +4,7 @@ and resumed to the bit, tested, predicted and exported from the checkpoint alone
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -85,6 +86,7 @@ def _folder(tmp_path: Path, layout: dict[str, int]) -> Path:
         ({"train/a": 3, "train/b": 3}, {"test_size": 1.5}, "data.test_size=1.5 must be a share"),
         ({"train/a": 3, "train/b": 3}, {"channels": 2}, "data.channels=2 must be 1 (grey) or 3 (colour)"),
         ({"train/a": 3, "train/b": 3}, {"mean": [0.5], "std": None}, "give both, or neither"),
+        ({"train/a": 3, "train/b": 3}, {"test_size": 0}, "no test/ folder and data.test_size=0 leave no test images"),
     ],
 )
 def test_a_bad_folder_is_one_error_naming_what_to_fix(
@@ -109,10 +111,10 @@ def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path: Path) -> None:
     root = _folder(tmp_path, {"train/a": 3, "train/b": 3, "train/.ipynb_checkpoints": 1, "train/a/.cache": 2})
     (root / "train" / "a" / ".hidden.png").write_bytes(b"not an image")
-    data = FolderDataModule(str(root), val_size=0, test_size=0)
+    data = FolderDataModule(str(root), val_size=0, test_size=2)
     assert data.classes == ["a", "b"]
     data.setup("fit")
-    assert len(data.train_set) == 6
+    assert len(data.train_set) == 4
 
 
 @pytest.mark.slow
@@ -155,3 +157,34 @@ def test_a_folder_run_resumes_to_the_bit_and_its_checkpoint_tests_predicts_and_e
         json.loads(meta["classes"]) == ["class_0", "class_1", "class_2"] and json.loads(meta["mean"]) == saved["mean"]
     )
     assert meta["input"].startswith("images: N×3×16×16 float32, RGB")
+
+
+def test_a_checkpoints_settings_need_no_folder_until_images_are_read_and_refuse_a_changed_one(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=6, size=(12, 12))
+    data = FolderDataModule(str(root), val_size=0, test_size=3)
+    data.setup("fit")
+    saved = dict(data.hparams)  # what a checkpoint holds
+    assert saved["classes"] == ["class_0", "class_1", "class_2"] and len(saved["listing"]) == 64
+    moved = root.rename(tmp_path / "moved")
+    rebuilt = FolderDataModule(**saved)  # predict= and export= need nothing more
+    assert rebuilt.classes == data.classes and rebuilt.input_shape == (3, 12, 12)
+    assert rebuilt.load_image(Image.new("RGB", (30, 30), "white")).shape == (3, 12, 12)
+    with pytest.raises(UserError, match="no such folder"):
+        rebuilt.setup("test")
+    moved.rename(root)
+    FolderDataModule(**saved).setup("test")  # as it was: read
+    (root / "train" / "class_1" / "000.png").rename(root / "train" / "class_2" / "999.png")
+    with pytest.raises(UserError, match="the folder holds other images than this run's data"):
+        FolderDataModule(**saved).setup("test")
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.full((8, 8), 20000 + 15000 * i, dtype=np.uint16)
+            Image.fromarray(pixels).save(tmp_path / "train" / name / f"{i}.png")  # mode I;16
+    data = FolderDataModule(str(tmp_path), val_size=0, test_size=2)
+    assert data.input_shape == (1, 8, 8)
+    images = torch.cat([data._images("train")[0], data._images("test")[0]])
+    assert sorted({int(v) for v in images.unique()}) == [78, 136, 195]  # 20000, 35000, 50000 of 65535, in 255ths

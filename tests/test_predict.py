@@ -314,3 +314,9 @@ def test_writing_onto_a_folder_or_an_immutable_file_is_one_error_line(
         f"cannot write {target} (Operation not permitted): give the run a directory it can write to (hydra.run.dir=...)"
     )
     assert target.read_bytes() == b"an older export"
+
+
+def test_an_array_as_pillow_holds_a_colour_image_is_one_image() -> None:
+    (image,) = predict._pictures(np.zeros((64, 48, 3), np.uint8))  # H×W×C: np.asarray(Image.open(colour file))
+    assert image.size == (48, 64) and image.mode == "RGB"
+    assert len(predict._pictures(np.zeros((5, 28, 28), np.uint8))) == 5  # N×H×W, as torchvision holds MNIST
