@@ -22,7 +22,7 @@ def _per_layer(value: int | Sequence[int], layers: int, name: str, kind: str = "
     return values
 
 
-class ConvNet(nn.Sequential):
+class ConvNet(nn.Module):
     """Conv → ReLU → 2×2 max-pool blocks, a flatten, Linear → ReLU layers, and a linear output layer.
 
     Optional, off in the notebook's networks: batch norm after each convolution, dropout after each hidden layer,
@@ -32,8 +32,10 @@ class ConvNet(nn.Sequential):
     norm that is the same function (ReLU and max-pool commute); with it, the norm's statistics are the pooled map's.
 
     Layers are named as in the notebook (conv1, conv2, …, fc1, fc2, out), so its parameter names and shapes
-    carry over. fc1's input size is measured by passing one blank image through the conv blocks rather than
-    hard-coded as in the notebook, so padding, kernel sizes and widths can be overridden and swept freely.
+    carry over, and forward() calls them in the notebook's order. ReLU, pool, flatten and dropout are named layers
+    too (conv1_relu, conv1_pool, …), not functional calls, so the layer table and the TensorBoard graph show every
+    step. fc1's input size is measured by passing one blank image through the conv blocks rather than hard-coded
+    as in the notebook, so padding, kernel sizes and widths can be overridden and swept freely.
     """
 
     def __init__(
@@ -91,13 +93,56 @@ class ConvNet(nn.Sequential):
                 layers[f"fc{j}_dropout"] = nn.Dropout(dropout)
             features = size
         layers["out"] = nn.Linear(features, num_classes)
-        super().__init__(layers)
+        super().__init__()
+        # Registered in the order forward() calls them: the layer table (named_modules) and state_dict follow it.
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+        self.pool_first = pool_first
+        # The names of each block's and each hidden layer's layers, for forward() (see _conv_blocks).
+        self._block_names = [
+            (f"conv{i}", f"conv{i}_bn", f"conv{i}_relu", f"conv{i}_pool") for i in range(1, len(channels) + 1)
+        ]
+        self._hidden_names = [(f"fc{j}", f"fc{j}_relu", f"fc{j}_dropout") for j in range(1, len(hidden) + 1)]
         # The model interface (cnn_exp/build.py, docs/extend.md): one image's shape, and how many classes it scores.
         self.input_shape, self.num_classes = (in_channels, image_size, image_size), num_classes
         if channels_last:  # NHWC weights, so activations follow: faster convolutions and pooling (oneDNN, cuDNN)
             self.to(memory_format=torch.channels_last)
         # Not applied here: the Classifier compiles the forward of its training steps (see there why).
         self.compile_for_training = compile
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The lab's forward(): conv → ReLU → 2×2 max-pool for each block, flatten, then fc → ReLU for each hidden
+        layer, and the output layer's class scores (logits)."""
+        x = images
+        for conv, bn, relu, pool in self._conv_blocks():
+            x = conv(x)
+            if pool is not None and self.pool_first:  # pooled before batch norm and ReLU: see the class docstring
+                x = pool(x)
+            if bn is not None:
+                x = bn(x)
+            x = relu(x)
+            if pool is not None and not self.pool_first:
+                x = pool(x)
+        x = self.flatten(x)
+        for fc, relu, dropout in self._hidden_layers():
+            x = relu(fc(x))
+            if dropout is not None:
+                x = dropout(x)
+        return self.out(x)
+
+    # Layers are looked up by name on every call, as nn.Sequential does, so a layer replaced after construction (say
+    # by SyncBatchNorm.convert_sync_batchnorm) is the one called; a name the settings left out is looked up as None.
+    # From _modules with names spelled out once: getattr(self, f"conv{i}_bn", None) and the like raise and catch an
+    # AttributeError per missing layer, 20–30 µs a forward pass (of ~200 µs for one image); this takes under 1 µs.
+    def _conv_blocks(self) -> list[tuple[nn.Module, nn.Module | None, nn.Module, nn.Module | None]]:
+        """Each conv block's conv, batch norm, ReLU and pool; None for a layer the settings left out."""
+        layers = self._modules
+        return [(layers[c], layers.get(bn), layers[relu], layers.get(pool)) for c, bn, relu, pool in self._block_names]
+
+    def _hidden_layers(self) -> list[tuple[nn.Module, nn.Module, nn.Module | None]]:
+        """Each hidden layer's fc, ReLU and dropout; None for a dropout the settings left out."""
+        layers = self._modules
+        return [(layers[fc], layers[relu], layers.get(dropout)) for fc, relu, dropout in self._hidden_names]
 
 
 @torch.no_grad()

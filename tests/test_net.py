@@ -1,5 +1,8 @@
 """The networks: the notebook's exact layers at the default configs, and any padding/kernel/width override."""
 
+import copy
+import inspect
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -167,3 +170,69 @@ def test_batch_norm_and_dropout_are_optional_layers_that_train() -> None:
 def test_dropout_outside_zero_to_one_is_refused() -> None:
     with pytest.raises(UserError, match=r"model\.dropout=1\.0 must be at least 0 and below 1"):
         build("net2", dropout=1.0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"name": "net2"},
+        {"name": "net3"},
+        {"name": "net3", "channels_last": False},
+        {"name": "net3", "batch_norm": True, "dropout": 0.3},
+        {"name": "net3", "batch_norm": True, "pool_first": True, "pool": [True, True, False]},
+        {"name": "net3", "channels": [8, 16, 32], "kernel_size": 3, "padding": 1, "pool": [True, True, False]},
+    ],
+    ids=["net2", "net3", "nchw", "batch_norm+dropout", "pool_first", "pool=[t,t,f]"],
+)
+def test_forward_calls_every_named_layer_once_in_their_order(settings: dict) -> None:
+    # forward() is written out for the lab; the layers' order (named_children) is what the layer table, the
+    # TensorBoard graph and the fc1 size measurement follow. Both must agree, exactly, in training and evaluation.
+    settings = dict(settings)
+    net = build(settings.pop("name"), **settings)
+    images, called = torch.randn(4, 1, 28, 28), []
+    for training in (True, False):
+        net.train(training)
+        in_order = copy.deepcopy(net)  # its own batch norm statistics, to be updated by the same batch
+        called.clear()
+        hooks = [
+            layer.register_forward_hook(lambda *_, name=name: called.append(name))
+            for name, layer in net.named_children()
+        ]
+        torch.manual_seed(0)  # the same dropout masks
+        logits = net(images)
+        for hook in hooks:
+            hook.remove()
+        assert called == [name for name, _ in net.named_children()]
+        torch.manual_seed(0)
+        x = images
+        for layer in in_order.children():
+            x = layer(x)
+        assert torch.equal(logits, x)
+        assert all(torch.equal(a, b) for a, b in zip(net.buffers(), in_order.buffers(), strict=True))
+
+
+def test_forward_reads_as_the_labs() -> None:
+    # The lab asks the student to complete and explain forward(): conv → ReLU → 2×2 max-pool per block, flatten,
+    # fc → ReLU per hidden layer, out. Its source should keep saying so, not hand the work to a loop over layers.
+    source = inspect.getsource(ConvNet.forward)
+    steps = [
+        "x = conv(x)",
+        "x = relu(x)",
+        "x = pool(x)",
+        "x = self.flatten(x)",
+        "x = relu(fc(x))",
+        "return self.out(x)",
+    ]
+    where = [source.rfind(step) for step in steps]  # rfind: pool_first's pool comes earlier, before batch norm
+    assert all(i >= 0 for i in where) and where == sorted(where), dict(zip(steps, where, strict=True))
+
+
+def test_a_layer_replaced_after_construction_is_the_one_called() -> None:
+    # forward() looks its layers up by name on each call, as nn.Sequential did, so conversions such as
+    # SyncBatchNorm's (Lightning's sync_batchnorm) take effect.
+    net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build("net3", batch_norm=True))
+    assert isinstance(net.conv1_bn, torch.nn.SyncBatchNorm)
+    called: list[str] = []
+    net.conv1_bn.register_forward_hook(lambda *_: called.append("conv1_bn"))
+    net.eval()(torch.randn(2, 1, 28, 28))
+    assert called == ["conv1_bn"]
