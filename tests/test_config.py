@@ -163,8 +163,8 @@ def test_fashion_best_stays_in_network3s_family_and_selects_on_validation(config
     assert cfg.data.val_size > 0 and cfg.callbacks.model_checkpoint.monitor == "val/acc"
     assert cfg.data.dataset == "FashionMNIST" and cfg.data.flip is True and cfg.data.shift > 0
     net = classifier(cfg).net
-    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in net) == 3
-    assert sum(isinstance(layer, torch.nn.Linear) for layer in net) == 3
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in net.modules()) == 3
+    assert sum(isinstance(layer, torch.nn.Linear) for layer in net.modules()) == 3
 
 
 def test_mnist_best_stays_in_network2s_family_shifts_but_never_mirrors_digits(config) -> None:
@@ -175,16 +175,16 @@ def test_mnist_best_stays_in_network2s_family_shifts_but_never_mirrors_digits(co
     # The DataModule and the network build from it, as train.py builds them.
     assert instantiate(cfg.data).hparams.shift == cfg.data.shift
     net = classifier(cfg).net
-    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in net) == 2
-    assert sum(isinstance(layer, torch.nn.Linear) for layer in net) == 3
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in net.modules()) == 2
+    assert sum(isinstance(layer, torch.nn.Linear) for layer in net.modules()) == 3
 
 
 @pytest.mark.parametrize(("experiment", "convs"), [("mnist_small", 2), ("fashion_small", 3)])
 def test_the_small_recipes_stay_in_their_family_under_100k_parameters(config, experiment: str, convs: int) -> None:
     cfg = config(f"experiment={experiment}")
     model = classifier(cfg)
-    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in model.net) == convs
-    assert sum(isinstance(layer, torch.nn.Linear) for layer in model.net) == 3
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in model.net.modules()) == convs
+    assert sum(isinstance(layer, torch.nn.Linear) for layer in model.net.modules()) == 3
     assert sum(p.numel() for p in model.net.parameters()) < 100_000
     assert cfg.data.val_size > 0 and cfg.callbacks.model_checkpoint.monitor == "val/acc" and "ema" in cfg.callbacks
     # Mirrors only where a mirrored image is the same class: Fashion-MNIST's garments, never MNIST's digits.

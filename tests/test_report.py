@@ -53,7 +53,7 @@ def test_a_finished_runs_report_has_every_section_and_the_records_numbers(traine
         rows = list(csv.DictReader(f))
     correct, images = sum(int(r["correct"]) for r in rows), sum(int(r["images"]) for r in rows)
     accuracy = saved["metrics"]["test/acc"]
-    assert f"{correct} of {images} test images right: accuracy {pct(accuracy)}" in text
+    assert f"{correct:,} of {images:,} test images right: accuracy {pct(accuracy)}" in text
     assert correct / images == pytest.approx(accuracy, abs=1e-6)  # two files of the run agree
     low, high = report.wilson(correct, images)
     assert f"(95 % interval {pct(low)} to {pct(high)})" in text
