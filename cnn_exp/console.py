@@ -6,6 +6,7 @@ it starts and one when it ends; the rest of a job's output goes to its own log f
 config is in each run's config.yaml (`python train.py --cfg job` prints it).
 """
 
+import io
 import json
 import logging
 import re
@@ -66,6 +67,19 @@ class Quiet(logging.Filter):
         return not any(record.name.startswith(name) and re.match(pattern, message) for name, pattern in NOISE)
 
 
+# The logger that copies what `show` prints to the run's log file; the console handler skips it (already printed).
+SHOWN = "cnn_exp.shown"
+
+
+def show(*renderables: Any, style: str | None = None) -> None:
+    """Print on the console (above the live bar) and keep the same text in the run's log file (train.log), so the log
+    holds every line the console showed: the header, the layer table, the test tables, the result."""
+    get().print(*renderables, style=style, markup=False, highlight=False, soft_wrap=True)
+    plain = Console(file=io.StringIO(), width=max(get().width, 100), color_system=None, soft_wrap=True)
+    plain.print(*renderables, markup=False, highlight=False)
+    logging.getLogger(SHOWN).info("\n%s", plain.file.getvalue().rstrip())
+
+
 class Handler(logging.Handler):
     """Log records printed on the console: the message alone, `warning: ...` or `error: ...` when they are one.
 
@@ -78,6 +92,8 @@ class Handler(logging.Handler):
         logging.captureWarnings(True)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name == SHOWN:  # `show` printed it
+            return
         try:
             message = self.format(record)
             if record.name == "py.warnings":
@@ -124,7 +140,7 @@ def print_run_header(cfg: DictConfig, output_dir: Path) -> None:
     for name, value in rows.items():
         table.add_row(name, Text(value or "none"))  # Text: an override such as callbacks=[a,b] is not markup
     table.add_row("run", Text.assemble(str(output_dir), ("\nconfig.yaml there holds the full config", "dim")))
-    get().print(table)
+    show(table)
 
 
 # The order in which the header names the config groups chosen; any others follow.
@@ -190,8 +206,7 @@ class JobLines(Callback):
                 line += f" (see {Path(config.hydra.sweep.subdir) / (config.task_name + '.log')})"
             _print(line)
         elif record.get("status") == "finished":
-            _print(result_text(record), style="bold")
-            _print(f"results in {run_dir}")
+            show(Text(result_text(record), style="bold"), Text(f"results in {run_dir}"))
 
 
 def _print(line: str, style: str | None = None) -> None:

@@ -105,7 +105,7 @@ class LayerTable(ModelSummary):
             table.add_row(*map(str, row.values()))
         table.add_row("total", *[""] * 5, f"{total:,}", style="bold")
         unseen = unlisted_operations(pl_module.net)
-        console.get().print(table, *([Text(unseen)] if unseen else []))
+        console.show(table, *([Text(unseen)] if unseen else []))
         lines = [f"# {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         lines += ["| " + " | ".join(map(str, row.values())) + " |" for row in rows]
         lines.append("| total |" + " |" * 5 + f" {total:,} |")

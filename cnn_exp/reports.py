@@ -238,7 +238,7 @@ class TestReport(L.Callback):
             if count:
                 true, predicted = divmod(index, len(classes))
                 pairs.add_row(names[true], names[predicted], str(count), f"{count / max(int(images[true]), 1):.1%}")
-        console.get().print(table, pairs)
+        console.show(table, pairs)
 
 
 def accuracy_all(matrix: torch.Tensor) -> torch.Tensor:

@@ -111,3 +111,9 @@ def test_the_interval_is_wilsons() -> None:
     low, high = report.wilson(9897, 10000)
     assert (round(low, 4), round(high, 4)) == (0.9875, 0.9915)
     assert report.wilson(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
+
+
+def test_train_log_holds_what_the_console_printed(trained: Path) -> None:
+    log = (trained / "train.log").read_text()
+    for printed in ("chosen", "│ conv1 ", "test accuracy per class", "most confused pairs", "finished in", "results in"):
+        assert printed in log, printed
