@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,30 @@ WORDS: dict[str, dict[str, str]] = {
 }
 
 
+SWEEP_WORDS: dict[str, dict[str, str]] = {
+    "en": {
+        "sweep": "Sweep report",
+        "jobs": "1. The jobs, best first",
+        "picture": "2. The metric against the swept keys",
+        "effects": "3. What each swept key did",
+        "changed": "4. What a swept value changed in the network",
+        "failed": "5. Jobs that did not finish",
+        "fixed": "held fixed",
+        "job_report": "report",
+    },
+    "zh": {
+        "sweep": "参数扫描报告",
+        "jobs": "1. 各任务（从好到差）",
+        "picture": "2. 指标与扫描参数",
+        "effects": "3. 每个扫描参数的影响",
+        "changed": "4. 扫描取值对网络的改变",
+        "failed": "5. 未完成的任务",
+        "fixed": "固定设置",
+        "job_report": "报告",
+    },
+}
+
+
 def write(run_dir: str | Path) -> None:
     """Write report.html and report.md in `run_dir` from its files, unless its record turns reports off. A report
     that cannot be written is a warning, never the end of a run."""
@@ -100,16 +125,110 @@ def write(run_dir: str | Path) -> None:
         return
     try:
         context = gather(run_dir, saved)
-        environment = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html"]),
-            undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        )  # fmt: skip
-        environment.filters["cell"] = markdown_cell
+        environment = _environment()
         for name in ("report.html", "report.md"):
             text = environment.get_template(f"{name}.j2").render(context, embed=name.endswith(".html"))
             atomic.write_text(run_dir / name, text)
     except (OSError, jinja2.TemplateError) as err:
         log.warning("the report in %s could not be written: %s", run_dir, err)
+
+
+def write_sweep(
+    sweep_dir: Path, rows: list[dict[str, Any]], metric: str, keys: list[str], seeds: list[dict[str, Any]],
+    fixed: list[str],
+) -> None:  # fmt: skip
+    """Write report.html and report.md in a sweep's directory: its jobs best first (cnn_exp/sweep.py's rows), the
+    picture, each swept key's effect, what a swept model setting changed layer by layer, the failed jobs' errors, and
+    a link to each job's own report. Its language is its jobs' (report.lang); none when they turn reports off."""
+    records = {row["job"]: record.read(row["run_dir"]) or {} for row in rows if row.get("run_dir")}
+    settings = next((r.get("report") for r in records.values() if r.get("report")), {}) or {}
+    if not settings.get("enabled", True):
+        return
+    lang = settings.get("lang", "en") if settings.get("lang") in WORDS else "en"
+    context = {
+        "t": WORDS[lang] | SWEEP_WORDS[lang],
+        "lang": lang,
+        "title": sweep_dir.name,
+        "metric": metric,
+        "keys": keys,
+        "fixed": fixed,
+        "rows": rows,
+        "seeds": seeds,
+        "effects": _effects(rows, keys, metric),
+        "layers": _layers_by_value(rows, keys),
+        "failed": [
+            (row["job"], (records.get(row["job"]) or {}).get("error") or row["status"])
+            for row in rows
+            if row["status"] != "ok"
+        ],
+        "reports": {
+            row["job"]: f"{row['job']}/report.html"
+            for row in rows
+            if (Path(row["run_dir"] or "-") / "report.html").is_file()
+        },
+        "pictures": {"summary.png": _picture(sweep_dir / "summary.png")}
+        if (sweep_dir / "summary.png").is_file()
+        else {},
+        "metrics": ["val/acc", "test/acc"],
+    }
+    try:
+        environment = _environment()
+        for name in ("report.html", "report.md"):
+            text = environment.get_template(f"sweep.{name.split('.')[1]}.j2").render(
+                context, embed=name.endswith(".html")
+            )
+            atomic.write_text(sweep_dir / name, text)
+    except (OSError, jinja2.TemplateError) as err:
+        log.warning("the sweep's report in %s could not be written: %s", sweep_dir, err)
+
+
+def _effects(rows: list[dict[str, Any]], keys: list[str], metric: str) -> dict[str, list[dict[str, Any]]]:
+    """Per swept key, per value: the finished jobs with it, and the mean and sample std of `metric` over them."""
+    effects = {}
+    for key in keys:
+        values: dict[str, list[float]] = {}
+        for row in rows:
+            if row["status"] == "ok" and row.get(metric) is not None:
+                values.setdefault(str(row.get(key, "")), []).append(row[metric])
+        effects[key] = [
+            {"value": value or "(default)", "jobs": len(scores), "mean": statistics.fmean(scores),
+             "std": statistics.stdev(scores) if len(scores) > 1 else None}
+            for value, scores in values.items()
+        ]  # fmt: skip
+    return effects
+
+
+def _layers_by_value(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per swept model setting, per value: the layers that differ between its values (their type, e.g. "Conv2d 2×2,
+    padding 1", and output shape), from one job's network.json each: model.padding=0 sets every conv layer."""
+    changed = {}
+    for key in (k for k in keys if k.startswith("model.")):
+        tables: dict[str, dict[str, str]] = {}
+        for row in rows:
+            network = _json(Path(row.get("run_dir") or "-") / "network.json")
+            value = str(row.get(key, "")) or "(default)"
+            if network and value not in tables:
+                # The layers with weights and the flatten (fc1's input): a ReLU or pool only follows its conv.
+                tables[value] = {
+                    r["layer"]: f"{r['type']} → {r['output']}"
+                    for r in network.get("rows", [])
+                    if r.get("weight") or str(r.get("type", "")).startswith("Flatten")
+                }
+        layers = list(dict.fromkeys(name for table in tables.values() for name in table))
+        differing = [name for name in layers if len({table.get(name) for table in tables.values()}) > 1]
+        if differing:
+            changed[key] = [{"value": value, "layers": {name: table.get(name, "—") for name in differing}}
+                            for value, table in tables.items()]  # fmt: skip
+    return changed
+
+
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html"]),
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )  # fmt: skip
+    environment.filters["cell"] = markdown_cell
+    return environment
 
 
 def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:

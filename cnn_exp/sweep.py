@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import atomic, record, rundir
+from cnn_exp import atomic, record, report, rundir
 from cnn_exp.errors import shown
 from cnn_exp.plots import pixels, sweep_figure, write_png
 
@@ -125,8 +125,19 @@ def write(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> str:
         text += f"\nOver seeds: mean ± sample std of each setting's finished jobs, best {metric} first\n\n"
         text += _markdown(shown, list(shown[0]) if shown else ["jobs"])
     atomic.write_text(sweep_dir / "summary.md", text)
-    _picture(sweep_dir / "summary.png", rows, keys, metric)
+    fixed = fixed_overrides(sweep_dir)
+    _picture(sweep_dir / "summary.png", rows, keys, metric, fixed)
+    report.write_sweep(sweep_dir, rows, metric, keys, seed_table(rows, metric) if "seed" in keys else [], fixed)
     return text
+
+
+def fixed_overrides(sweep_dir: Path) -> list[str]:
+    """The overrides every job of the sweep was given alike (the settings it held fixed), where they write left out."""
+    jobs = [p / ".hydra" / "overrides.yaml" for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()]
+    if not jobs:
+        return []
+    common = set.intersection(*(set(OmegaConf.load(job)) for job in jobs))
+    return sorted(o for o in common if not split_override(o)[0].startswith(("paths.", "hydra.")))
 
 
 def seed_table(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -152,15 +163,16 @@ def seed_table(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     return table
 
 
-def _picture(path: Path, rows: list[dict[str, Any]], keys: list[str], metric: str) -> None:
-    """summary.png: `metric` of the finished jobs against the swept keys, averaged over seeds when seed is swept."""
+def _picture(path: Path, rows: list[dict[str, Any]], keys: list[str], metric: str, fixed: list[str]) -> None:
+    """summary.png: `metric` of the finished jobs against the swept keys, averaged over seeds when seed is swept;
+    titled with the settings the sweep held fixed."""
     done = [row for row in rows if row["status"] == "ok" and row.get(metric) is not None]
     settings = [key for key in keys if key != "seed"] or keys
     if not done or not settings:
         return
     values = {key: [_value(row[key]) for row in done] for key in settings}
     over = ", mean over seeds" if "seed" in keys and settings != keys else ""
-    title = f"{metric} of {len(done)} finished jobs{over}"
+    title = f"{metric} of {len(done)} finished jobs{over}" + (f"\n{' '.join(fixed)}" if fixed else "")
     figure = sweep_figure(values, [row[metric] for row in done], metric, title)
     write_png(pixels(figure), path)
 

@@ -146,6 +146,16 @@ def test_a_seed_sweep_gets_key_columns_a_picture_and_mean_and_std_over_seeds(tmp
     with Image.open(tmp_path / "summary.png") as image:
         assert image.format == "PNG" and image.width >= 300
 
+    # The sweep's report: the jobs best first, over seeds, each key's effect, the failed job's error.
+    report = (tmp_path / "report.md").read_text()
+    assert "held fixed: `trainer.max_epochs=2`" in report  # paths.* are where it wrote, not a setting
+    assert report.index("| 1 | 0.05 | 2 | 0.9000 |") < report.index("| 0 | 0.05 | 1 | 0.8000 |")
+    assert "| 0.05 | 3 | 0.8500 ± 0.0500 | 0.8400 ± 0.0500 |" in report  # over seeds: val/acc, test/acc
+    assert "| 0.1 | 2 | 0.7250 ± 0.0354 |" in report  # optimizer.lr's effect over its finished jobs
+    assert "- job 5: training diverged" in report
+    html = (tmp_path / "report.html").read_text()
+    assert 'src="data:image/png;base64,' in html and "training diverged" in html
+
 
 def test_the_summary_of_a_sweep_without_seeds_has_no_seed_table(tmp_path: Path) -> None:
     for number, (lr, padding) in enumerate([(0.05, 0), (0.05, 2), (0.1, 0), (0.1, 2)]):
