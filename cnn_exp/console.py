@@ -80,6 +80,27 @@ def show(*renderables: Any, style: str | None = None) -> None:
     logging.getLogger(SHOWN).info("\n%s", plain.file.getvalue().rstrip())
 
 
+def epoch_line(row: dict[str, Any], epochs: int | None) -> None:
+    """One line per finished epoch that stays on screen above the live bar, as the notebook prints them (and kept in
+    the log file). A sweep job, whose own output stays off the console, shows this line as its progress."""
+    parts = [f"epoch {row['epoch']}" + (f"/{epochs}" if epochs and epochs > 0 else "")]
+    for split in ("train", "val"):
+        loss, acc = row.get(f"{split}/loss"), row.get(f"{split}/acc")
+        if loss is not None and acc is not None:
+            parts.append(f"{split} loss {loss:.4f} acc {100 * acc:.2f} %")
+    parts.append(f"{row.get('seconds', 0):.1f} s")
+    line = " · ".join(parts)
+    if get().quiet and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        get().quiet = False
+        try:
+            _print(f"job {HydraConfig.get().job.num}: {line}", style="dim")
+        finally:
+            get().quiet = True
+        logging.getLogger(SHOWN).info(line)
+    else:
+        show(Text(line))
+
+
 class Handler(logging.Handler):
     """Log records printed on the console: the message alone, `warning: ...` or `error: ...` when they are one.
 

@@ -327,6 +327,7 @@ class EpochTable(L.Callback):
         self._epoch = None
         if not trainer.is_global_zero:
             return
+        console.epoch_line(row, trainer.max_epochs)
         with atomic.replace(self.dirpath / "epochs.csv", newline="") as f:
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()

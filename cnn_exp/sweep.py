@@ -19,6 +19,8 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
+from rich.text import Text
 
 from cnn_exp import atomic, record, report, rundir
 from cnn_exp.errors import shown
@@ -247,10 +249,33 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows, metric = summarize(sweep_dir, config.get("optimized_metric") or record.OPTIMIZED)
-        print(write(sweep_dir, rows, metric))
+        write(sweep_dir, rows, metric)
+        sweep_table(rows, metric, swept_keys(rows), sweep_dir)
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
             sys.exit(f"error: {len(failed)} of {len(rows)} jobs failed (jobs {', '.join(failed)}): see summary.md")
+
+
+def sweep_table(rows: list[dict[str, Any]], metric: str, keys: list[str], sweep_dir: Path) -> None:
+    """A sweep's jobs, best first, as a table that fits the terminal: the swept keys, the optimized metric and the
+    test accuracy, how each ended; summary.md holds every column, report.html the rest."""
+    from cnn_exp.console import get, show  # imported here: console.py imports this module
+
+    get().quiet = False  # a sweep stopped by a signal ends inside a job, whose output was kept off the console
+
+    table = Table(title=f"sweep {sweep_dir}: {len(rows)} jobs, best {metric} first", title_justify="left")
+    table.add_column("job", justify="right")
+    for key in keys:
+        table.add_column(key, overflow="fold")
+    for name in dict.fromkeys([metric, record.TEST_ACC]):
+        table.add_column(name, justify="right")
+    table.add_column("status", overflow="fold")
+    for row in rows:
+        scores = [
+            f"{row[name]:.4f}" if row.get(name) is not None else "" for name in dict.fromkeys([metric, record.TEST_ACC])
+        ]
+        table.add_row(str(row["job"]), *(Text(str(row.get(key, ""))) for key in keys), *scores, Text(row["status"]))
+    show(table, Text(f"every column: {sweep_dir / 'summary.md'}; the sweep's report: {sweep_dir / 'report.html'}"))
 
 
 def _number(job: Path) -> tuple[int, str]:
@@ -287,7 +312,8 @@ def write_stopped(sweep_dir: Path, metric: str) -> None:
             missing |= {key: value for key, value in map(split_override, overrides) if key in missing}
             missing |= {"job": "-", "overrides": " ".join(o for o in overrides if o not in common), "run_dir": ""}
             rows.append(missing | {"status": "not run: the sweep was stopped"})
-    print(write(sweep_dir, rows, metric))
+    write(sweep_dir, rows, metric)
+    sweep_table(rows, metric, swept_keys(rows), sweep_dir)
 
 
 def _planned(sweep_dir: Path) -> list[list[str]]:

@@ -98,7 +98,7 @@ def test_a_sigterm_stops_a_sweep_and_its_summary_lists_the_jobs_never_run(paths:
     log_dir = Path(next(p for p in paths if p.startswith("paths.log_dir=")).partition("=")[2])
     (sweep,) = (log_dir / "train" / "multiruns").iterdir()
     table = (sweep / "summary.md").read_text()
-    assert table in proc.stdout
+    assert proc.stdout.count("not run: the sweep was stopped") == table.count("not run: the sweep was stopped") >= 1
     rows = [line for line in table.splitlines() if line.startswith("| ") and "overrides" not in line]
     assert len(rows) == 3
     assert "interrupted by SIGTERM" in rows[0] and "optimizer.lr=0.05" in rows[0]

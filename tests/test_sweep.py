@@ -46,7 +46,13 @@ def test_a_sweep_summary_lists_every_job_with_its_own_numbers_best_first(paths: 
     }
 
     table = (sweep / "summary.md").read_text()
-    assert table in proc.stdout  # printed as well as written
+    # Printed as a table that fits the terminal: each job's swept values and scores, best first; every column in
+    # summary.md. Each job showed its epochs as it ran.
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in printed] == [row["job"] for row in rows]
+    assert all(f"{float(row['val/acc']):.4f}" in line for line, row in zip(printed, rows, strict=True))
+    assert all(len(line) <= 80 for line in proc.stdout.splitlines() if line.startswith(("│", "┃")))
+    assert sum(line.startswith(("job 0: epoch 1/1 · train loss",)) for line in proc.stdout.splitlines()) == 1
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     # A column per swept key after the job's number (tests/test_visuals.py), then ours.
     header = ["job", "model.padding", "optimizer.lr", *COLUMNS[1:]]
