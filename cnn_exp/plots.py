@@ -42,8 +42,10 @@ def literal(text: object, limit: int = 40) -> str:
 
 
 def side_by_side(*images: np.ndarray) -> np.ndarray:
-    """Drawn figures of one height as one image, left to right."""
-    return np.concatenate(images, axis=1)
+    """Drawn figures as one image, left to right, the shorter ones padded with white below."""
+    height = max(image.shape[0] for image in images)
+    padded = [np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)), constant_values=255) for image in images]
+    return np.concatenate(padded, axis=1)
 
 
 def write_png(image: np.ndarray, path: str | Path) -> None:
@@ -133,8 +135,9 @@ def draw_image(ax: Axes, image: torch.Tensor, values_0_to_1: bool = False) -> No
     ax.set_yticks([])
 
 
-def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
-    """Loss and accuracy against epoch, train and validation, from a run's epochs.csv rows."""
+def curves_figure(rows: list[dict[str, Any]], title: str, test: float | None = None) -> Figure:
+    """Loss and accuracy against epoch, train and validation, from a run's epochs.csv rows; the test accuracy, when
+    the run was tested, a dotted line on the accuracy panel."""
     figure = Figure(figsize=(10, 4), layout="constrained")
     figure.suptitle(title, fontsize=11)
     epochs = [row["epoch"] for row in rows]
@@ -148,6 +151,8 @@ def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
             ]
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=split)
+        if metric == "acc" and test is not None:
+            ax.axhline(test, color="tab:green", linestyle=":", label=f"test {test:.4f}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
         if epochs:  # from epoch 0, so that a short run is a line on an axis of epochs, not dots in a 0.08-wide one
@@ -174,7 +179,7 @@ def sweep_figure(values: dict[str, list[Any]], scores: list[float], metric: str,
         grid = torch.full((len(rows), len(columns)), math.nan, dtype=torch.float64)
         for (r, c), cell in cells.items():
             grid[r, c] = sum(cell) / len(cell)
-        figure = Figure(figsize=(2.2 + 1.1 * len(columns), 1.6 + 0.7 * len(rows)), layout="constrained")
+        figure = Figure(figsize=(3.2 + 1.4 * len(columns), 2.4 + 0.9 * len(rows)), layout="constrained")
         ax = figure.add_subplot()
         image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
         figure.colorbar(image, ax=ax).set_label(metric)
@@ -205,7 +210,7 @@ def sweep_figure(values: dict[str, list[Any]], scores: list[float], metric: str,
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         figure.axes[0].legend()
-    figure.suptitle(title, fontsize=11)
+    figure.suptitle(title, fontsize=10)
     return figure
 
 

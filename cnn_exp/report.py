@@ -170,6 +170,12 @@ def write_sweep(
         if (sweep_dir / "summary.png").is_file()
         else {},
         "metrics": ["val/acc", "test/acc"],
+        # Before training, per seed (why the untrained scores change from run to run), from each job's untrained.json.
+        "untrained": [
+            {"job": row["job"], "seed": row["seed"], **scores}
+            for row in rows
+            if "seed" in keys and (scores := _untrained(_json(Path(row.get("run_dir") or "-") / "untrained.json")))
+        ],
     }
     try:
         environment = _environment()
@@ -228,6 +234,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )  # fmt: skip
     environment.filters["cell"] = markdown_cell
+    environment.filters["log"] = math.log
     return environment
 
 

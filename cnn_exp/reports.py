@@ -267,6 +267,7 @@ class EpochTable(L.Callback):
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
+        self._drawn: list[dict[str, Any]] = []  # the rows curves.png shows
         self.rows: list[dict[str, Any]] = []
         self._epoch: dict[str, Any] | None = None  # the running epoch: its number, lr, metrics known so far
         self._started = monotonic()  # when the running epoch started
@@ -332,11 +333,23 @@ class EpochTable(L.Callback):
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
+        self._draw(trainer)
+        report.write(self.dirpath)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The curves again, with the test accuracy the run ended with marked on them.
+        # The rows as training left them: testing a checkpoint restores this callback's state from it (an earlier
+        # epoch's, for the best checkpoint).
+        test = trainer.callback_metrics.get(record.TEST_ACC)
+        if self._drawn and test is not None and trainer.is_global_zero:
+            self._draw(trainer, float(test), self._drawn)
+
+    def _draw(self, trainer: L.Trainer, test: float | None = None, rows: list[dict[str, Any]] | None = None) -> None:
+        rows = list(rows if rows is not None else self.rows)
+        self._drawn = rows
         run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
         title = f"{what_ran(trainer)}: loss and accuracy per epoch ({run})"
-        figure = curves_figure(self.rows, literal(title, 200))
-        write_png(pixels(figure), self.dirpath / "curves.png")
-        report.write(self.dirpath)
+        write_png(pixels(curves_figure(rows, literal(title, 200), test)), self.dirpath / "curves.png")
 
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:

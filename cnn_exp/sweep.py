@@ -24,7 +24,7 @@ from rich.text import Text
 
 from cnn_exp import atomic, record, report, rundir
 from cnn_exp.errors import shown
-from cnn_exp.plots import pixels, sweep_figure, write_png
+from cnn_exp.plots import pixels, side_by_side, sweep_figure, write_png
 
 # The metrics the summary shows, its columns in this order.
 METRICS = [record.VAL_ACC, record.VAL_LOSS, record.TEST_ACC, record.TEST_LOSS]
@@ -166,17 +166,20 @@ def seed_table(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 
 
 def _picture(path: Path, rows: list[dict[str, Any]], keys: list[str], metric: str, fixed: list[str]) -> None:
-    """summary.png: `metric` of the finished jobs against the swept keys, averaged over seeds when seed is swept;
-    titled with the settings the sweep held fixed."""
-    done = [row for row in rows if row["status"] == "ok" and row.get(metric) is not None]
+    """summary.png: `metric` of the finished jobs against the swept keys, and beside it their test accuracy (when they
+    were tested), averaged over seeds when seed is swept; titled with the settings the sweep held fixed."""
     settings = [key for key in keys if key != "seed"] or keys
-    if not done or not settings:
-        return
-    values = {key: [_value(row[key]) for row in done] for key in settings}
     over = ", mean over seeds" if "seed" in keys and settings != keys else ""
-    title = f"{metric} of {len(done)} finished jobs{over}" + (f"\n{' '.join(fixed)}" if fixed else "")
-    figure = sweep_figure(values, [row[metric] for row in done], metric, title)
-    write_png(pixels(figure), path)
+    drawn = []
+    for name in dict.fromkeys([metric, record.TEST_ACC]):
+        done = [row for row in rows if row["status"] == "ok" and row.get(name) is not None]
+        if not done or not settings:
+            continue
+        values = {key: [_value(row[key]) for row in done] for key in settings}
+        title = f"{name} of {len(done)} finished jobs{over}" + (f"\n{' '.join(fixed)}" if fixed else "")
+        drawn.append(pixels(sweep_figure(values, [row[name] for row in done], name, title)))
+    if drawn:
+        write_png(side_by_side(*drawn) if len(drawn) == 2 else drawn[0], path)
 
 
 def _value(text: str) -> Any:

@@ -115,5 +115,12 @@ def test_the_interval_is_wilsons() -> None:
 
 def test_train_log_holds_what_the_console_printed(trained: Path) -> None:
     log = (trained / "train.log").read_text()
-    for printed in ("chosen", "│ conv1 ", "test accuracy per class", "most confused pairs", "finished in", "results in"):
+    for printed in (
+        "chosen",
+        "│ conv1 ",
+        "test accuracy per class",
+        "most confused pairs",
+        "finished in",
+        "results in",
+    ):
         assert printed in log, printed

@@ -123,6 +123,8 @@ def test_a_seed_sweep_gets_key_columns_a_picture_and_mean_and_std_over_seeds(tmp
             [*common, f"optimizer.lr={lr}", f"seed={seed}"],
             failed if acc is None else finished(acc, acc - 0.01),
         )
+    untrained = {"images": 40, "classes": 10, "loss": 2.31, "mean_max_softmax": 0.114}
+    (tmp_path / "0" / "untrained.json").write_text(json.dumps(untrained))  # as the run's callback writes it
     rows, metric = sweep.summarize(tmp_path, "val/acc")
     text = sweep.write(tmp_path, rows, metric)
 
@@ -153,6 +155,7 @@ def test_a_seed_sweep_gets_key_columns_a_picture_and_mean_and_std_over_seeds(tmp
     assert "| 0.05 | 3 | 0.8500 ± 0.0500 | 0.8400 ± 0.0500 |" in report  # over seeds: val/acc, test/acc
     assert "| 0.1 | 2 | 0.7250 ± 0.0354 |" in report  # optimizer.lr's effect over its finished jobs
     assert "- job 5: training diverged" in report
+    assert "| 0 | 1 | 2.3100 | 0.1140 |" in report  # before training, per seed
     html = (tmp_path / "report.html").read_text()
     assert 'src="data:image/png;base64,' in html and "training diverged" in html
 
