@@ -169,7 +169,7 @@ def write_sweep(
         "pictures": {"summary.png": _picture(sweep_dir / "summary.png")}
         if (sweep_dir / "summary.png").is_file()
         else {},
-        "metrics": ["val/acc", "test/acc"],
+        "metrics": [name for name in ("val/acc", "test/acc") if any(row.get(name) is not None for row in rows)],
         # Before training, per seed (why the untrained scores change from run to run), from each job's untrained.json.
         "untrained": [
             {"job": row["job"], "seed": row["seed"], **scores}
