@@ -74,9 +74,9 @@ SHOWN = "cnn_exp.shown"
 def show(*renderables: Any, style: str | None = None) -> None:
     """Print on the console (above the live bar) and keep the same text in the run's log file (train.log), so the log
     holds every line the console showed: the header, the layer table, the test tables, the result."""
-    get().print(*renderables, style=style, markup=False, highlight=False, soft_wrap=True)
+    get().print(*renderables, sep="\n", style=style, markup=False, highlight=False, soft_wrap=True)
     plain = Console(file=io.StringIO(), width=max(get().width, 100), color_system=None, soft_wrap=True)
-    plain.print(*renderables, markup=False, highlight=False)
+    plain.print(*renderables, sep="\n", markup=False, highlight=False)
     logging.getLogger(SHOWN).info("\n%s", plain.file.getvalue().rstrip())
 
 

@@ -82,9 +82,10 @@ class LayerTable(ModelSummary):
     as `architecture.md`, before training or testing. It is a ModelSummary, so the Trainer adds no other summary.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, draw: bool = True) -> None:
         super().__init__()
         self.dirpath = Path(dirpath)
+        self.draw = draw  # network.png and TensorBoard's picture of the network
         self._shown = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -117,6 +118,8 @@ class LayerTable(ModelSummary):
         network = {"title": title, "rows": rows, "total": total, "unseen": unseen}
         network |= {"arithmetic": netdraw.size_arithmetic(pl_module.net), "forward": forward_source(pl_module.net)}
         atomic.write_text(self.dirpath / "network.json", json.dumps(network, indent=1) + "\n")
+        if not self.draw:
+            return
         drawn = pixels(netdraw.network_figure(pl_module.net, title))
         write_png(drawn, self.dirpath / "network.png")
         for logger in trainer.loggers:

@@ -207,6 +207,8 @@ class TestReport(L.Callback):
         """Inside the network, for the report and TensorBoard: conv1's filters, the feature maps of the first test
         images after each conv block, and the gradient saliency of the first misclassified ones
         (cnn_exp/inside.py); each written as a PNG beside the run's other results."""
+        if not (self.samples or self.misclassified):  # no test images asked for: no pictures of them either
+            return {}
         figures = {"inside/filters": inside.filters_figure(net)}
         if self.samples and self._samples:
             images, labels, _ = (part.clone() for part in self._take(self._samples, 3))  # no longer inference tensors

@@ -266,7 +266,7 @@ def sweep_table(rows: list[dict[str, Any]], metric: str, keys: list[str], sweep_
 
     get().quiet = False  # a sweep stopped by a signal ends inside a job, whose output was kept off the console
 
-    table = Table(title=f"sweep {sweep_dir}: {len(rows)} jobs, best {metric} first", title_justify="left")
+    table = Table()
     table.add_column("job", justify="right")
     for key in keys:
         table.add_column(key, overflow="fold")
@@ -278,7 +278,12 @@ def sweep_table(rows: list[dict[str, Any]], metric: str, keys: list[str], sweep_
             f"{row[name]:.4f}" if row.get(name) is not None else "" for name in dict.fromkeys([metric, record.TEST_ACC])
         ]
         table.add_row(str(row["job"]), *(Text(str(row.get(key, ""))) for key in keys), *scores, Text(row["status"]))
-    show(table, Text(f"every column: {sweep_dir / 'summary.md'}; the sweep's report: {sweep_dir / 'report.html'}"))
+    heading = Text(f"sweep {sweep_dir}: {len(rows)} jobs, best {metric} first")
+    show(
+        heading,
+        table,
+        Text(f"every column: {sweep_dir / 'summary.md'}; the sweep's report: {sweep_dir / 'report.html'}"),
+    )
 
 
 def _number(job: Path) -> tuple[int, str]:

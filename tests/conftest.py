@@ -42,6 +42,8 @@ NO_FIGURES = [
     "callbacks.confusion_matrix.every_n_epochs=0",
     "callbacks.test_report.samples=0",
     "callbacks.test_report.misclassified=0",
+    "callbacks.layer_table.draw=false",
+    "report.enabled=false",
 ]
 # One torch thread per process: pytest -n runs a test per core, and more threads than cores only fight for them.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

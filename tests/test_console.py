@@ -1,6 +1,7 @@
 """What a run prints: the progress bar's final numbers, a short console for a run and a sweep, --help, early
 stopping that says why."""
 
+import csv
 import logging
 import math
 import re
@@ -178,17 +179,21 @@ def test_a_sweep_prints_a_start_and_a_result_line_per_job(paths: list[str]) -> N
     proc = run("train.py", "-m", *paths, *QUICK, "test=false", "optimizer.lr=0.01,1000000.0", check=False)
     sweep = Path(proc.stdout.splitlines()[0].removeprefix("sweep: "))
     assert proc.stdout.startswith("sweep: ") and sweep.is_dir()
-    jobs = proc.stdout.splitlines()[1:5]
     ok = read_metrics(sweep / "0")["metrics"]
+    jobs = proc.stdout.splitlines()[1:6]
+    epoch = next(row for row in csv.DictReader(open(sweep / "0" / "epochs.csv")))  # noqa: SIM115
     assert jobs == [
         "job 0: optimizer.lr=0.01",
+        f"job 0: epoch 1/1 · train loss {float(epoch['train/loss']):.4f} acc {100 * float(epoch['train/acc']):.2f} % · "
+        f"val loss {float(epoch['val/loss']):.4f} acc {100 * float(epoch['val/acc']):.2f} % · "
+        f"{float(epoch['seconds']):.1f} s",  # its progress, a line per epoch
         f"job 0: finished in {read_metrics(sweep / '0')['wall_time_s']:.0f} s: 1 epoch · val/acc {ok['val/acc']:.4f}",
         "job 1: optimizer.lr=1000000.0",
         "job 1: failed: " + read_metrics(sweep / "1")["error"].splitlines()[-1] + " (see 1/train.log)",
     ]
-    rest = "\n".join(proc.stdout.splitlines()[5:])
-    assert rest.lstrip().startswith(f"Sweep {sweep}")  # then only the sweep summary
-    assert not re.search(r"^job \d+: ", rest, re.MULTILINE) and "━" not in rest and "ConvNet" not in rest
+    rest = "\n".join(proc.stdout.splitlines()[6:])
+    assert rest.lstrip().startswith(f"sweep {sweep}: 2 jobs")  # then only the sweep's table
+    assert not re.search(r"^job \d+: ", rest, re.MULTILINE) and "it/s" not in rest and "ConvNet" not in rest
     assert "untrained network" in (sweep / "0" / "train.log").read_text()
 
 
