@@ -53,7 +53,8 @@ def signal_at(step: int, name: str) -> list[str]:
 def test_sigterm_saves_the_exact_state_exits_143_and_resume_ends_as_if_never_stopped(
     paths: list[str], tmp_path: Path, whole: dict, step: int, saved: int
 ) -> None:
-    proc = run("train.py", *paths, *RUN, *signal_at(step, "SIGTERM"), f"hydra.run.dir={tmp_path}", check=False)
+    report = ["report.enabled=true"]  # what it says of the stopped run (NO_FIGURES turns it off)
+    proc = run("train.py", *paths, *RUN, *report, *signal_at(step, "SIGTERM"), f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 143
     assert proc.stderr.strip().splitlines()[-1] == (
         f"SIGTERM: stopped, the training state is saved. Continue with: python train.py resume={tmp_path}"
