@@ -67,6 +67,13 @@ def write(run_dir: str | Path, record: dict[str, Any]) -> None:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not path(run_dir).is_file():
             raise
+        # Compact, to fit where the old one was; without what the run's start recorded at length (what ran, where it
+        # came from) if even that is longer than the old file.
+        room = path(run_dir).stat().st_size
+        text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False) + "\n"
+        if len(text.encode()) > room:
+            short = {key: value for key, value in record.items() if key not in ("what_ran", "provenance", "resumes")}
+            text = json.dumps(_finite(short), separators=(",", ":"), allow_nan=False) + "\n"
         with open(path(run_dir), "w") as f:
             f.write(text)
             f.flush()
