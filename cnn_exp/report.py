@@ -92,6 +92,45 @@ WORDS: dict[str, dict[str, str]] = {
 }
 
 
+# The report's sentences, filled with the run's numbers (`sentences`).
+SENTENCES: dict[str, dict[str, str]] = {
+    "en": {
+        "before": (
+            "On {images} training images before the first step: loss {loss} against ln {classes} = {ln}; mean highest "
+            "softmax score {top} against 1/{classes} = {inverse}. An untrained network's small random weights give "
+            "every class about the same score, so each gets about 1/{classes} of the probability and the loss is "
+            "about ln {classes}; the weights are drawn at random from the seed ({seed}), so the values change with it."
+        ),
+        "test": (
+            "{correct} of {images} test images right: accuracy {accuracy} (95 % interval {low} to {high}); loss "
+            "{loss} per image, {summed} summed over the {images}."
+        ),
+        "target": "The recipe's target, above {target}: {met}.",
+        "met": "met",
+        "not_met": "not met",
+        "units": (
+            "In the notebook's units: per epoch, the images right of all it served, and the summed loss (mean × "
+            "images)."
+        ),
+    },
+    "zh": {
+        "before": (
+            "第一次更新之前，在 {images} 张训练图像上：损失 {loss}，对比 ln {classes} = {ln}；"
+            "最高 softmax 分数的平均值 {top}，对比 1/{classes} = {inverse}。"
+            "未训练网络的权重小而随机，各类别得到的分数相近，所以每个类别约占 1/{classes} 的概率，"
+            "损失约为 ln {classes}；权重由随机种子（{seed}）生成，所以这些数值随种子而变。"
+        ),
+        "test": (
+            "{images} 张测试图像中 {correct} 张分类正确：准确率 {accuracy}（95% 区间 {low} 至 {high}）；每张图像的损失 "
+            "{loss}，{images} 张的总损失 {summed}。"
+        ),
+        "target": "配方的目标（高于 {target}）：{met}。",
+        "met": "已达到",
+        "not_met": "未达到",
+        "units": "按笔记本的单位：每轮分类正确的图像数（共处理的图像数）及总损失（平均损失 × 图像数）。",
+    },
+}
+
 SWEEP_WORDS: dict[str, dict[str, str]] = {
     "en": {
         "sweep": "Sweep report",
@@ -253,11 +292,19 @@ def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
         "network": _network(_json(run_dir / "network.json")),
         "untrained": _untrained(_json(run_dir / "untrained.json")),
         "epochs": [_epoch_row(row) for row in _csv(run_dir / "epochs.csv")],
+        "units": _units((saved.get("what_ran") or {}).get("images")),
         "per_class": per_class,
         "test": _test_summary(per_class, metrics, report.get("target")),
         "confused": _confused(run_dir / "confusion.csv"),
         "pictures": {name: _picture(run_dir / name) for name in PICTURES if (run_dir / name).is_file()},
         "ln": math.log,
+    } | {
+        "sentences": _sentences(
+            lang,
+            _untrained(_json(run_dir / "untrained.json")),
+            _test_summary(per_class, metrics, report.get("target")),
+            (saved.get("settings") or {}).get("seed"),
+        )
     }
 
 
@@ -302,6 +349,28 @@ def _test_summary(per_class: list[dict[str, str]], metrics: dict[str, Any], targ
     }
 
 
+def _sentences(lang: str, untrained: dict[str, Any] | None, test: dict[str, Any] | None, seed: Any) -> dict[str, str]:
+    """The report's sentences in `lang`, with the numbers the run recorded."""
+    words, said = SENTENCES[lang], {"units": SENTENCES[lang]["units"]}
+    if untrained:
+        classes = untrained["classes"]
+        said["before"] = words["before"].format(
+            images=untrained["images"], loss=f"{untrained['loss']:.4f}", classes=classes, ln=f"{math.log(classes):.4f}",
+            top=f"{untrained['mean_max_softmax']:.4f}", inverse=f"{1 / classes:.4f}", seed=seed,
+        )  # fmt: skip
+    if test:
+        said["test"] = words["test"].format(
+            correct=f"{test['correct']:,}", images=f"{test['images']:,}", accuracy=f"{100 * test['accuracy']:.2f} %",
+            low=f"{100 * test['low']:.2f} %", high=f"{100 * test['high']:.2f} %",
+            loss="" if test["loss"] is None else f"{test['loss']:.4f}",
+            summed="" if test["summed_loss"] is None else f"{test['summed_loss']:.1f}",
+        )  # fmt: skip
+        if test["target"] is not None:
+            met = words["met"] if test["met"] else words["not_met"]
+            said["target"] = words["target"].format(target=f"{100 * test['target']:.2f} %", met=met)
+    return said
+
+
 def _untrained(scores: dict[str, Any] | None) -> dict[str, Any] | None:
     """untrained.json (cnn_exp/reports.py), when it holds the four numbers the report shows."""
     keys = ("images", "classes", "loss", "mean_max_softmax")
@@ -316,6 +385,17 @@ def _network(network: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     parts = ("title", "rows", "total", "unseen", "arithmetic", "forward")
     return {part: network.get(part) for part in parts}
+
+
+def _units(images: Any) -> dict[str, int]:
+    """The images each split served an epoch (metrics.json's what_ran.images), where the record knows them."""
+    if not isinstance(images, dict):
+        return {}
+    return {
+        split: count
+        for split, count in images.items()
+        if split in ("train", "val") and isinstance(count, int) and count > 0
+    }
 
 
 def _epoch_row(row: dict[str, str]) -> dict[str, Any]:

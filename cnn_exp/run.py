@@ -296,7 +296,19 @@ def _what_ran(
         "precision": str(cfg.trainer.get("precision")),
     }
     title = "".join(choices) + f"{settings.get('model')} on {settings.get('data')}"
-    return {"command": " ".join(["python", script, *settings.get("overrides", [])]), "lines": lines, "title": title}
+    command = " ".join(["python", script, *settings.get("overrides", [])])
+    return {"command": command, "lines": lines, "title": title, "images": _images_per_epoch(cfg, datamodule)}
+
+
+def _images_per_epoch(cfg: DictConfig, datamodule: L.LightningDataModule) -> dict[str, int]:
+    """How many images each split serves an epoch, where every one is (no limit_*_batches): the report's counts in
+    the notebook's units. Known once the data is read, for the project's in-memory DataModules."""
+    sizes = {}
+    for split, limit in (("train", "limit_train_batches"), ("val", "limit_val_batches")):
+        dataset = getattr(datamodule, f"{split}_set", None)
+        if dataset is not None and cfg.trainer.get(limit) in (None, 1.0):
+            sizes[split] = len(dataset)
+    return sizes
 
 
 def report_settings(cfg: DictConfig) -> dict[str, Any]:

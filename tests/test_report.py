@@ -63,6 +63,13 @@ def test_a_finished_runs_report_has_every_section_and_the_records_numbers(traine
         for row in csv.DictReader(f):
             cells = f"{int(row['epoch'])} {float(row['train/loss']):.4f} {pct(float(row['train/acc']))}"
             assert cells in text, cells
+    # In the notebook's units: the images right of those each split served an epoch (metrics.json says how many).
+    served = saved["what_ran"]["images"]
+    assert served == {"train": 800, "val": 200}  # the subset's 1,000 training images, 200 held out
+    with open(trained / "epochs.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            right = round(float(row["val/acc"]) * served["val"])
+            assert f"{right:,}/200 {pct(float(row['val/acc']))} {float(row['val/loss']) * 200:.1f}" in text
     # Before training: untrained.json's numbers beside ln(classes) and 1/classes.
     untrained = json.loads((trained / "untrained.json").read_text())
     assert f"loss {untrained['loss']:.4f} against ln 10 = {math.log(10):.4f}" in text
@@ -99,6 +106,17 @@ def test_report_enabled_false_writes_none_and_lang_zh_the_labs_language(paths: l
     assert "## 1. 运行内容" in (tmp_path / "zh" / "report.md").read_text()
     with pytest.raises(SystemExit, match=r"error: report\.lang=fr is not one of en, zh"):
         run_here("train.py", tmp_path / "fr", *paths, "report.lang=fr")
+
+
+def test_the_labs_language_has_the_sentences_too() -> None:
+    untrained = {"images": 100, "classes": 10, "loss": 2.31, "mean_max_softmax": 0.11}
+    test = {"correct": 9897, "images": 10000, "accuracy": 0.9897, "low": 0.9875, "high": 0.9915, "loss": 0.03,
+            "summed_loss": 300.0, "target": 0.9897, "met": False}  # fmt: skip
+    said = report._sentences("zh", untrained, test, 0)
+    assert said["before"].startswith("第一次更新之前，在 100 张训练图像上：损失 2.3100，对比 ln 10 = 2.3026")
+    assert "10,000 张测试图像中 9,897 张分类正确：准确率 98.97 %" in said["test"] and said["target"].endswith(
+        "未达到。"
+    )
 
 
 def test_text_that_is_data_cannot_change_the_markdown() -> None:
