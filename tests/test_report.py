@@ -74,6 +74,7 @@ def test_a_finished_runs_report_has_every_section_and_the_records_numbers(traine
     untrained = json.loads((trained / "untrained.json").read_text())
     assert f"loss {untrained['loss']:.4f} against ln 10 = {math.log(10):.4f}" in text
     assert f"mean highest softmax score {untrained['mean_max_softmax']:.4f} against 1/10 = 0.1000" in text
+    assert "| layer | type | input | output | weight | bias | parameters |\n|---|" in markdown  # a table GitHub renders
     # The network: its layer table, forward() as written, and provenance.
     assert "fc1 Linear 192 120 120×192" in text and "def forward(self" in text
     assert saved["provenance"]["versions"]["torch"] in text and "python train.py" in text
