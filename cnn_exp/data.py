@@ -51,6 +51,13 @@ def _check_classes(classes: object, dataset: str) -> None:
             raise UserError(f"data.classes[{i}]: a class name must be a string, not {type(name).__name__}")
         if len(name) > MAX_NAME:
             raise UserError(f"data.classes[{i}] has {len(name)} characters; a class name has at most {MAX_NAME}")
+        if not name.strip():
+            raise UserError(f"data.classes[{i}] is empty: every class needs a name")
+    if len(set(classes)) < len(classes):  # tables and pictures name classes: two of one name would read as one
+        repeated = sorted({name for name in classes if list(classes).count(name) > 1})
+        raise UserError(
+            f"data.classes names {', '.join(map(repr, repeated))} more than once: give each class its own name"
+        )
 
 
 class InMemoryDataset(TensorDataset):

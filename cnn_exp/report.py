@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import jinja2
 
 from cnn_exp import atomic, record
+from cnn_exp.errors import shown
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ WORDS: dict[str, dict[str, str]] = {
         "feature_maps": "feature maps after each conv block",
         "saliency": "what the network looked at in images it got wrong",
         "not_yet": "not yet: the run has not got this far",
+        "tested_only": "a checkpoint tested alone: its training is in the report of the run that wrote it",
         "epochs_steps": "epochs, steps",
         "wall_time": "wall time",
         "resumed": "resumed",
@@ -121,6 +124,9 @@ WORDS: dict[str, dict[str, str]] = {
         "feature_maps": "各卷积块之后的特征图",
         "saliency": "网络在分错的图像上关注的像素",
         "not_yet": "尚无：运行还没有进行到这一步",
+        "train": "训练",
+        "val": "验证",
+        "tested_only": "只测试了一个检查点：训练的部分在它所属运行的报告里",
         "finished": "已完成",
         "running": "运行中",
         "failed": "失败",
@@ -234,10 +240,15 @@ SWEEP_WORDS: dict[str, dict[str, str]] = {
 
 def write(run_dir: str | Path) -> None:
     """Write report.html and report.md in `run_dir` from its files, unless its record turns reports off. A report
-    that cannot be written is a warning, never the end of a run."""
+    that cannot be written (a file of the run damaged, a disk full) is one warning line, never the end of a run."""
     run_dir = Path(run_dir)
     saved = record.read(run_dir)
-    if saved is None or not (saved.get("report") or {}).get("enabled", True):
+    if saved is None:
+        if record.path(run_dir).exists():
+            log.warning("no report in %s: its metrics.json cannot be read", run_dir)
+        return
+    settings = saved.get("report")
+    if isinstance(settings, dict) and settings.get("enabled") is False:
         return
     try:
         context = gather(run_dir, saved)
@@ -245,8 +256,8 @@ def write(run_dir: str | Path) -> None:
         for name in ("report.html", "report.md"):
             text = environment.get_template(f"{name}.j2").render(context, embed=name.endswith(".html"))
             atomic.write_text(run_dir / name, text)
-    except (OSError, jinja2.TemplateError) as err:
-        log.warning("the report in %s could not be written: %s", run_dir, err)
+    except Exception as err:  # the run's own files are input: whatever they hold, the run goes on
+        log.warning("the report in %s could not be written: %s", run_dir, shown(err))
 
 
 def write_sweep(
@@ -256,6 +267,16 @@ def write_sweep(
     """Write report.html and report.md in a sweep's directory: its jobs best first (cnn_exp/sweep.py's rows), the
     picture, each swept key's effect, what a swept model setting changed layer by layer, the failed jobs' errors, and
     a link to each job's own report. Its language is its jobs' (report.lang); none when they turn reports off."""
+    try:
+        _write_sweep(sweep_dir, rows, metric, keys, seeds, fixed)
+    except Exception as err:  # the jobs' files are input: whatever they hold, the sweep goes on
+        log.warning("the sweep's report in %s could not be written: %s", sweep_dir, shown(err))
+
+
+def _write_sweep(
+    sweep_dir: Path, rows: list[dict[str, Any]], metric: str, keys: list[str], seeds: list[dict[str, Any]],
+    fixed: list[str],
+) -> None:  # fmt: skip
     records = {row["job"]: record.read(row["run_dir"]) or {} for row in rows if row.get("run_dir")}
     settings = next((r.get("report") for r in records.values() if r.get("report")), {}) or {}
     if not settings.get("enabled", True):
@@ -293,15 +314,10 @@ def write_sweep(
             if "seed" in keys and (scores := _untrained(_json(Path(row.get("run_dir") or "-") / "untrained.json")))
         ],
     }
-    try:
-        environment = _environment()
-        for name in ("report.html", "report.md"):
-            text = environment.get_template(f"sweep.{name.split('.')[1]}.j2").render(
-                context, embed=name.endswith(".html")
-            )
-            atomic.write_text(sweep_dir / name, text)
-    except (OSError, jinja2.TemplateError) as err:
-        log.warning("the sweep's report in %s could not be written: %s", sweep_dir, err)
+    environment = _environment()
+    for name in ("report.html", "report.md"):
+        template = environment.get_template(f"sweep.{name.split('.')[1]}.j2")
+        atomic.write_text(sweep_dir / name, template.render(context, embed=name.endswith(".html")))
 
 
 def _effects(rows: list[dict[str, Any]], keys: list[str], metric: str) -> dict[str, list[dict[str, Any]]]:
@@ -346,17 +362,19 @@ def _layers_by_value(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, l
 
 def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html"]),
+        # The templates are named *.html.j2: escaping is chosen by that whole ending (a bare "html" never matches).
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html.j2"], default=False),
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )  # fmt: skip
     environment.filters["cell"] = markdown_cell
+    environment.filters["code"] = markdown_code
     environment.filters["log"] = math.log
     return environment
 
 
 def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
     """What the templates show, read from the run's files."""
-    report = saved.get("report") or {}
+    report = saved.get("report") if isinstance(saved.get("report"), dict) else {}
     lang = report.get("lang", "en") if report.get("lang") in WORDS else "en"
     metrics = saved.get("metrics") or {}
     per_class = _csv(run_dir / "per_class.csv")
@@ -364,6 +382,8 @@ def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
         "t": WORDS[lang],
         "lang": lang,
         "run": {key: saved.get(key) for key in RECORDED} | {"seed": (saved.get("settings") or {}).get("seed")},
+        # What a section the run has no files for says: not yet, or (test.py's report) that training was elsewhere.
+        "missing": WORDS[lang]["tested_only" if saved.get("epochs") is None and saved.get("tested") else "not_yet"],
         "metrics": metrics,
         "title": saved.get("what_ran", {}).get("title") or run_dir.name,
         "network": _network(_json(run_dir / "network.json")),
@@ -386,12 +406,22 @@ def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown_cell(value: Any) -> str:
-    """Text that is data (a class name, an error) as one Markdown table cell or line: pipes, markup and line breaks
-    escaped (HTML is escaped by Jinja2's autoescape)."""
+    """Text that is data (a class name, an error) as one Markdown table cell or line: pipes, markup, entities, maths
+    and line breaks escaped (HTML is escaped by Jinja2's autoescape)."""
     text = " ".join(str(value).split())
-    for character in "\\|*_`[]<>#":
+    for character in "\\|*_`[]<>#&$":
         text = text.replace(character, "\\" + character)
     return text
+
+
+def markdown_code(value: Any) -> str:
+    """Text that is data as one Markdown code span: fenced by more backticks than it holds in a row, so that none of
+    it can close the span; on one line."""
+    text = " ".join(str(value).split())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""  # CommonMark strips one space each side
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def wilson(correct: int, total: int) -> tuple[float, float]:
@@ -480,18 +510,22 @@ def _epoch_row(row: dict[str, str]) -> dict[str, Any]:
 
 
 def _confused(path: Path, count: int = 5) -> list[dict[str, Any]]:
-    """The most confused pairs (true, predicted, images, share of the true class) from confusion.csv's counts."""
-    rows = _csv(path)
-    if not rows:
+    """The most confused pairs (true, predicted, images, share of the true class) from confusion.csv's counts, read
+    by position: row i and column i are class i, whatever the classes are called."""
+    try:
+        with open(path, newline="") as f:
+            header, *rows = list(csv.reader(f))
+    except (OSError, ValueError, csv.Error):
         return []
-    classes = [row["true"] for row in rows]
+    names = header[1:]
     pairs = []
-    for row in rows:
-        total = sum(int(row[name]) for name in classes)
+    for i, row in enumerate(rows):
+        counts = [int(value) for value in row[1:]]
+        total = sum(counts)
         pairs += [
-            {"true": row["true"], "predicted": name, "images": int(row[name]), "share": int(row[name]) / max(total, 1)}
-            for name in classes
-            if name != row["true"] and int(row[name])
+            {"true": names[i], "predicted": names[j], "images": n, "share": n / max(total, 1)}
+            for j, n in enumerate(counts)
+            if j != i and n
         ]
     return sorted(pairs, key=lambda pair: -pair["images"])[:count]
 

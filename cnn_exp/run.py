@@ -314,6 +314,8 @@ def _images_per_epoch(cfg: DictConfig, datamodule: L.LightningDataModule) -> dic
 def report_settings(cfg: DictConfig) -> dict[str, Any]:
     """The report's settings as the record keeps them (cnn_exp/report.py reads them there)."""
     settings = plain(cfg.get("report") or {"enabled": False})
+    if not isinstance(settings.get("enabled", True), bool):
+        raise UserError(f"report.enabled={settings['enabled']} must be true or false")
     if settings.get("lang", "en") not in report.WORDS:
         raise UserError(f"report.lang={settings['lang']} is not one of {', '.join(report.WORDS)}")
     target = settings.get("target")
@@ -323,8 +325,13 @@ def report_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _resumes(output_dir: Path) -> list[str]:
-    """When the run was continued (resume=, a requeued job): Hydra keeps each start's record in .hydra/resumed-*."""
-    return sorted(path.name.removeprefix("resumed-") for path in (output_dir / ".hydra").glob("resumed-*"))
+    """When the run was continued (resume=, a requeued job), this start included: a run directory that already holds
+    a record is one being continued (a new run never enters one), and its record lists the earlier continuations."""
+    earlier = record.read(output_dir)
+    if earlier is None:
+        return []
+    previous = earlier.get("resumes") if isinstance(earlier.get("resumes"), list) else []
+    return [*map(str, previous), time.strftime("%Y-%m-%d %H:%M:%S")]
 
 
 def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: L.LightningDataModule) -> dict[str, float]:

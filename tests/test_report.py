@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_exp import report
+from cnn_exp import record, report
 from tests.conftest import read_metrics, run_here
 
 SECTIONS = ["1. What ran", "2. The network", "3. Before training", "4. Training", "5. Test", "6. Inside the network"]
@@ -123,6 +123,8 @@ def test_the_labs_language_has_the_sentences_too() -> None:
 def test_text_that_is_data_cannot_change_the_markdown() -> None:
     assert report.markdown_cell("a|b\n# c *d*") == r"a\|b \# c \*d\*"
     assert report.markdown_cell("![x](http://e/x.png)") == r"!\[x\](http://e/x.png)"
+    assert report.markdown_cell("&amp; $x$") == r"\&amp; \$x\$"
+    assert report.markdown_code("a ``b`` c") == "```a ``b`` c```" and report.markdown_code("`x") == "`` `x ``"
 
 
 def test_the_interval_is_wilsons() -> None:
@@ -143,3 +145,53 @@ def test_train_log_holds_what_the_console_printed(trained: Path) -> None:
         "results in",
     ):
         assert printed in log, printed
+
+
+def test_text_that_is_data_is_text_in_the_html_and_cannot_close_a_code_span(paths: list[str], tmp_path: Path) -> None:
+    names = ["<script>alert(1)</script>", "`<h1>x</h1>", *map(str, range(8))]
+    with pytest.raises(SystemExit):  # a run that fails once started: its report shows the command as typed
+        run_here("train.py", tmp_path, *paths, "data.val_size=60000", f"data.classes=[{','.join(map(repr, names))}]")
+    html = (tmp_path / "report.html").read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<h1>x</h1>" not in html
+    markdown = (tmp_path / "report.md").read_text()
+    command = next(line for line in markdown.splitlines() if "python train.py" in line)
+    assert command.count("``") == 2 and command.split("``")[1].startswith("python train.py")  # fenced past its `
+
+
+def test_damaged_files_of_a_run_are_a_warning_not_the_end_of_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    record.write(tmp_path, {"status": "finished", "metrics": {"test/acc": 0.9}, "report": "not a mapping"})
+    (tmp_path / "epochs.csv").write_text("epoch,train/loss,train/acc\n1,abc,\n")
+    (tmp_path / "per_class.csv").write_text("class,images,correct,accuracy\na,x,1,0.5\n")
+    (tmp_path / "network.json").write_text('{"rows": [{"layer": "a"}], "total": "many", "arithmetic": 5}')
+    report.write(tmp_path)  # no exception
+    assert any("could not be written" in r.getMessage() for r in caplog.records)  # "abc" is no loss
+    (tmp_path / "metrics.json").write_text("{not json")
+    report.write(tmp_path)
+    assert any("its metrics.json cannot be read" in r.getMessage() for r in caplog.records)
+
+
+def test_confused_pairs_are_read_by_position_whatever_the_classes_are_called(tmp_path: Path) -> None:
+    (tmp_path / "confusion.csv").write_text("true,true,false\ntrue,8,2\nfalse,1,9\n")  # a class called "true"
+    pairs = report._confused(tmp_path / "confusion.csv")
+    assert pairs == [
+        {"true": "true", "predicted": "false", "images": 2, "share": 0.2},
+        {"true": "false", "predicted": "true", "images": 1, "share": 0.1},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("report.enabled=no", r"report\.enabled=no must be true or false"),
+        ("data.classes=[a,a,b,c,d,e,f,g,h,i]", r"data\.classes names 'a' more than once"),
+        ("data.classes=[' ',b,c,d,e,f,g,h,i,j]", r"data\.classes\[0\] is empty"),
+    ],
+)
+def test_settings_the_report_could_not_show_honestly_are_refused(
+    paths: list[str], tmp_path: Path, override: str, message: str
+) -> None:
+    with pytest.raises(SystemExit, match=message):
+        run_here("train.py", tmp_path, *paths, override)
