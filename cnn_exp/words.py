@@ -1,0 +1,196 @@
+"""The lab report's words in each language it is written in (report.lang: en, or zh, the lab's own): headings,
+labels and sentences, the sentences filled with the run's numbers by cnn_exp/report.py."""
+
+# Headings and labels in each language (report.lang); the lab's own is Chinese.
+WORDS: dict[str, dict[str, str]] = {
+    "en": {
+        "report": "Lab report",
+        "what_ran": "1. What ran",
+        "network": "2. The network",
+        "before": "3. Before training",
+        "training": "4. Training",
+        "test": "5. Test",
+        "inside": "6. Inside the network",
+        "status": "status",
+        "command": "command",
+        "provenance": "where it came from",
+        "layers": "layers",
+        "arithmetic": "size arithmetic",
+        "forward": "forward()",
+        "epochs": "epochs",
+        "per_class": "per class",
+        "confused": "most confused pairs",
+        "misclassified": "misclassified test images",
+        "filters": "conv1's filters",
+        "feature_maps": "feature maps after each conv block",
+        "saliency": "what the network looked at in images it got wrong",
+        "not_yet": "not yet: the run has not got this far",
+        "tested_only": "a checkpoint tested alone: its training is in the report of the run that wrote it",
+        "epochs_steps": "epochs, steps",
+        "wall_time": "wall time",
+        "resumed": "resumed",
+        "code": "code",
+        "versions": "versions",
+        "processor": "processor",
+        "data_files": "data files (MD5)",
+        "uncommitted": "with uncommitted changes",
+        "no_git": "not a git checkout",
+        "bf16": "computes bf16 natively",
+        "no_bf16": "no native bf16",
+        "threads": "threads",
+        "total": "total",
+        "epoch": "epoch",
+        "train_loss": "train loss",
+        "train_accuracy": "train accuracy",
+        "val_loss": "val loss",
+        "val_accuracy": "val accuracy",
+        "seconds": "seconds",
+        "class": "class",
+        "images": "images",
+        "correct": "correct",
+        "accuracy": "accuracy",
+        "true": "true",
+        "predicted_as": "predicted as",
+        "of_the_class": "of the class",
+        "summed_loss": "summed loss",
+        "network_line": "network",
+        "data_line": "data",
+        "optimizer_line": "optimizer",
+        "scheduler_line": "scheduler",
+        "seed_line": "seed",
+        "precision_line": "precision",
+    },
+    "zh": {
+        "report": "实验报告",
+        "what_ran": "1. 运行内容",
+        "network": "2. 网络结构",
+        "before": "3. 训练之前",
+        "training": "4. 训练过程",
+        "test": "5. 测试结果",
+        "inside": "6. 网络内部",
+        "status": "状态",
+        "command": "命令",
+        "provenance": "来源",
+        "layers": "各层",
+        "arithmetic": "尺寸计算",
+        "forward": "forward()",
+        "epochs": "各轮",
+        "per_class": "各类别",
+        "confused": "最易混淆的类别对",
+        "misclassified": "分类错误的测试图像",
+        "filters": "conv1 的卷积核",
+        "feature_maps": "各卷积块之后的特征图",
+        "saliency": "网络在分错的图像上关注的像素",
+        "not_yet": "尚无：运行还没有进行到这一步",
+        "train": "训练",
+        "val": "验证",
+        "tested_only": "只测试了一个检查点：训练的部分在它所属运行的报告里",
+        "finished": "已完成",
+        "running": "运行中",
+        "failed": "失败",
+        "interrupted": "已中断",
+        "layer": "层",
+        "type": "类型",
+        "input": "输入",
+        "output": "输出",
+        "weight": "权重",
+        "bias": "偏置",
+        "parameters": "参数",
+        "epochs_steps": "轮数，步数",
+        "wall_time": "用时",
+        "resumed": "续训",
+        "code": "代码",
+        "versions": "版本",
+        "processor": "处理器",
+        "data_files": "数据文件 (MD5)",
+        "uncommitted": "含未提交的修改",
+        "no_git": "不是 git 仓库",
+        "bf16": "原生支持 bf16",
+        "no_bf16": "不原生支持 bf16",
+        "threads": "线程",
+        "total": "合计",
+        "epoch": "轮",
+        "train_loss": "训练损失",
+        "train_accuracy": "训练准确率",
+        "val_loss": "验证损失",
+        "val_accuracy": "验证准确率",
+        "seconds": "秒",
+        "class": "类别",
+        "images": "图像数",
+        "correct": "正确数",
+        "accuracy": "准确率",
+        "true": "真实类别",
+        "predicted_as": "预测为",
+        "of_the_class": "占该类别",
+        "summed_loss": "总损失",
+        "network_line": "网络",
+        "data_line": "数据",
+        "optimizer_line": "优化器",
+        "scheduler_line": "学习率调度",
+        "seed_line": "随机种子",
+        "precision_line": "精度",
+    },
+}
+
+
+# The report's sentences, filled with the run's numbers (`sentences`).
+SENTENCES: dict[str, dict[str, str]] = {
+    "en": {
+        "before": (
+            "On {images} training images before the first step: loss {loss} against ln {classes} = {ln}; mean highest "
+            "softmax score {top} against 1/{classes} = {inverse}. An untrained network's small random weights give "
+            "every class about the same score, so each gets about 1/{classes} of the probability and the loss is "
+            "about ln {classes}; the weights are drawn at random from the seed ({seed}), so the values change with it."
+        ),
+        "test": (
+            "{correct} of {images} test images right: accuracy {accuracy} (95 % interval {low} to {high}); loss "
+            "{loss} per image, {summed} summed over the {images}."
+        ),
+        "target": "The recipe's target, above {target}: {met}.",
+        "met": "met",
+        "not_met": "not met",
+        "units": (
+            "In the notebook's units: per epoch, the images right of all it served, and the summed loss (mean × "
+            "images)."
+        ),
+    },
+    "zh": {
+        "before": (
+            "第一次更新之前，在 {images} 张训练图像上：损失 {loss}，对比 ln {classes} = {ln}；"
+            "最高 softmax 分数的平均值 {top}，对比 1/{classes} = {inverse}。"
+            "未训练网络的权重小而随机，各类别得到的分数相近，所以每个类别约占 1/{classes} 的概率，"
+            "损失约为 ln {classes}；权重由随机种子（{seed}）生成，所以这些数值随种子而变。"
+        ),
+        "test": (
+            "{images} 张测试图像中 {correct} 张分类正确：准确率 {accuracy}（95% 区间 {low} 至 {high}）；每张图像的损失 "
+            "{loss}，{images} 张的总损失 {summed}。"
+        ),
+        "target": "配方的目标（高于 {target}）：{met}。",
+        "met": "已达到",
+        "not_met": "未达到",
+        "units": "按笔记本的单位：每轮分类正确的图像数（共处理的图像数）及总损失（平均损失 × 图像数）。",
+    },
+}
+
+SWEEP_WORDS: dict[str, dict[str, str]] = {
+    "en": {
+        "sweep": "Sweep report",
+        "jobs": "1. The jobs, best first",
+        "picture": "2. The metric against the swept keys",
+        "effects": "3. What each swept key did",
+        "changed": "4. What a swept value changed in the network",
+        "failed": "5. Jobs that did not finish",
+        "fixed": "held fixed",
+        "job_report": "report",
+    },
+    "zh": {
+        "sweep": "参数扫描报告",
+        "jobs": "1. 各任务（从好到差）",
+        "picture": "2. 指标与扫描参数",
+        "effects": "3. 每个扫描参数的影响",
+        "changed": "4. 扫描取值对网络的改变",
+        "failed": "5. 未完成的任务",
+        "fixed": "固定设置",
+        "job_report": "报告",
+    },
+}
