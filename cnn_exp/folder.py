@@ -16,10 +16,10 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.transforms.functional import pil_to_tensor
 
 from cnn_exp.data import MAX_NAME, InMemoryDataModule, check_settings, check_statistics
 from cnn_exp.errors import UserError, is_number, is_whole, shown
@@ -219,11 +219,8 @@ class FolderDataModule(InMemoryDataModule):
         return f"float32, {kind}, resized to {size}×{size}, (pixel / 255 - mean[channel]) / std[channel]"
 
     def load_image(self, image: Image.Image, name: str = "image") -> torch.Tensor:
-        """Made grey or RGB (transparent parts white) and resized, as the folder's own images were."""
-        size = self.hparams.image_size
-        mode = "L" if self.hparams.channels == 1 else "RGB"
-        pixels = np.asarray(without_alpha(image, mode).resize((size, size), Image.Resampling.BILINEAR))
-        return torch.from_numpy(pixels.copy()).reshape(size, size, -1).permute(2, 0, 1).float() / 255
+        """Made as the folder's own images were (`_pixels`), values 0 to 1."""
+        return self._pixels(image).float() / 255
 
     def _images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         # Training reads the test images too, before it starts: a file that cannot be read is found now, not after
@@ -248,10 +245,13 @@ class FolderDataModule(InMemoryDataModule):
 
     def _read(self, path: Path) -> torch.Tensor:
         """One file as uint8 C×H×W (open_image refuses a file Pillow cannot read, naming it)."""
+        return self._pixels(open_image(path))
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """An image made grey or RGB (transparent parts white) and resized to image_size: uint8 C×H×W."""
         size = self.hparams.image_size
         mode = "L" if self.hparams.channels == 1 else "RGB"
-        pixels = np.asarray(without_alpha(open_image(path), mode).resize((size, size), Image.Resampling.BILINEAR))
-        return torch.from_numpy(pixels.copy()).reshape(size, size, -1).permute(2, 0, 1)
+        return pil_to_tensor(without_alpha(image, mode).resize((size, size), Image.Resampling.BILINEAR))
 
     def _normalized(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.mean is None:  # measured only as a run reads its training images
