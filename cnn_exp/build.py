@@ -98,14 +98,6 @@ def trust(group: str, target: str) -> None:
     _trusted[group].add(target)
 
 
-def trust_model(target: str) -> None:
-    trust("model", target)
-
-
-def model_class(target: Any, where: str) -> type:
-    return trusted_class("model", target, f"{where}._target_")
-
-
 def trusted_class(group: str, target: Any, where: str) -> type:
     """The model or DataModule class `target` names, imported only if trusted input names it: a BUILTIN class, one
     `trust` was given, or one that an option of the group in the running Hydra app names (its `model/*.yaml` or

@@ -105,7 +105,7 @@ def test_pip_install_e_makes_cnn_exp_importable_from_anywhere(tmp_path: Path) ->
 
 
 def test_a_model_without_the_interface_is_refused_naming_what_it_lacks() -> None:
-    build.trust_model("torch.nn.Linear")  # as a config of the run naming it would
+    build.trust("model", "torch.nn.Linear")  # as a config of the run naming it would
     try:
         with pytest.raises(UserError, match=r"_target_=torch\.nn\.Linear does not offer input_shape .*num_classes"):
             build.build({"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 3}, "net", where="model")
