@@ -23,7 +23,7 @@ def collect(datamodule: Any = None) -> dict[str, Any]:
         "versions": {"python": platform.python_version(), **{name: _version(name) for name in PACKAGES}},
         "processor": {"name": _processor(), "bf16": native_bf16_cpu(), "threads": torch.get_num_threads()},
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "data_files": _data_files(datamodule),
+        "data_files": data_files(datamodule),
     }
 
 
@@ -60,7 +60,7 @@ def _processor() -> str:
     return platform.processor() or platform.machine()
 
 
-def _data_files(datamodule: Any) -> dict[str, str] | None:
+def data_files(datamodule: Any) -> dict[str, str] | None:
     """The MD5s of MNIST's or Fashion-MNIST's four files, as checked when the run prepared its data (remembered
     beside them); None for other data."""
     files = getattr(datamodule, "files", None)

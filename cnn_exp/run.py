@@ -163,7 +163,7 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
         raise
     finally:
         # As the data was read: its files' MD5s checked, a folder's mean and std measured.
-        extra["provenance"] = provenance.collect(datamodule)
+        extra["provenance"]["data_files"] = provenance.data_files(datamodule)
         extra["what_ran"] = _what_ran(cfg, settings, model, datamodule, "train.py")
         write(result)
         if trainer.is_global_zero:
