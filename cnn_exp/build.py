@@ -53,7 +53,13 @@ BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
 # What the Classifier builds from its settings (hyper_parameters in a checkpoint).
 MODEL_GROUPS = ("net", "optimizer", "scheduler")
 # The Classifier's settings that are plain values, not things it builds (checked by check_classifier_settings).
-CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average")
+CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average", "shift_average", "norm_lr_scale", "norm_weight_decay")
+# Schedules that step after every batch, not every epoch; None in the settings of their length (total_steps) and
+# peak (max_lr) means the run's optimizer steps and each parameter group's own learning rate (SCHEDULE_FROM_RUN).
+PER_STEP = {"torch.optim.lr_scheduler.OneCycleLR", "torch.optim.lr_scheduler.CyclicLR"}
+SCHEDULE_FROM_RUN = {"torch.optim.lr_scheduler.OneCycleLR": ("max_lr", "total_steps")}
+# The largest classifier.shift_average, in pixels: test-time shifts are small moves, not crops.
+MAX_SHIFT = 4
 # Hydra's keys at the top of a settings node, with the kind of value each takes. Any other `_key_`, or one of
 # these below the top, would be an instruction to Hydra: settings here are never instantiated, so none may appear.
 # `_partial_` is no longer in conf/ (nothing here used it), but checkpoints written with it still load.
@@ -228,6 +234,8 @@ def checked_class(settings: Any, group: str, where: str) -> type:
     """
     allowed, described, supplied = BUILDS[group]
     settings = plain(settings)
+    if group == "scheduler":  # its nulls that the run fills in (SCHEDULE_FROM_RUN) are checked as filled
+        settings = _from_run(settings, None, 2)
     if not isinstance(settings, Mapping):
         raise UserError(f"{where} must be a mapping of settings, not {kind(settings)}")
     refuse_instructions(settings, where, top=True)
@@ -243,12 +251,15 @@ def checked_class(settings: Any, group: str, where: str) -> type:
     return cls
 
 
-def build(settings: Any, group: str, *args: Any, where: str) -> Any:
+def build(settings: Any, group: str, *args: Any, where: str, total_steps: int = 2) -> Any:
     """Build a network, optimizer or scheduler from its settings: `checked_class(...)(*args, **values)`.
 
     The one way Classifier builds them, from a config file or a checkpoint alike: no `hydra.utils.instantiate`,
-    which would call whatever a `_target_` names, at any depth.
+    which would call whatever a `_target_` names, at any depth. A schedule's settings that SCHEDULE_FROM_RUN takes
+    from the run, when null: its optimizer's (args[0]) learning rates, and `total_steps`.
     """
+    if group == "scheduler":
+        settings = _from_run(plain(settings), args[0], total_steps)
     cls = checked_class(settings, group, where)
     values = {key: value for key, value in plain(settings).items() if key not in HOW_TO_BUILD}
     if group != "net":
@@ -258,6 +269,27 @@ def build(settings: Any, group: str, *args: Any, where: str) -> Any:
     net = cls(*args, **values)
     check_model(net, plain(settings)["_target_"], where)
     return net
+
+
+def _from_run(settings: Any, optimizer: Any, total_steps: int) -> Any:
+    """A schedule's settings with the null ones SCHEDULE_FROM_RUN names filled from the run: a one-cycle peak is each
+    parameter group's own learning rate (so norm_lr_scale carries through), its length the run's steps. Without an
+    optimizer (checking settings alone) the peak is a stand-in."""
+    if not isinstance(settings, Mapping) or settings.get("_target_") not in SCHEDULE_FROM_RUN:
+        return settings
+    peak, length = SCHEDULE_FROM_RUN[settings["_target_"]]
+    filled = dict(settings)
+    if filled.get(peak, 0) is None:
+        optimized = isinstance(optimizer, torch.optim.Optimizer)
+        filled[peak] = [group["lr"] for group in optimizer.param_groups] if optimized else 1.0
+    if filled.get(length, 0) is None:
+        filled[length] = total_steps
+    return filled
+
+
+def steps_per_batch(settings: Any) -> bool:
+    """Whether a schedule steps after every batch (one-cycle, cyclic), not every epoch."""
+    return isinstance(settings, Mapping) and settings.get("_target_") in PER_STEP
 
 
 def _check_size(cls: type, values: dict[str, Any], where: str) -> None:
@@ -287,6 +319,15 @@ def check_classifier_settings(settings: Mapping[str, Any], where: str = "classif
         raise UserError(f"{where}.label_smoothing={smoothing!r} must be a number at least 0 and below 1")
     if not isinstance(settings.get("flip_average", False), bool):
         raise UserError(f"{where}.flip_average={settings['flip_average']!r} must be true or false")
+    shift = settings.get("shift_average", 0)
+    if not is_whole(shift) or not 0 <= shift <= MAX_SHIFT:
+        raise UserError(f"{where}.shift_average={shift!r} must be 0 (off) or a number of pixels up to {MAX_SHIFT}")
+    scale = settings.get("norm_lr_scale", 1.0)
+    if not is_number(scale) or not 0 < scale < float("inf"):
+        raise UserError(f"{where}.norm_lr_scale={scale!r} must be a number above 0 (1: the optimizer's lr)")
+    decay = settings.get("norm_weight_decay")
+    if decay is not None and (not is_number(decay) or not 0 <= decay < float("inf")):
+        raise UserError(f"{where}.norm_weight_decay={decay!r} must be a number at least 0, or null (the optimizer's)")
 
 
 def check_model_settings(settings: Any, where: str) -> None:

@@ -12,14 +12,17 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cnn_exp import build, record
+from cnn_exp.data import InMemoryDataset
 from cnn_exp.errors import UserError, is_number
 
 
 class Classifier(L.LightningModule):
     """Owns the loss, metrics, optimizer and scheduler; the network itself is a plain `nn.Module`.
 
-    Beyond the notebook's plain cross-entropy: `label_smoothing` for the training loss, and `flip_average`
-    (Fashion-MNIST) to score each evaluated image with its mirror (`scores`).
+    Beyond the notebook's plain cross-entropy: `label_smoothing` for the training loss; `flip_average`
+    (Fashion-MNIST) and `shift_average` to score each evaluated image with its mirror and its shifted copies
+    (`scores`); `norm_lr_scale` and `norm_weight_decay`, batch norm's own learning rate (a multiple of the
+    optimizer's) and weight decay, in a parameter group of their own.
 
     It takes the configs of the network, optimizer and scheduler as plain dicts and builds them itself, so the
     hyperparameters saved in a checkpoint are plain values: the checkpoint alone rebuilds the model, and it
@@ -35,12 +38,23 @@ class Classifier(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         flip_average: bool = False,
+        shift_average: int = 0,
+        norm_lr_scale: float = 1.0,
+        norm_weight_decay: float | None = None,
     ) -> None:
         super().__init__()
         lr = optimizer.get("lr", 1)
         if not is_number(lr) or not math.isfinite(lr) or lr <= 0:
             raise UserError(f"optimizer.lr={lr} must be positive (and finite)")
-        build.check_classifier_settings({"label_smoothing": label_smoothing, "flip_average": flip_average})
+        build.check_classifier_settings(
+            {
+                "label_smoothing": label_smoothing,
+                "flip_average": flip_average,
+                "shift_average": shift_average,
+                "norm_lr_scale": norm_lr_scale,
+                "norm_weight_decay": norm_weight_decay,
+            }
+        )
         # Optimizer and scheduler are built when training starts: their settings are refused now, before any work.
         build.check_optimizer_and_scheduler(optimizer, scheduler)
         self.save_hyperparameters()
@@ -70,7 +84,10 @@ class Classifier(L.LightningModule):
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """What evaluation and prediction classify by: the network's logits, or with `flip_average` the log of the
         mean of the image's and its mirror's class probabilities (a mirrored garment is the same garment)."""
-        return flip_averaged(self, images) if self.hparams.flip_average else self(images)
+        flip, shift = self.hparams.flip_average, self.hparams.get("shift_average", 0)
+        if not (flip or shift):
+            return self(images)
+        return views_averaged(self, images, flip, shift)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -106,11 +123,29 @@ class Classifier(L.LightningModule):
         return self.scores(batch).softmax(dim=1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build.build(self.hparams.optimizer, "optimizer", self.parameters(), where="optimizer")
+        optimizer = build.build(self.hparams.optimizer, "optimizer", self.parameter_groups(), where="optimizer")
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = build.build(self.hparams.scheduler, "scheduler", optimizer, where="scheduler")
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        # A schedule over steps (one-cycle, triangular) spans the run's optimizer steps, which only the Trainer
+        # knows (epochs × batches, limits included); before it is attached (checking a checkpoint) any length does.
+        steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 2
+        scheduler = build.build(self.hparams.scheduler, "scheduler", optimizer, where="scheduler", total_steps=steps)
+        interval = "step" if build.steps_per_batch(self.hparams.scheduler) else "epoch"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def parameter_groups(self) -> list[dict[str, Any]] | Any:
+        """The parameters as the optimizer takes them: one group, or with `norm_lr_scale` / `norm_weight_decay` a
+        second one of the normalization layers' weights and biases with their own learning rate and weight decay."""
+        scale, decay = self.hparams.get("norm_lr_scale", 1.0), self.hparams.get("norm_weight_decay")
+        if scale == 1 and decay is None:
+            return self.parameters()
+        norms = torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm
+        normed = {id(p) for m in self.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+        lr = self.hparams.optimizer.get("lr", 0.001)
+        norm_group: dict[str, Any] = {"params": [p for p in self.parameters() if id(p) in normed], "lr": lr * scale}
+        if decay is not None:
+            norm_group["weight_decay"] = decay
+        return [{"params": [p for p in self.parameters() if id(p) not in normed]}, norm_group]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not keep the random state; dropout and augmentation draw from it (from the GPU's own
@@ -159,7 +194,31 @@ class Classifier(L.LightningModule):
                     f"({build.short(now)}): give the same {group} settings, or train a new run from the start"
                 )
 
+    def on_fit_start(self) -> None:
+        # model.init=[whiten]: conv1 from the training images' patches, once, in a run from its beginning (a resumed
+        # one has its weights).
+        init_from_data = getattr(self.net, "init_from_data", None)
+        if init_from_data is not None and "whiten" in getattr(self.net, "init", ()) and not self.trainer.ckpt_path:
+            init_from_data(self._training_images(WHITEN_IMAGES).to(self.device))
+
+    def _training_images(self, count: int) -> torch.Tensor:
+        """The first `count` training images: an InMemoryDataModule's as it holds them (normalized, not augmented),
+        any other DataModule's from the batches of the loader Lightning trains with. Never a loader of its own: a
+        DataModule's state (its position in the epoch) follows the loader Lightning made."""
+        datamodule = self.trainer.datamodule
+        if isinstance(getattr(datamodule, "train_set", None), InMemoryDataset):
+            return datamodule.train_set.tensors[0][:count]
+        _ = self.trainer.estimated_stepping_batches  # makes Lightning load its train loader now, as a schedule does
+        images, taken = [], 0
+        for batch in self.trainer.train_dataloader:
+            images.append(batch[0])
+            taken += len(batch[0])
+            if taken >= count:
+                break
+        return torch.cat(images)[:count]
+
     def on_train_start(self) -> None:
+        self._check_schedule_length()
         state, self._rng_state = self._rng_state, {}
         if "rng_state" in state:
             torch.set_rng_state(state["rng_state"])
@@ -170,6 +229,18 @@ class Classifier(L.LightningModule):
         # The network itself stays as it is, so its parameter names, and so checkpoints, do not change.
         if getattr(self.net, "compile_for_training", False):
             self._train_forward = torch.compile(self.net.forward)
+
+    def _check_schedule_length(self) -> None:
+        """A schedule over steps continued from a checkpoint keeps the length it was made with (torch restores it):
+        a run of another length would end its schedule early, with a traceback, or leave it unfinished."""
+        for config in self.trainer.lr_scheduler_configs:
+            total = getattr(config.scheduler, "total_steps", None)
+            if total is not None and total != self.trainer.estimated_stepping_batches:
+                raise UserError(
+                    f"the checkpoint's {type(config.scheduler).__name__} schedule spans {total} steps, this run "
+                    f"{int(self.trainer.estimated_stepping_batches)} (trainer.max_epochs, data.batch_size, limits): "
+                    "continue it with the settings it was made with, or start a new run"
+                )
 
     def on_train_epoch_start(self) -> None:
         # Lightning skips this hook when it resumes mid-epoch, where the saved sums must carry on. A checkpoint
@@ -209,7 +280,27 @@ class Classifier(L.LightningModule):
         return logits
 
 
+def views_averaged(
+    net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, flip: bool, shift: int = 0
+) -> torch.Tensor:
+    """The log of the mean of `net`'s class probabilities over each image's views (valid logits): the image, its
+    mirror with `flip`, and with `shift` both (each) moved `shift` pixels down-right and up-left, the edge
+    repeated into the gap (airbench's multi-crop test-time augmentation)."""
+    views = [images]
+    if shift:
+        height, width = images.shape[-2:]
+        padded = F.pad(images, [shift] * 4, mode="replicate")
+        views += [padded[..., :height, :width], padded[..., 2 * shift :, 2 * shift :]]
+    if flip:
+        views += [view.flip(-1) for view in views]
+    scores = torch.stack([net(view).log_softmax(dim=1) for view in views])
+    return scores.logsumexp(dim=0) - math.log(len(views))
+
+
 def flip_averaged(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """The log of the mean of `net`'s class probabilities for each image and its mirror (valid logits)."""
-    both = torch.stack([net(images).log_softmax(dim=1), net(images.flip(-1)).log_softmax(dim=1)])
-    return both.logsumexp(dim=0) - math.log(2)
+    return views_averaged(net, images, flip=True)
+
+
+# How many training images model.init=[whiten] measures patches on: enough for a 5×5 kernel's 25×25 covariance.
+WHITEN_IMAGES = 1024

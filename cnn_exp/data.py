@@ -6,9 +6,9 @@ docs/extend.md#your-data (checked by cnn_exp.build.check_datamodule)."""
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -64,14 +64,20 @@ class InMemoryDataset(TensorDataset):
     """A TensorDataset that hands the DataLoader a whole batch from one indexing operation.
 
     Its tensors may live on the GPU: then only the batch's indices (a few hundred bytes, from pinned memory,
-    without waiting) travel to it each step, and the images are gathered there.
+    without waiting) travel to it each step, and the images are gathered there. `mirrored` (one bool per image, or
+    None) serves those images mirrored: alternating flips (data.flip=alternate) set it each epoch.
     """
+
+    mirrored: torch.Tensor | None = None
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices)
         if self.tensors[0].is_cuda:
             index = index.pin_memory().to(self.tensors[0].device, non_blocking=True)
-        return tuple(tensor.index_select(0, index) for tensor in self.tensors)
+        images, *rest = (tensor.index_select(0, index) for tensor in self.tensors)
+        if self.mirrored is not None:
+            images = torch.where(self.mirrored[index][:, None, None, None], images.flip(-1), images)
+        return images, *rest
 
 
 class EpochSampler(Sampler[int]):
@@ -81,9 +87,10 @@ class EpochSampler(Sampler[int]):
     it skip the part of an epoch it had already trained on. Lightning calls `set_epoch` before every epoch.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, on_epoch: Callable[[int], None] | None = None) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
         self.resume_from: tuple[int, int] | None = None  # (epoch, images of it already trained on)
+        self.on_epoch = on_epoch  # called with the epoch as each epoch's order is drawn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -93,6 +100,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_000 + self.epoch))
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
         if self.resume_from is not None and self.resume_from[0] == self.epoch:
             order = order[self.resume_from[1] :]
         self.resume_from = None
@@ -242,7 +251,7 @@ class InMemoryDataModule(L.LightningDataModule):
             self.test_set = InMemoryDataset(self._normalized(images).to(device), labels.to(device))
 
     def train_dataloader(self) -> DataLoader:
-        self.sampler = EpochSampler(len(self.train_set), self.hparams.seed)
+        self.sampler = EpochSampler(len(self.train_set), self.hparams.seed, self._alternating_flips())
         if self._resume_from and self.trainer and self.trainer.world_size > 1:
             # Lightning shards the sampler's full order across ranks, so it cannot skip a part of it.
             log.warning("resuming under DDP restarts the interrupted epoch's data order from its beginning")
@@ -251,6 +260,21 @@ class InMemoryDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_set, self.hparams.batch_size, sampler=self.sampler, collate_fn=_as_batch, generator=_own()
         )
+
+    def _alternating_flips(self) -> Callable[[int], None] | None:
+        """data.flip=alternate (airbench's derandomized flips): a seeded half of the images mirrored in even epochs,
+        the other half in odd ones, so every image is seen both ways every two epochs (random flips leave a quarter
+        of them unmirrored, or only mirrored, over two epochs). Set per epoch: a resumed run serves the same."""
+        if self.hparams.flip != "alternate":
+            return None
+        train_set = self.train_set
+        first = torch.rand(len(train_set), generator=torch.Generator().manual_seed(self.hparams.seed)) < 0.5
+        first = first.to(train_set.tensors[0].device)
+
+        def mirror(epoch: int) -> None:
+            train_set.mirrored = first ^ bool(epoch % 2)
+
+        return mirror
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set) if self.val_set is not None else []
@@ -265,7 +289,8 @@ class InMemoryDataModule(L.LightningDataModule):
         # Lightning also passes the model's example input through here (for the layer table and graph): not a batch.
         if augmenting and isinstance(batch, tuple | list) and len(batch) == 2:
             images, labels = batch
-            batch = (augment(images, data.shift, data.flip, self._black(images), data.erase), labels)
+            random_flips = data.flip is True  # data.flip=alternate mirrors as the dataset serves them
+            batch = (augment(images, data.shift, random_flips, self._black(images), data.erase), labels)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,7 +352,7 @@ class MNISTDataModule(InMemoryDataModule):
         classes: list[str] | None = None,
         seed: int = 0,
         shift: int = 0,
-        flip: bool = False,
+        flip: bool | Literal["alternate"] = False,
         erase: float = 0.0,
         verify: bool = True,
     ) -> None:
@@ -337,12 +362,15 @@ class MNISTDataModule(InMemoryDataModule):
         # Resolved before the settings are saved: a checkpoint holds the numbers it was trained with.
         mean = STATISTICS[dataset][0] if mean is None else mean
         std = STATISTICS[dataset][1] if std is None else std
-        check_settings(batch_size, val_size, shift, erase)
+        check_settings(batch_size, val_size, shift, erase, flip)
         if not (is_number(mean) and is_number(std)):
             raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
         check_statistics([mean], [std])
         if flip and dataset == "MNIST":
-            raise UserError("data.flip=true mirrors images, which turns digits into other shapes: FashionMNIST only")
+            shown = "true" if flip is True else flip
+            raise UserError(
+                f"data.flip={shown} mirrors images, which turns digits into other shapes: FashionMNIST only"
+            )
         if not isinstance(verify, bool):
             raise UserError(f"data.verify={verify} must be true or false")
         if classes is not None:
@@ -390,7 +418,7 @@ class MNISTDataModule(InMemoryDataModule):
         return images.data.unsqueeze(1), images.targets
 
 
-def check_settings(batch_size: object, val_size: object, shift: object, erase: object) -> None:
+def check_settings(batch_size: object, val_size: object, shift: object, erase: object, flip: object) -> None:
     """The settings every InMemoryDataModule shares, refused before any image is read."""
     if not is_whole(batch_size) or batch_size <= 0:
         raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
@@ -400,6 +428,8 @@ def check_settings(batch_size: object, val_size: object, shift: object, erase: o
         raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
     if not is_number(erase) or not 0 <= erase <= 1:
         raise UserError(f"data.erase={erase} must be a probability from 0 (off) to 1")
+    if not (isinstance(flip, bool) or flip == "alternate"):
+        raise UserError(f"data.flip={flip} must be true (random), alternate (each image every other epoch) or false")
 
 
 def check_statistics(mean: list[object], std: list[object]) -> None:

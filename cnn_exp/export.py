@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from cnn_exp import atomic, build
-from cnn_exp.classifier import flip_averaged
+from cnn_exp.classifier import views_averaged
 from cnn_exp.errors import UserError
 from cnn_exp.predict import check_output, from_checkpoint, writing
 
@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> None:
     except UserError as err:  # its data is elsewhere (a folder of one's own): the check runs on random images
         log.warning("checking the export on random images, not test images: %s", err)
         images = torch.randn(CHECKED, *datamodule.input_shape, generator=torch.Generator().manual_seed(0))
-    net = (FlipAveraged(model.net) if model.hparams.flip_average else model.net).eval()
+    flip, shift = model.hparams.flip_average, model.hparams.get("shift_average", 0)
+    net = (ViewsAveraged(model.net, flip, shift) if flip or shift else model.net).eval()
     shape = "×".join(map(str, datamodule.input_shape))
     description = getattr(datamodule, "input_description", "as the DataModule serves them")
     metadata = {
@@ -56,7 +57,7 @@ def run(cfg: DictConfig) -> None:
         "dataset": str(datamodule.hparams.get("dataset", build.dotted(type(datamodule)))),
         "input": f"images: N×{shape} {description}",
         "output": "logits: N×classes float32, in the order of classes"
-        + (" (log of the mean probabilities of each image and its mirror)" if model.hparams.flip_average else ""),
+        + (f" (log of the mean probabilities of each image's {VIEWS[flip, bool(shift)]})" if flip or shift else ""),
         "checkpoint": str(cfg.ckpt_path),
     }
     onnx_model = to_onnx(net, metadata)
@@ -83,16 +84,25 @@ def test_images(datamodule: Any, count: int) -> torch.Tensor:
     return torch.cat(taken)[:count]
 
 
-class FlipAveraged(torch.nn.Module):
-    """The network of a checkpoint trained with classifier.flip_average: it answers as test.py does."""
+# What the exported scores average over, by (flip_average, shift_average != 0).
+VIEWS = {
+    (True, False): "own and its mirror's",
+    (False, True): "own and its two shifted copies'",
+    (True, True): "own, its two shifted copies' and their mirrors'",
+}
 
-    def __init__(self, net: torch.nn.Module) -> None:
+
+class ViewsAveraged(torch.nn.Module):
+    """The network of a checkpoint trained with classifier.flip_average or shift_average: it answers as test.py
+    does."""
+
+    def __init__(self, net: torch.nn.Module, flip: bool, shift: int) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.flip, self.shift = net, flip, shift
         self.input_shape = net.input_shape
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return flip_averaged(self.net, images)
+        return views_averaged(self.net, images, self.flip, self.shift)
 
 
 def to_onnx(net: torch.nn.Module, metadata: dict[str, str]) -> bytes:

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -114,7 +115,7 @@ class FolderDataModule(InMemoryDataModule):
         test_size: int | float = 0.2,
         seed: int = 0,
         shift: int = 0,
-        flip: bool = False,
+        flip: bool | Literal["alternate"] = False,
         erase: float = 0.0,
         classes: list[str] | None = None,
         listing: str | None = None,
@@ -153,7 +154,7 @@ class FolderDataModule(InMemoryDataModule):
             raise UserError(f"data.channels={channels} must be 1 (grey) or 3 (colour), or null (from the images)")
         if not is_whole(image_size) or not 1 <= image_size <= 4096:
             raise UserError(f"data.image_size={image_size} must be a whole number of pixels from 1 to 4096")
-        check_settings(batch_size, val_size, shift, erase)
+        check_settings(batch_size, val_size, shift, erase, flip)
         for name, value in (("mean", mean), ("std", std)):
             if value is not None and (not isinstance(value, list | tuple) or len(value) != channels):
                 raise UserError(f"data.{name}={value} must be a list of {channels} numbers (one per channel) or null")
@@ -162,8 +163,6 @@ class FolderDataModule(InMemoryDataModule):
         if mean is not None:
             check_statistics(list(mean), list(std))
             mean, std = [float(m) for m in mean], [float(s) for s in std]
-        if not isinstance(flip, bool):
-            raise UserError(f"data.flip={flip} must be true or false")
         classes = list(classes)
         self.save_hyperparameters()
         self.classes = classes

@@ -31,6 +31,11 @@ class ConvNet(nn.Module):
     quarter of the values (12–20 % less time an epoch for `fashion_best`'s network on a 2-core CPU, fp32). Without batch
     norm that is the same function (ReLU and max-pool commute); with it, the norm's statistics are the pooled map's.
 
+    Initialization (`init`, default: torch's): `dirac` starts every conv after the first as an identity of its input
+    channels; `whiten` sets conv1's filters from the training images' patch statistics (init_from_data).
+    `bn_momentum`: how far batch norm's running statistics move to each batch's (torch's 0.1; higher follows a
+    fast-changing network, as a short run's is, more closely).
+
     Layers are named as in the notebook (conv1, conv2, …, fc1, fc2, out), so its parameter names and shapes
     carry over, and forward() calls them in the notebook's order. ReLU, pool, flatten and dropout are named layers
     too (conv1_relu, conv1_pool, …), not functional calls, so the layer table and the TensorBoard graph show every
@@ -47,7 +52,9 @@ class ConvNet(nn.Module):
         pool_first: bool = False,
         hidden: Sequence[int] = (120, 60),
         batch_norm: bool = False,
+        bn_momentum: float = 0.1,
         dropout: float = 0.0,
+        init: Sequence[str] = (),
         in_channels: int = 1,
         image_size: int = 28,
         num_classes: int = 10,
@@ -63,6 +70,10 @@ class ConvNet(nn.Module):
             raise UserError(f"model.pool={pools}: every value must be true or false")
         if not isinstance(pool_first, bool):
             raise UserError(f"model.pool_first={pool_first} must be true or false")
+        if not is_number(bn_momentum) or not 0 < bn_momentum <= 1:
+            raise UserError(f"model.bn_momentum={bn_momentum} must be above 0 and at most 1")
+        if isinstance(init, str) or not all(name in INITS for name in init):
+            raise UserError(f"model.init={init} must be a list of {', '.join(INITS)} (e.g. [whiten,dirac]), or []")
         for name, values, least in (
             ("channels", list(channels), 1),
             ("hidden", list(hidden), 1),
@@ -79,7 +90,7 @@ class ConvNet(nn.Module):
             if pooled and pool_first:
                 layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
             if batch_norm:
-                layers[f"conv{i}_bn"] = nn.BatchNorm2d(out)
+                layers[f"conv{i}_bn"] = nn.BatchNorm2d(out, momentum=bn_momentum)
             layers[f"conv{i}_relu"] = nn.ReLU()
             if pooled and not pool_first:
                 layers[f"conv{i}_pool"] = nn.MaxPool2d(kernel_size=2, stride=2)
@@ -103,6 +114,9 @@ class ConvNet(nn.Module):
             (f"conv{i}", f"conv{i}_bn", f"conv{i}_relu", f"conv{i}_pool") for i in range(1, len(channels) + 1)
         ]
         self._hidden_names = [(f"fc{j}", f"fc{j}_relu", f"fc{j}_dropout") for j in range(1, len(hidden) + 1)]
+        self.init = list(init)
+        if "dirac" in self.init:
+            self._dirac()
         # The model interface (cnn_exp/build.py, docs/extend.md): one image's shape, and how many classes it scores.
         self.input_shape, self.num_classes = (in_channels, image_size, image_size), num_classes
         if channels_last:  # NHWC weights, so activations follow: faster convolutions and pooling (oneDNN, cuDNN)
@@ -130,6 +144,39 @@ class ConvNet(nn.Module):
                 x = dropout(x)
         return self.out(x)
 
+    @torch.no_grad()
+    def _dirac(self) -> None:
+        """Identity init of every conv after the first (model.init=[dirac]): its first `in` filters pass their input
+        channel through unchanged (centred taps), so a deep stack starts as a shallow one; wider layers keep the rest
+        of their filters' default random init."""
+        for conv, *_ in self._conv_blocks()[1:]:
+            channels = conv.in_channels
+            nn.init.dirac_(conv.weight[: min(channels, conv.out_channels), :channels])
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Whitening-style init of conv1 from training images (model.init=[whiten]), called once as training starts.
+
+        conv1's filters become the principal directions of the images' patches (its kernel's size), largest first,
+        each scaled by 1/sqrt(its variance + eps) and paired with its negative, so that after ReLU each pair passes
+        one decorrelated, unit-variance feature of the patch (airbench's first layer; here its filters keep learning).
+        Filters beyond twice the patch's size keep their random init.
+        """
+        if "whiten" not in self.init:
+            return
+        conv = self._conv_blocks()[0][0]
+        channels, (height, width) = conv.in_channels, conv.kernel_size
+        images = nn.functional.pad(images.float(), [conv.padding[1]] * 2 + [conv.padding[0]] * 2)
+        patches = images.unfold(2, height, 1).unfold(3, width, 1).permute(0, 2, 3, 1, 4, 5)
+        patches = patches.reshape(-1, channels * height * width).double()
+        variance, directions = torch.linalg.eigh(patches.T @ patches / len(patches))
+        order = variance.argsort(descending=True)
+        scaled = (directions.T[order] / (variance[order, None].clamp(min=0) + eps).sqrt()).float()
+        filters = torch.stack([scaled, -scaled], dim=1).reshape(-1, channels, height, width)[: conv.out_channels]
+        conv.weight[: len(filters)] = filters.to(conv.weight)
+        if conv.bias is not None:
+            conv.bias.zero_()
+
     # Layers are looked up by name on every call, as nn.Sequential does, so a layer replaced after construction (say
     # by SyncBatchNorm.convert_sync_batchnorm) is the one called; a name the settings left out is looked up as None.
     # From _modules with names spelled out once: getattr(self, f"conv{i}_bn", None) and the like raise and catch an
@@ -143,6 +190,10 @@ class ConvNet(nn.Module):
         """Each hidden layer's fc, ReLU and dropout; None for a dropout the settings left out."""
         layers = self._modules
         return [(layers[fc], layers[relu], layers.get(dropout)) for fc, relu, dropout in self._hidden_names]
+
+
+# model.init's choices, applied in this order: dirac as the network is built, whiten as training starts (from data).
+INITS = ("whiten", "dirac")
 
 
 @torch.no_grad()

@@ -268,7 +268,8 @@ def _optimizer_and_schedulers(model: Classifier) -> tuple[torch.optim.Optimizer,
     configured = model.configure_optimizers()
     if isinstance(configured, torch.optim.Optimizer):
         return configured, []
-    return configured["optimizer"], [configured["lr_scheduler"]]
+    scheduler = configured["lr_scheduler"]
+    return configured["optimizer"], [scheduler["scheduler"] if isinstance(scheduler, dict) else scheduler]
 
 
 def _check_optimizer_state(states: Any, optimizer: torch.optim.Optimizer, where: str) -> None:
@@ -318,10 +319,25 @@ def _check_scheduler_states(states: Any, schedulers: list[Any], where: str) -> N
             raise UserError(f"{where}: lr_schedulers[0] is not a scheduler's state")
         # torch copies every key of it onto the scheduler: none may replace a method or the optimizer.
         for key, value in state.items():
-            if key not in fresh or not _same_kind(value, fresh[key]):
+            if key not in fresh or not _same_state(value, fresh[key]):
                 raise UserError(
                     f"{where}: lr_schedulers[0].{key}={value!r} is not a state of {type(scheduler).__name__}"
                 )
+
+
+def _same_state(value: Any, ours: Any) -> bool:
+    """A scheduler's state value of the kind a fresh one holds, and its names the same: a schedule's names (one-cycle's
+    phases name the parameter groups' keys, its annealing is named) come from settings that must already be the same,
+    and torch looks them up as it steps."""
+    if isinstance(ours, Mapping):
+        return (
+            isinstance(value, Mapping) and set(value) == set(ours) and all(_same_state(value[k], ours[k]) for k in ours)
+        )
+    if isinstance(ours, list | tuple) and any(isinstance(item, Mapping) for item in ours):
+        return isinstance(value, list | tuple) and len(value) == len(ours) and all(map(_same_state, value, ours))
+    if isinstance(ours, str):
+        return value == ours
+    return _same_kind(value, ours)
 
 
 def _same_kind(value: Any, ours: Any) -> bool:

@@ -77,9 +77,10 @@ def test_every_option_composes_and_builds(config, tmp_path: Path, group: str, op
     optimizers = model.configure_optimizers()
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     assert isinstance(optimizer, get_class(cfg.optimizer._target_))
-    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    # A one-cycle schedule starts below the optimizer's lr, which is its peak.
+    assert optimizer.param_groups[0].get("max_lr", optimizer.param_groups[0]["lr"]) == cfg.optimizer.lr
     if cfg.scheduler:
-        assert isinstance(optimizers["lr_scheduler"], get_class(cfg.scheduler._target_))
+        assert isinstance(optimizers["lr_scheduler"]["scheduler"], get_class(cfg.scheduler._target_))
     built = _instantiate_each(cfg.callbacks, "callbacks")
     assert all(isinstance(c, L.Callback) for c in built)
     assert [type(c) for c in built] == [get_class(n._target_) for n in cfg.callbacks.values() if n]
