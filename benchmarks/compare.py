@@ -6,6 +6,7 @@ otherwise empty Lightning Trainer (Lightning's own cost), on this machine.
     python -m benchmarks.compare --mirror ../shared/datasets --table scaling   # vs batch size, network width
     python -m benchmarks.compare --device cuda --override trainer=gpu --table options   # bf16, compile, NHWC
     python -m benchmarks.compare --mirror ../shared/datasets --table fashion_best   # its step: pool_first, bf16
+    python -m benchmarks.compare --mirror ../shared/datasets --table recipes   # whole commands vs the notebook's
 
 Every measurement is its own process. Rounds interleave the variants, rotating their order, so drift in the
 machine's speed reaches all of them alike. A process reports the median of its epochs after the first (warm-up);
@@ -134,13 +135,20 @@ def table(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--table")
+    if first.parse_known_args()[0].table == "recipes":  # its own arguments: benchmarks/recipes.py
+        from benchmarks import recipes
+
+        return recipes.main()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mirror", help="dataset mirror to fill --data-dir from (as paths.data_mirror)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--table", choices=TABLES, help="instead: our path under each of a table's settings")
+    tables = "instead: our path under each of a table's settings; recipes: see --table recipes --help"
+    parser.add_argument("--table", choices=[*TABLES, "recipes"], help=tables)
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides, e.g. trainer=gpu")
     args = parser.parse_args()
     for name in DATASETS:

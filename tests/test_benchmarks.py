@@ -1,14 +1,17 @@
-"""The accuracy measurement in benchmarks/: its shifted views and its validation split are what it says."""
+"""The measurements in benchmarks/: the accuracy measurement's shifted views and validation split, and the recipes
+table's numbers, are what they say."""
 
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import shift_scores
-from tests.conftest import read_metrics
+from benchmarks import recipes, shift_scores
+from tests.conftest import MIRROR, NO_FIGURES, ONE_THREAD, read_metrics
 
 
 def test_shifted_moves_the_image_and_fills_the_uncovered_edge_with_the_background() -> None:
@@ -46,3 +49,79 @@ def test_shift_scores_refuses_a_missing_checkpoint_with_one_line(
     monkeypatch.setattr(sys, "argv", ["shift_scores", str(tmp_path / "missing.ckpt")])
     with pytest.raises(SystemExit, match=r"^error: ckpt_path=.*missing\.ckpt: no such file"):
         shift_scores.main()
+
+
+@pytest.mark.slow  # two whole train.py commands, imports and all: ~14 s
+def test_recipes_table_shows_what_the_runs_wrote(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mnist_small against seed_mnist, one tiny whole command each: every number in the row is the runs' own."""
+    monkeypatch.delenv("CNN_EXP_DATA_MIRROR", raising=False)
+    for name, value in ONE_THREAD.items():
+        monkeypatch.setenv(name, value)
+    tiny = ["data.val_size=200", "trainer.max_epochs=1", "++trainer.limit_train_batches=3",
+            "++trainer.limit_val_batches=1", "~logger", *NO_FIGURES]  # fmt: skip
+    keep = tmp_path / "runs"
+    argv = ["--recipes", "mnist_small", "--mirror", str(MIRROR), "--data-dir", str(data_dir), "--keep", str(keep)]
+    recipes.main([*argv, "--override", *tiny])
+    out = capsys.readouterr().out
+    assert re.search(r"^Machine: .+, \d+ cores, .+; \d{4}-\d\d-\d\d$", out, re.M), out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| mnist_small |")]
+    assert len(rows) == 1, out
+    (_, reference, precision, acc, ref_acc, whole, ref_whole, ratio, startup, training, rest) = rows[0]
+    assert reference == "seed_mnist"
+    ran = {role: keep / f"round0-seed0-mnist_small-{role}" for role in ("recipe", "reference")}
+    assert sorted(keep.iterdir()) == sorted(ran.values())  # one run each, nothing else
+    record = {role: read_metrics(folder / "run") for role, folder in ran.items()}
+    assert [record[role]["settings"]["experiment"] for role in ran] == ["mnist_small", "seed_mnist"]
+    assert all(r["settings"]["seed"] == 0 and r["status"] == "finished" for r in record.values())
+    assert precision == f"{record['recipe']['settings']['precision']} / {record['reference']['settings']['precision']}"
+    assert acc == f"{record['recipe']['metrics']['test/acc'] * 100:.2f} %"
+    assert ref_acc == f"{record['reference']['metrics']['test/acc'] * 100:.2f} %"
+    # Training: the timer's epochs, first epoch's start to the end of training, as each process wrote them.
+    epochs = {role: json.loads((folder / "times.json").read_text())["epochs"] for role, folder in ran.items()}
+    assert len(epochs["recipe"]) == len(epochs["reference"]) == 1
+    assert training == f"{sum(epochs['recipe']):.2f} / {sum(epochs['reference']):.2f} s"
+
+    def seconds(cell: str) -> list[float]:
+        return [float(x) for x in re.findall(r"[\d.]+", cell)]
+
+    # A whole command holds all that train.py timed of itself, and is start-up + training + rest.
+    (a,), (b,) = seconds(whole), seconds(ref_whole)
+    assert a >= record["recipe"]["wall_time_s"] and b >= record["reference"]["wall_time_s"]
+    for i, total in enumerate((a, b)):
+        parts = [seconds(cell)[i] for cell in (startup, training, rest)]
+        assert min(parts) > 0 and abs(sum(parts) - total) <= 0.02, (parts, total)
+    # One round, one seed: the ratio is the two times' ratio, to the rounding of the numbers shown.
+    median, low, high = seconds(ratio)
+    assert median == low == high
+    assert (a - 0.005) / (b + 0.005) - 0.005 <= median <= (a + 0.005) / (b - 0.005) + 0.005
+
+
+def test_recipes_table_refuses_an_unknown_recipe_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ran(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(subprocess, "run", ran)
+    argv = ["--recipes", "mnist_small", "no_such_recipe", "--data-dir", str(tmp_path / "data")]
+    with pytest.raises(SystemExit, match=r"^error: no such recipe: experiment=no_such_recipe \(conf/experiment/ has "):
+        recipes.main(argv)
+    assert not (tmp_path / "data").exists()
+
+
+def test_recipes_schedule_runs_each_recipe_beside_its_reference_in_rotating_order() -> None:
+    rounds = [recipes.schedule(["a", "b"], [0, 1], r) for r in range(4)]
+    assert rounds[0] == [
+        ("a", 0, "recipe"), ("a", 0, "reference"), ("a", 1, "reference"), ("a", 1, "recipe"),
+        ("b", 0, "recipe"), ("b", 0, "reference"), ("b", 1, "reference"), ("b", 1, "recipe"),
+    ]  # fmt: skip
+    assert rounds[1][:2] == [("a", 1, "recipe"), ("a", 1, "reference")]  # the pairs one place on, each turned
+    for runs in rounds:  # every pair once a round, its two runs side by side
+        pairs = [runs[i : i + 2] for i in range(0, len(runs), 2)]
+        assert all(x[:2] == y[:2] and {x[2], y[2]} == {"recipe", "reference"} for x, y in pairs)
+        assert sorted(x[:2] for x, _ in pairs) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    # Each pair goes recipe first in one round and reference first in the next.
+    first = [{(x[0], x[1]): x[2] for x in runs[::2]} for runs in rounds]
+    assert all(first[r][pair] != first[r + 1][pair] for r in range(3) for pair in first[r])
