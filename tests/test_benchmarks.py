@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from benchmarks import recipes, shift_scores
-from tests.conftest import MIRROR, NO_FIGURES, ONE_THREAD, read_metrics
+from benchmarks import ablation, recipes, shift_scores
+from tests.conftest import MIRROR, NO_FIGURES, ONE_THREAD, ROOT, read_metrics
 
 
 def test_shifted_moves_the_image_and_fills_the_uncovered_edge_with_the_background() -> None:
@@ -125,3 +127,18 @@ def test_recipes_schedule_runs_each_recipe_beside_its_reference_in_rotating_orde
     # Each pair goes recipe first in one round and reference first in the next.
     first = [{(x[0], x[1]): x[2] for x in runs[::2]} for runs in rounds]
     assert all(first[r][pair] != first[r + 1][pair] for r in range(3) for pair in first[r])
+
+
+@pytest.mark.parametrize("recipe", list(ablation.ROWS))
+def test_the_ablations_last_cumulative_row_is_the_recipe_itself(recipe: str) -> None:
+    """Row by row the ablation adds one method; its last cumulative row must compose to exactly the recipe, else the
+    table would credit methods to a configuration nobody runs. The first row differs from the recipe."""
+
+    def composed(*overrides: str) -> dict:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            return OmegaConf.to_container(compose("train", overrides=[f"experiment={recipe}", *overrides]))
+
+    rows = [overrides for label, overrides in ablation.rows(recipe) if not label.startswith("not kept")]
+    assert composed(*rows[-1]) == composed()
+    assert composed(*rows[0]) != composed()
+    assert all(len(set(o.split("=")[0] for o in row)) == len(row) for row in rows)  # each key set once

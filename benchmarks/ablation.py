@@ -1,0 +1,117 @@
+"""What each method adds to a fast recipe, chosen on validation: airbench's ablation, for our recipes.
+
+    python -m benchmarks.ablation --recipe fashion_fast --mirror ../shared/datasets --seeds 0 1
+    python -m benchmarks.ablation --recipe mnist_fast --mirror ../shared/datasets --seeds 0 1
+
+Row 0 is the recipe with its methods off (its network, batch, epochs, optimizer and label smoothing kept, the
+learning rate annealed per epoch); each row after it adds one method, so the last of the cumulative rows is the
+recipe itself; rows marked "not kept" add a method to the whole recipe that it leaves out. Every run trains on 55,000
+images and is scored on the 5,000 validation images it never trained on (data.val_size=5000), after its last epoch;
+none is tested (test=false): the test split decides nothing. Each run is `python train.py experiment=<recipe>
+<row's overrides> seed=<s>`, in a process of its own. Prints a Markdown table: validation accuracy per seed, their
+mean, and the change from the row above.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.compare import ROOT
+from cnn_exp.data import DATASETS, MNISTDataModule
+
+# Every method off: the starting row. The recipes keep their optimizer (SGD, Nesterov momentum) and label smoothing.
+OFF = [
+    "scheduler=cosine",
+    "model.init=[]",
+    "model.bn_momentum=0.1",
+    "classifier.norm_lr_scale=1",
+    "classifier.flip_average=false",
+]
+# Per recipe: (what the row adds, its overrides on top of the row above); a row with "not kept" starts from the
+# recipe itself instead.
+ROWS = {
+    "fashion_fast": [
+        ("methods off: cosine per epoch, random flips", [*OFF, "data.flip=true"]),
+        ("+ triangular schedule, stepped per batch", ["scheduler=triangular"]),
+        ("+ whitening init of conv1", ["model.init=[whiten]"]),
+        ("+ identity (dirac) init of conv2, conv3", ["model.init=[whiten,dirac]"]),
+        ("+ batch norm lr × 8", ["classifier.norm_lr_scale=8"]),
+        ("+ batch norm momentum 0.4", ["model.bn_momentum=0.4"]),
+        ("+ alternating flips", ["data.flip=alternate"]),
+        ("+ test-time flip averaging (= fashion_fast)", ["classifier.flip_average=true"]),
+        ("not kept: + shift averaging (1 pixel)", ["classifier.shift_average=1"]),
+        ("not kept: + Lookahead (every 5, α 0.5)", ["callbacks=[default,lookahead]"]),
+        ("not kept: one-cycle (cos) for triangular", ["scheduler=onecycle"]),
+    ],
+    "mnist_fast": [
+        ("methods off: cosine per epoch", OFF),
+        ("+ triangular schedule, stepped per batch", ["scheduler=triangular"]),
+        ("+ whitening init of conv1", ["model.init=[whiten]"]),
+        ("+ identity (dirac) init of conv2", ["model.init=[whiten,dirac]"]),
+        ("+ batch norm lr × 8", ["classifier.norm_lr_scale=8"]),
+        ("+ batch norm momentum 0.4 (= mnist_fast)", ["model.bn_momentum=0.4"]),
+        ("not kept: + shift averaging (1 pixel)", ["classifier.shift_average=1"]),
+        ("not kept: + Lookahead (every 5, α 0.5)", ["callbacks=[default,lookahead]"]),
+        ("not kept: one-cycle (cos) for triangular", ["scheduler=onecycle"]),
+    ],
+}
+VALIDATION = ["data.val_size=5000", "test=false", "report.enabled=false"]
+
+
+def rows(recipe: str) -> list[tuple[str, list[str]]]:
+    """Each row's label and its whole list of overrides (cumulative, or the recipe's own plus one)."""
+    built, so_far = [], []
+    for label, overrides in ROWS[recipe]:
+        if label.startswith("not kept"):
+            built.append((label, overrides))
+        else:
+            so_far = _merged(so_far, overrides)
+            built.append((label, so_far))
+    return built
+
+
+def _merged(overrides: list[str], more: list[str]) -> list[str]:
+    """`overrides` with each key that `more` sets replaced by its new value."""
+    keys = {item.split("=", 1)[0] for item in more}
+    return [item for item in overrides if item.split("=", 1)[0] not in keys] + more
+
+
+def validation_accuracy(recipe: str, overrides: list[str], seed: int, args: argparse.Namespace) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "train.py", f"experiment={recipe}", f"seed={seed}", f"paths.data_dir={args.data_dir}",
+               f"hydra.run.dir={tmp}/run", *VALIDATION, *overrides]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads((Path(tmp) / "run" / "metrics.json").read_text())["metrics"]["val/acc"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=ROWS, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--mirror", help="dataset mirror to fill --data-dir from (as paths.data_mirror)")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    args = parser.parse_args()
+    for name in DATASETS:
+        MNISTDataModule(name, data_dir=args.data_dir, mirror=args.mirror).prepare_data()
+    seeds = " | ".join(f"seed {s}" for s in args.seeds)
+    print(f"\n`train.py experiment={args.recipe}`, validation accuracy after the last epoch\n")
+    print(f"| row | overrides | {seeds} | mean | change |\n|---|---|{'---|' * len(args.seeds)}---|---|")
+    before = None
+    for label, overrides in rows(args.recipe):
+        scores = [validation_accuracy(args.recipe, overrides, seed, args) for seed in args.seeds]
+        mean = statistics.fmean(scores)
+        change = "" if before is None else f"{(mean - before) * 100:+.2f}"
+        cells = " | ".join(f"{s:.2%}" for s in scores)
+        print(f"| {label} | `{' '.join(overrides)}` | {cells} | {mean:.2%} | {change} |", flush=True)
+        if not label.startswith("not kept"):
+            before = mean
+
+
+if __name__ == "__main__":
+    main()
