@@ -82,8 +82,9 @@ class Classifier(L.LightningModule):
         return self.net(images)
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
-        """What evaluation and prediction classify by: the network's logits, or with `flip_average` the log of the
-        mean of the image's and its mirror's class probabilities (a mirrored garment is the same garment)."""
+        """What evaluation and prediction classify by: the network's logits, or with `flip_average` and
+        `shift_average` the log of the mean class probabilities over the image's views (views_averaged): its mirror (a
+        mirrored garment is the same garment), its copies shifted a pixel or two."""
         flip, shift = self.hparams.flip_average, self.hparams.get("shift_average", 0)
         if not (flip or shift):
             return self(images)
@@ -126,12 +127,27 @@ class Classifier(L.LightningModule):
         optimizer = build.build(self.hparams.optimizer, "optimizer", self.parameter_groups(), where="optimizer")
         if not self.hparams.scheduler:
             return optimizer
-        # A schedule over steps (one-cycle, triangular) spans the run's optimizer steps, which only the Trainer
-        # knows (epochs × batches, limits included); before it is attached (checking a checkpoint) any length does.
-        steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 2
+        per_batch = build.steps_per_batch(self.hparams.scheduler)
+        steps = self._run_steps() if per_batch else 2
         scheduler = build.build(self.hparams.scheduler, "scheduler", optimizer, where="scheduler", total_steps=steps)
-        interval = "step" if build.steps_per_batch(self.hparams.scheduler) else "epoch"
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step" if per_batch else "epoch"},
+        }
+
+    def _run_steps(self) -> int:
+        """How many optimizer steps the run takes, which a schedule over steps (one-cycle, triangular) spans: only the
+        Trainer knows (epochs × batches, limits included). Before one is attached (a checkpoint checked before training
+        starts) any length will do."""
+        if self._trainer is None:
+            return 2
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise UserError(
+                f"scheduler ({build.short(self.hparams.scheduler)}) spans the run's steps, and this run has no end: "
+                "set trainer.max_epochs or trainer.max_steps"
+            )
+        return int(steps)
 
     def parameter_groups(self) -> list[dict[str, Any]] | Any:
         """The parameters as the optimizer takes them: one group, or with `norm_lr_scale` / `norm_weight_decay` a

@@ -15,7 +15,7 @@ from cnn_exp.data import EpochSampler, InMemoryDataset, MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.lookahead import Lookahead
 from cnn_exp.net import ConvNet
-from tests.conftest import NO_FIGURES, read_metrics, run, run_here
+from tests.conftest import NO_FIGURES, QUICK, read_metrics, run, run_here
 
 SGD = {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}
 NET = {"_target_": "cnn_exp.net.ConvNet", "channels": [8, 16], "kernel_size": 3, "padding": 1, "batch_norm": True}
@@ -248,3 +248,8 @@ def test_a_one_cycle_checkpoint_continues_only_with_its_own_length(paths: list[s
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     with pytest.raises(SystemExit, match="the checkpoint's OneCycleLR schedule spans 8 steps, this run 16"):
         run_here("train.py", tmp_path / "more", *quick, "trainer.max_epochs=2", f"ckpt_path={last}")
+
+
+def test_a_schedule_over_steps_needs_a_run_with_an_end(paths: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"spans the run's steps, and this run has no end: set trainer\.max_epochs"):
+        run_here("train.py", tmp_path / "run", *paths, "scheduler=triangular", "trainer.max_epochs=-1", *QUICK[:1])
