@@ -157,7 +157,7 @@ def seconds(runs: list[dict], key: str) -> float:
 
 def table(pairs: dict[str, list[tuple[dict, dict]]], references: dict[str, str]) -> list[str]:
     rows = [
-        "| recipe | reference | precision (recipe / reference) | test acc recipe (mean of seeds) | test acc reference "
+        "| recipe | reference | precision (recipe / reference) | test acc recipe (mean of seeds; each) | test acc reference "
         "| whole command recipe s | reference s | ratio median (min–max over rounds × seeds) | start-up (recipe / "
         "reference) | training | rest |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -171,7 +171,10 @@ def table(pairs: dict[str, list[tuple[dict, dict]]], references: dict[str, str])
 
         def accuracy(runs: list[dict]) -> str:
             accs = [run["acc"] for run in runs]
-            return "—" if None in accs else f"{statistics.mean(accs) * 100:.2f} %"
+            if None in accs:
+                return "—"
+            each = f" ({', '.join(f'{acc * 100:.2f}' for acc in accs)})" if len(accs) > 1 else ""
+            return f"{statistics.mean(accs) * 100:.2f} %{each}"
 
         phases = [f"{seconds(ours, key):.2f} / {seconds(theirs, key):.2f} s" for key in ("startup", "training", "rest")]
         rows.append(

@@ -460,11 +460,21 @@ def check_optimizer_and_scheduler(optimizer: dict[str, Any], scheduler: dict[str
 
 
 def what_to_build(settings: Any) -> Any:
-    """Settings as what they build: the class and its values, without Hydra's other keys (`_partial_`, which configs
-    held until it was dropped as unused, among them), so that stored and given settings compare by what they mean."""
+    """Settings as what they build: the class and its values, with the defaults of its signature for what they leave
+    out (so `nesterov: false` and no nesterov are the same SGD), without Hydra's other keys (`_partial_`, which
+    configs held until it was dropped as unused, among them), so that stored and given settings compare by meaning."""
     if not isinstance(settings, Mapping):
         return settings
-    return {key: value for key, value in settings.items() if key == "_target_" or key not in HOW_TO_BUILD}
+    given = {key: value for key, value in settings.items() if key == "_target_" or key not in HOW_TO_BUILD}
+    cls = next(
+        (classes[given["_target_"]] for classes, _, _ in BUILDS.values() if given.get("_target_") in classes), None
+    )
+    if cls is None:
+        return given
+    supplied = next(count for classes, _, count in BUILDS.values() if cls in classes.values())
+    parameters = list(inspect.signature(cls).parameters.values())[supplied:]
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+    return defaults | given
 
 
 def kind(value: Any) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnn_exp import checkpoints
+from cnn_exp import build, checkpoints
 from cnn_exp.classifier import Classifier, views_averaged
 from cnn_exp.data import EpochSampler, InMemoryDataset, MNISTDataModule
 from cnn_exp.errors import UserError
@@ -31,7 +31,7 @@ ALL_METHODS = [
     "model.init=[whiten,dirac]",
     "scheduler=triangular",
     "optimizer.momentum=0.9",
-    "+optimizer.nesterov=true",
+    "optimizer.nesterov=true",
     "classifier.norm_lr_scale=8",
     "classifier.label_smoothing=0.2",
     "classifier.flip_average=true",
@@ -253,3 +253,12 @@ def test_a_one_cycle_checkpoint_continues_only_with_its_own_length(paths: list[s
 def test_a_schedule_over_steps_needs_a_run_with_an_end(paths: list[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"spans the run's steps, and this run has no end: set trainer\.max_epochs"):
         run_here("train.py", tmp_path / "run", *paths, "scheduler=triangular", "trainer.max_epochs=-1", *QUICK[:1])
+
+
+def test_a_checkpoint_without_nesterov_continues_under_the_sgd_config_that_names_it() -> None:
+    """conf/optimizer/sgd.yaml lists nesterov (false) for optimizer.nesterov=true; checkpoints written before it said
+    nothing of it, which is torch's same default: they still continue, and one of another value does not."""
+    before = {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}
+    assert build.what_to_build(before) == build.what_to_build(before | {"nesterov": False})
+    assert build.what_to_build(before) != build.what_to_build(before | {"nesterov": True})
+    assert build.what_to_build(before | {"_partial_": True}) == build.what_to_build(before)
