@@ -56,7 +56,7 @@ MODEL_GROUPS = ("net", "optimizer", "scheduler")
 CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average", "shift_average", "norm_lr_scale", "norm_weight_decay")
 # Schedules that step after every batch, not every epoch; None in the settings of their length (total_steps) and
 # peak (max_lr) means the run's optimizer steps and each parameter group's own learning rate (SCHEDULE_FROM_RUN).
-PER_STEP = {"torch.optim.lr_scheduler.OneCycleLR", "torch.optim.lr_scheduler.CyclicLR"}
+PER_STEP = {"torch.optim.lr_scheduler.OneCycleLR"}
 SCHEDULE_FROM_RUN = {"torch.optim.lr_scheduler.OneCycleLR": ("max_lr", "total_steps")}
 # The largest classifier.shift_average, in pixels: test-time shifts are small moves, not crops.
 MAX_SHIFT = 4
@@ -287,8 +287,14 @@ def _from_run(settings: Any, optimizer: Any, total_steps: int) -> Any:
     return filled
 
 
+def default_of(settings: Any, group: str, name: str) -> Any:
+    """The default of the class's parameter `name` that a settings node of `group` leaves out (optimizer.lr)."""
+    parameter = inspect.signature(checked_class(settings, group, group)).parameters.get(name)
+    return None if parameter is None or parameter.default is parameter.empty else parameter.default
+
+
 def steps_per_batch(settings: Any) -> bool:
-    """Whether a schedule steps after every batch (one-cycle, cyclic), not every epoch."""
+    """Whether a schedule steps after every batch (one-cycle), not every epoch."""
     return isinstance(settings, Mapping) and settings.get("_target_") in PER_STEP
 
 

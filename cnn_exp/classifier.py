@@ -1,6 +1,7 @@
 """The LightningModule: trains one network with cross-entropy and logs loss and accuracy per split."""
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from cnn_exp import build, record
 from cnn_exp.data import InMemoryDataset
 from cnn_exp.errors import UserError, is_number
+
+log = logging.getLogger(__name__)
 
 
 class Classifier(L.LightningModule):
@@ -124,12 +127,26 @@ class Classifier(L.LightningModule):
         return self.scores(batch).softmax(dim=1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build.build(self.hparams.optimizer, "optimizer", self.parameter_groups(), where="optimizer")
+        settings = self.hparams.optimizer
+        try:  # torch refuses some optimizers' parameter groups (LBFGS) only as it builds them
+            optimizer = build.build(settings, "optimizer", self.parameter_groups(), where="optimizer")
+        except ValueError as err:
+            raise UserError(
+                f"optimizer ({build.short(settings)}) is refused by torch: {build.first_line(err)}"
+            ) from None
         if not self.hparams.scheduler:
             return optimizer
         per_batch = build.steps_per_batch(self.hparams.scheduler)
         steps = self._run_steps() if per_batch else 2
-        scheduler = build.build(self.hparams.scheduler, "scheduler", optimizer, where="scheduler", total_steps=steps)
+        try:  # a one-cycle schedule divides by its first phase's length in steps, which may round to none
+            scheduler = build.build(
+                self.hparams.scheduler, "scheduler", optimizer, where="scheduler", total_steps=steps
+            )
+        except (ValueError, ZeroDivisionError) as err:
+            raise UserError(
+                f"scheduler ({build.short(self.hparams.scheduler)}) cannot span this run's {steps} steps: "
+                f"{build.first_line(err)} (give more steps, or another scheduler.pct_start)"
+            ) from None
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step" if per_batch else "epoch"},
@@ -157,7 +174,10 @@ class Classifier(L.LightningModule):
             return self.parameters()
         norms = torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm
         normed = {id(p) for m in self.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
-        lr = self.hparams.optimizer.get("lr", 0.001)
+        if not normed:
+            log.warning("classifier.norm_lr_scale and norm_weight_decay: the network has no normalization layer")
+            return self.parameters()
+        lr = self.hparams.optimizer.get("lr", build.default_of(self.hparams.optimizer, "optimizer", "lr"))
         norm_group: dict[str, Any] = {"params": [p for p in self.parameters() if id(p) in normed], "lr": lr * scale}
         if decay is not None:
             norm_group["weight_decay"] = decay
@@ -190,7 +210,8 @@ class Classifier(L.LightningModule):
         # A setting absent from an older checkpoint had the network's default then.
         signature = inspect.signature(type(self.net)).parameters.items()
         defaults = {name: parameter.default for name, parameter in signature}
-        then, now = {**defaults, **saved}, {**defaults, **ours}
+        # Lists and tuples alike: a default written as a tuple (init=()) is the config's [].
+        then, now = ({k: _as_list(v) for k, v in {**defaults, **d}.items()} for d in (saved, ours))
         # How the network runs (memory format, compilation) may change between runs; what it is may not.
         differences = [
             f"model.{key}: {then.get(key)} in the checkpoint, {now.get(key)} here"
@@ -201,13 +222,22 @@ class Classifier(L.LightningModule):
             raise UserError(f"the checkpoint holds another network than this run's: {'; '.join(differences)}")
         # Lightning continues the checkpoint's optimizer and schedule, state and settings alike: settings given now
         # that differ would be recorded for this run but never used (a schedule's length included).
+        hyper = checkpoint.get("hyper_parameters", {})
         for group in ("optimizer", "scheduler"):
-            then, now = checkpoint.get("hyper_parameters", {}).get(group), self.hparams.get(group)
-            stored = "optimizer_states" in checkpoint and group in checkpoint.get("hyper_parameters", {})
+            then, now = hyper.get(group), self.hparams.get(group)
+            stored = "optimizer_states" in checkpoint and group in hyper
             if stored and build.what_to_build(then) != build.what_to_build(now):
                 raise UserError(
                     f"the checkpoint continues its own {group} ({build.short(then)}), not this run's "
                     f"({build.short(now)}): give the same {group} settings, or train a new run from the start"
+                )
+        # Batch norm's own learning rate and weight decay live in the optimizer's state too.
+        for key, default in (("norm_lr_scale", 1.0), ("norm_weight_decay", None)):
+            then, now = hyper.get(key, default), self.hparams.get(key, default)
+            if "optimizer_states" in checkpoint and then != now:
+                raise UserError(
+                    f"the checkpoint continues its own optimizer, with classifier.{key}={then}, not this run's "
+                    f"{now}: give the same, or train a new run from the start"
                 )
 
     def on_fit_start(self) -> None:
@@ -251,12 +281,18 @@ class Classifier(L.LightningModule):
         a run of another length would end its schedule early, with a traceback, or leave it unfinished."""
         for config in self.trainer.lr_scheduler_configs:
             total = getattr(config.scheduler, "total_steps", None)
-            if total is not None and total != self.trainer.estimated_stepping_batches:
+            if total is None or total == self.trainer.estimated_stepping_batches:
+                continue
+            steps = int(self.trainer.estimated_stepping_batches)
+            if not self.trainer.ckpt_path:
                 raise UserError(
-                    f"the checkpoint's {type(config.scheduler).__name__} schedule spans {total} steps, this run "
-                    f"{int(self.trainer.estimated_stepping_batches)} (trainer.max_epochs, data.batch_size, limits): "
-                    "continue it with the settings it was made with, or start a new run"
+                    f"scheduler.total_steps={total}, but this run takes {steps} steps: leave it null (the run's steps)"
                 )
+            raise UserError(
+                f"the checkpoint's {type(config.scheduler).__name__} schedule spans {total} steps, this run {steps} "
+                "(trainer.max_epochs, data.batch_size, limits): continue it with the settings it was made with, or "
+                "start a new run"
+            )
 
     def on_train_epoch_start(self) -> None:
         # Lightning skips this hook when it resumes mid-epoch, where the saved sums must carry on. A checkpoint
@@ -294,6 +330,10 @@ class Classifier(L.LightningModule):
         accuracy.update(logits, labels)
         confusion.update(logits.argmax(dim=1), labels)
         return logits
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def views_averaged(

@@ -1,5 +1,6 @@
 """Lookahead (Zhang et al., 2019) around whatever optimizer the run trains with, as a callback."""
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -60,7 +61,11 @@ class Lookahead(Callback):
         return {"slow": self.slow, "synced_at": self.synced_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        slow = state_dict.get("slow")
+        if not isinstance(state_dict, Mapping):
+            raise UserError("the checkpoint's Lookahead state is not a mapping (slow, synced_at)")
+        slow, synced_at = state_dict.get("slow"), state_dict.get("synced_at", -1)
         if slow is not None and not (isinstance(slow, list) and all(isinstance(t, torch.Tensor) for t in slow)):
             raise UserError("the checkpoint's Lookahead state holds no slow weights (a list of tensors)")
-        self.slow, self.synced_at = slow, int(state_dict.get("synced_at", -1))
+        if not is_whole(synced_at) or synced_at < -1:
+            raise UserError(f"the checkpoint's Lookahead state: synced_at={synced_at!r} is not a step")
+        self.slow, self.synced_at = slow, int(synced_at)

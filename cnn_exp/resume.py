@@ -14,7 +14,9 @@ restores, and must stay there:
 """
 
 import logging
+import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnn_exp import build, checkpoints, precision, record, rundir, sweep
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import InMemoryDataModule
-from cnn_exp.errors import UserError, is_whole
+from cnn_exp.errors import UserError, is_whole, shown
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +323,23 @@ def _check_scheduler_states(states: Any, schedulers: list[Any], where: str) -> N
         for key, value in state.items():
             if key not in fresh or not _same_state(value, fresh[key]):
                 raise UserError(
-                    f"{where}: lr_schedulers[0].{key}={value!r} is not a state of {type(scheduler).__name__}"
+                    f"{where}: lr_schedulers[0].{key}={shown(value, 100)} is not a state of {type(scheduler).__name__}"
                 )
+        # Its numbers must also make a schedule: the learning rate where it stands is computed from them and the
+        # optimizer's state (a one-cycle phase of no length divides by zero, a step past its end is refused).
+        try:
+            scheduler.load_state_dict(dict(state))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's advice to call get_last_lr() instead
+                lrs = scheduler.get_lr()
+        except NotImplementedError:  # a schedule that computes no rate of its own (ReduceLROnPlateau)
+            lrs = []
+        except (ArithmeticError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise UserError(
+                f"{where}: its {type(scheduler).__name__} state does not make a schedule: {build.first_line(err)}"
+            ) from None
+        if not all(isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0 for lr in lrs):
+            raise UserError(f"{where}: its {type(scheduler).__name__} state gives the learning rates {lrs}")
 
 
 def _same_state(value: Any, ours: Any) -> bool:
@@ -337,6 +354,8 @@ def _same_state(value: Any, ours: Any) -> bool:
         return isinstance(value, list | tuple) and len(value) == len(ours) and all(map(_same_state, value, ours))
     if isinstance(ours, str):
         return value == ours
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
     return _same_kind(value, ours)
 
 

@@ -15,7 +15,7 @@ from cnn_exp.data import EpochSampler, InMemoryDataset, MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.lookahead import Lookahead
 from cnn_exp.net import ConvNet
-from tests.conftest import NO_FIGURES, QUICK, read_metrics, run, run_here
+from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, read_metrics, run, run_here
 
 SGD = {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}
 NET = {"_target_": "cnn_exp.net.ConvNet", "channels": [8, 16], "kernel_size": 3, "padding": 1, "batch_norm": True}
@@ -262,3 +262,75 @@ def test_a_checkpoint_without_nesterov_continues_under_the_sgd_config_that_names
     assert build.what_to_build(before) == build.what_to_build(before | {"nesterov": False})
     assert build.what_to_build(before) != build.what_to_build(before | {"nesterov": True})
     assert build.what_to_build(before | {"_partial_": True}) == build.what_to_build(before)
+
+
+def test_a_checkpoint_from_before_the_methods_trains_on(paths: list[str], tmp_path: Path) -> None:
+    """An older checkpoint names no init or bn_momentum: it had torch's defaults, which the config's [] and 0.1 are."""
+    old = ROOT / "tests" / "data" / "checkpoints" / "62d8d00-net2-mnist-last.ckpt"
+    run_here("train.py", tmp_path / "on", *paths, *QUICK[:1], "trainer.max_epochs=2", f"ckpt_path={old}", *NO_FIGURES)
+    assert read_metrics(tmp_path / "on")["status"] == "finished"
+
+
+def test_a_one_cycle_too_short_for_its_first_phase_is_one_line(paths: list[str], tmp_path: Path) -> None:
+    # 800 images in batches of 200: 4 steps, and a first phase of 0.25 × 4 = 1 step, which torch divides by.
+    with pytest.raises(SystemExit, match=r"cannot span this run's 4 steps: .* another scheduler\.pct_start"):
+        run_here("train.py", tmp_path / "run", *paths, *QUICK, "scheduler=onecycle", "data.batch_size=200")
+
+
+def test_a_fixed_schedule_length_that_is_not_the_runs_is_named(paths: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"scheduler\.total_steps=100, but this run takes 8 steps: leave it null"):
+        run_here("train.py", tmp_path / "run", *paths, *QUICK, "scheduler=onecycle", "scheduler.total_steps=100")
+
+
+@pytest.fixture(scope="module")
+def one_cycle_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A run with a one-cycle schedule, Lookahead and batch norm's own learning rate (8 steps), and its step.ckpt
+    of step 5: a run of the same length continues from it."""
+    run_dir = tmp_path_factory.mktemp("one_cycle") / "run"
+    paths = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}"]
+    methods = ["scheduler=onecycle", "callbacks=[default,lookahead]", "model.batch_norm=true", "test=false"]
+    every = "callbacks.step_checkpoint.every_n_train_steps=5"
+    run_here("train.py", run_dir, *paths, *QUICK, *methods, "classifier.norm_lr_scale=4", every, *NO_FIGURES)
+    assert checkpoints.load(run_dir / "checkpoints" / "step.ckpt")["global_step"] == 5
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("craft", "error"),
+    [
+        (lambda c: [p.update(end_step=0.0) for p in c["lr_schedulers"][0]["_schedule_phases"]], "not make a schedule"),
+        (lambda c: c["lr_schedulers"][0].update(last_epoch=10**6), "does not make a schedule"),
+        (lambda c: c["lr_schedulers"][0]["_schedule_phases"][0].update(end_step=float("nan")), "is not a state of"),
+        (lambda c: c["optimizer_states"][0]["param_groups"][0].pop("max_lr"), "does not make a schedule"),
+        (lambda c: c["callbacks"].update(Lookahead=[1, 2]), "Lookahead state is not a mapping"),
+        (lambda c: c["callbacks"]["Lookahead"].update(synced_at="abc"), "synced_at='abc' is not a step"),
+        (lambda c: c["hyper_parameters"].update(norm_lr_scale=2.0), "classifier.norm_lr_scale=2.0, not this run's 4"),
+    ],
+)
+def test_a_crafted_schedule_or_lookahead_state_is_refused_in_one_line(
+    one_cycle_run: Path, paths: list[str], tmp_path: Path, craft, error: str
+) -> None:
+    state = checkpoints.load(one_cycle_run / "checkpoints" / "step.ckpt")
+    craft(state)
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(state, crafted)
+    methods = ["scheduler=onecycle", "callbacks=[default,lookahead]", "model.batch_norm=true"]
+    with pytest.raises(SystemExit) as refused:
+        run_here(
+            "train.py", tmp_path / "on", *paths, *QUICK, *methods, "classifier.norm_lr_scale=4", f"ckpt_path={crafted}",
+            *NO_FIGURES,
+        )  # fmt: skip
+    assert str(refused.value).startswith("error:") and error in str(refused.value), refused.value
+
+
+def test_optimizers_that_refuse_a_second_group_or_name_no_lr(paths: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"optimizer .* is refused by torch: LBFGS doesn't support per-parameter"):
+        run_here(
+            "train.py", tmp_path / "lbfgs", *paths, *QUICK, "model.batch_norm=true", "classifier.norm_lr_scale=8",
+            "optimizer._target_=torch.optim.LBFGS", "~optimizer.momentum", "~optimizer.weight_decay",
+            "~optimizer.nesterov",
+        )  # fmt: skip
+    settings = {"_target_": "torch.optim.Adadelta"}  # torch's lr for it is 1.0: the norm group's is 8 × that
+    model = Classifier(net=NET, optimizer=settings, norm_lr_scale=8)
+    assert [group["lr"] for group in model.configure_optimizers().param_groups] == [1.0, 8.0]
