@@ -52,9 +52,8 @@ class Lookahead(Callback):
         if self.slow is None or trainer.global_step == self.synced_at:
             return
         self.synced_at = trainer.global_step
-        fast = list(pl_module.parameters())
-        torch._foreach_lerp_(self.slow, [p.detach() for p in fast], self.alpha)
-        for parameter, slow in zip(fast, self.slow, strict=True):
+        for parameter, slow in zip(pl_module.parameters(), self.slow, strict=True):
+            slow.lerp_(parameter, self.alpha)
             parameter.copy_(slow)
 
     def state_dict(self) -> dict[str, Any]:
