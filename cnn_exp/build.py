@@ -54,9 +54,8 @@ BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
 MODEL_GROUPS = ("net", "optimizer", "scheduler")
 # The Classifier's settings that are plain values, not things it builds (checked by check_classifier_settings).
 CLASSIFIER_SETTINGS = ("label_smoothing", "flip_average", "shift_average", "norm_lr_scale", "norm_weight_decay")
-# Schedules that step after every batch, not every epoch; None in the settings of their length (total_steps) and
-# peak (max_lr) means the run's optimizer steps and each parameter group's own learning rate (SCHEDULE_FROM_RUN).
-PER_STEP = {"torch.optim.lr_scheduler.OneCycleLR"}
+# Schedules over the run's steps, stepped after every batch, not every epoch: per class, the settings of their peak
+# (max_lr) and length (total_steps) that, when None, take each parameter group's own lr and the run's optimizer steps.
 SCHEDULE_FROM_RUN = {"torch.optim.lr_scheduler.OneCycleLR": ("max_lr", "total_steps")}
 # The largest classifier.shift_average, in pixels: test-time shifts are small moves, not crops.
 MAX_SHIFT = 4
@@ -295,7 +294,7 @@ def default_of(settings: Any, group: str, name: str) -> Any:
 
 def steps_per_batch(settings: Any) -> bool:
     """Whether a schedule steps after every batch (one-cycle), not every epoch."""
-    return isinstance(settings, Mapping) and settings.get("_target_") in PER_STEP
+    return isinstance(settings, Mapping) and settings.get("_target_") in SCHEDULE_FROM_RUN
 
 
 def _check_size(cls: type, values: dict[str, Any], where: str) -> None:
