@@ -1,5 +1,9 @@
 """Test a trained checkpoint on the official test split: python test.py ckpt_path=PATH (see README.md)."""
 
+import gc
+
+gc.disable()  # while importing: setup() turns the collector on again, with what the imports made frozen
+
 import hydra
 from omegaconf import DictConfig
 

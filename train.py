@@ -1,5 +1,9 @@
 """Train a CNN on MNIST or Fashion-MNIST: python train.py model=net3 data=fashion (see README.md)."""
 
+import gc
+
+gc.disable()  # while importing: setup() turns the collector on again, with what the imports made frozen
+
 import hydra
 from omegaconf import DictConfig
 

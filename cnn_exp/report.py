@@ -9,6 +9,7 @@ says what the run recorded. It is written when a run starts, after every epoch, 
 
 import base64
 import csv
+import functools
 import json
 import logging
 import math
@@ -167,6 +168,7 @@ def _layers_by_value(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, l
     return changed
 
 
+@functools.cache  # compiling the templates takes 0.1 s: once per process, not at every epoch's report
 def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(
         # The templates are named *.html.j2: escaping is chosen by that whole ending (a bare "html" never matches).

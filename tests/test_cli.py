@@ -3,12 +3,14 @@
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import MIRROR, QUICK, TRAINED, assert_no_result, read_metrics, run, run_here
+from tests.conftest import MIRROR, QUICK, ROOT, TRAINED, assert_no_result, read_metrics, run, run_here
 
 METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
 
@@ -193,3 +195,14 @@ def test_a_run_without_our_callbacks_tests_the_final_weights(paths: list[str], t
     result = read_metrics(tmp_path / "run")
     assert result["tested"] == "final weights" and result["best"] is None and "test/acc" in result["metrics"]
     assert not (tmp_path / "run" / "architecture.md").exists()
+
+
+@pytest.mark.slow
+def test_the_entry_scripts_leave_their_imports_out_of_the_collectors_scans() -> None:
+    """train.py and test.py pause the garbage collector while importing, then freeze what the imports made and turn
+    it on again (cnn_exp/run.py: setup): a full collection then skips them, during the run and at exit."""
+    probe = "import gc, {}; print(gc.isenabled(), gc.get_freeze_count())"
+    for script in ("train", "test"):
+        out = subprocess.run([sys.executable, "-c", probe.format(script)], cwd=ROOT, capture_output=True, text=True)
+        enabled, frozen = out.stdout.split()
+        assert enabled == "True" and int(frozen) > 100_000, out.stderr[-2000:]
