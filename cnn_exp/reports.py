@@ -258,7 +258,7 @@ def what_ran(trainer: L.Trainer) -> str:
 
 
 class EpochTable(L.Callback):
-    """`epochs.csv` (one row per epoch: train and validation loss and accuracy, learning rate, seconds) and
+    """`epochs.csv` (one row per epoch: train and validation loss and accuracy, learning rate at its start, seconds) and
     `curves.png` (loss and accuracy against epoch) in `dirpath`, rewritten as each epoch ends, whatever the loggers.
 
     An epoch's train metrics are logged after every callback's epoch-end hook, so its row is completed when the

@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from cnn_exp import record, report
 from tests.conftest import read_metrics, run_here
@@ -78,6 +79,10 @@ def test_a_finished_runs_report_has_every_section_and_the_records_numbers(traine
     # The network: its layer table, forward() as written, and provenance.
     assert "fc1 Linear 192 120 120×192" in text and "def forward(self" in text
     assert saved["provenance"]["versions"]["torch"] in text and "python train.py" in text
+    # What ran names the settings the command does not show: the loss and scoring, the callbacks.
+    smoothing = OmegaConf.load(trained / "config.yaml").classifier.label_smoothing
+    assert f"loss and scoring label_smoothing={smoothing}, flip_average=False, shift_average=0" in text
+    assert re.search(r"callbacks [\w, ]*model_checkpoint[\w, ]*epoch_table", text)
 
 
 def test_the_html_report_is_one_self_contained_file_and_the_markdown_links_its_pictures(trained: Path) -> None:
