@@ -142,3 +142,11 @@ def test_the_ablations_last_cumulative_row_is_the_recipe_itself(recipe: str) -> 
     assert composed(*rows[-1]) == composed()
     assert composed(*rows[0]) != composed()
     assert all(len(set(o.split("=")[0] for o in row)) == len(row) for row in rows)  # each key set once
+
+
+def test_the_ablation_finds_the_first_epoch_at_the_bar() -> None:
+    """airbench's "epochs to 94 %": the first epochs.csv row at or above the bar, none where no row reaches it."""
+    rows = [{"epoch": str(e), "val/acc": acc} for e, acc in enumerate(["0.9", "", "0.9399", "0.94", "0.95"], start=1)]
+    assert ablation.first_epoch_at(rows, 0.94) == 4
+    assert ablation.first_epoch_at(rows, 0.96) is None
+    assert ablation.first_epoch_at(rows, None) is None
