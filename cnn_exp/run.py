@@ -57,6 +57,7 @@ def setup() -> None:
     console.register_help_resolver()
     schema.store()
     _freeze_imports()
+    gc.enable()  # train.py and test.py pause it while they import
 
 
 @functools.cache
@@ -67,7 +68,6 @@ def _freeze_imports() -> None:
     8 collections and 0.9 s, and the one at exit took 1.4 s more. Once per process: a run's own objects, and in a
     sweep each job's, are collected as before."""
     gc.freeze()
-    gc.enable()
     atexit.register(gc.freeze)  # what the run made too: the process is ending, the system takes its memory back
 
 
