@@ -21,7 +21,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.migration import migrate_checkpoint
 
-from cnn_exp import atomic, build
+from cnn_exp import atomic, build, precision
 from cnn_exp.errors import UserError, is_number
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ def check(checkpoint: Any) -> None:
         build.check_model_settings(checkpoint["hyper_parameters"], "hyper_parameters")
     if "datamodule_hyper_parameters" in checkpoint:
         build.data_class(checkpoint)  # a DataModule a config of the run names, checked before any import
+    precision.trained_in(checkpoint)
     _check_built_shapes(checkpoint)
     _check_file_names(checkpoint.get("callbacks"))
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cnn_exp import build, record
+from cnn_exp import build, precision, record
 from cnn_exp.data import InMemoryDataset
 from cnn_exp.errors import UserError, is_number
 
@@ -33,6 +33,9 @@ class Classifier(L.LightningModule):
     `cnn_exp.build.BUILDS` allows, from plain values, never with Hydra's instantiate: settings read back from
     a checkpoint cannot name code, even where a path to this class skipped the checkpoint's own check.
     """
+
+    # The precision the checkpoint it was loaded from trained in (cnn_exp/predict.py: from_checkpoint), if it says.
+    trained_precision: str | None = None
 
     def __init__(
         self,
@@ -193,6 +196,8 @@ class Classifier(L.LightningModule):
             checkpoint[build.DATA_TARGET] = build.dotted(type(datamodule))
         if torch.cuda.is_available():
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+        if self._trainer is not None:  # test.py tests in it (cnn_exp/run.py: test)
+            checkpoint[precision.CHECKPOINT_KEY] = str(self._trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)

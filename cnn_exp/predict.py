@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 from torch.utils.data import DataLoader
 
-from cnn_exp import atomic, build, checkpoints
+from cnn_exp import atomic, build, checkpoints, precision
 from cnn_exp.classifier import Classifier
 from cnn_exp.errors import UserError, is_whole, shown
 from cnn_exp.images import open_image
@@ -62,6 +62,7 @@ def from_checkpoint(path: str | Path, **data: object) -> tuple[Classifier, L.Lig
     try:
         model = Classifier(**checkpoint["hyper_parameters"])
         model.load_state_dict(checkpoint["state_dict"])
+        model.trained_precision = precision.trained_in(checkpoint)
         datamodule = data_class(**values)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnn_exp import (
     assemble,
@@ -263,6 +263,10 @@ def test(cfg: DictConfig) -> float:
     if cfg.batch_size is not None:
         data_overrides["batch_size"] = cfg.batch_size
     model, datamodule = predict.from_checkpoint(path, **data_overrides)
+    # In the precision the checkpoint trained in unless one is given: then its test gives the run's own test metrics.
+    if cfg.trainer.get("precision") is None:
+        with open_dict(cfg):
+            cfg.trainer.precision = model.trained_precision or precision.FP32
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=assemble.callbacks(cfg, loggers=[]))
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = _epoch_metrics(trainer)

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import MIRROR, QUICK, ROOT, TRAINED, assert_no_result, read_metrics, run, run_here
+from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, TRAINED, assert_no_result, read_metrics, run, run_here
 
 METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
 
@@ -49,6 +50,24 @@ def test_test_py_rebuilds_everything_from_the_checkpoint_and_reproduces_the_accu
         12,
     ]
     assert f"test/acc {tested['metrics']['test/acc']:.4f}" in proc.stdout + proc.stderr
+
+
+def test_test_py_tests_in_the_precision_the_checkpoint_trained_in(paths: list[str], tmp_path: Path) -> None:
+    """A bf16 run's checkpoint, tested by test.py as it comes, gives the run's own test metrics to the bit (in fp32 it
+    differed by an image); trainer.precision= still chooses; a checkpoint naming an unknown precision is refused."""
+    run_here("train.py", tmp_path / "run", *paths, *QUICK, *NO_FIGURES, "trainer.precision=bf16-mixed")
+    trained = read_metrics(tmp_path / "run")
+    checkpoint = trained["tested"]
+    run_here("test.py", tmp_path / "same", *paths[:2], f"ckpt_path={checkpoint}", *NO_FIGURES[1:4])
+    same = read_metrics(tmp_path / "same")
+    assert same["metrics"] == {key: trained["metrics"][key] for key in same["metrics"]}
+    assert same["what_ran"]["lines"]["precision"] == "bf16-mixed"
+    run_here("test.py", tmp_path / "fp32", *paths[:2], f"ckpt_path={checkpoint}", "trainer.precision=32-true")
+    assert read_metrics(tmp_path / "fp32")["what_ran"]["lines"]["precision"] == "32-true"
+    crafted = torch.load(checkpoint, weights_only=True) | {"trained_precision": "bf16-mixed; rm -rf ~"}
+    torch.save(crafted, tmp_path / "crafted.ckpt")
+    with pytest.raises(SystemExit, match=r"^error: .*trained_precision=bf16-mixed; rm -rf ~: not a precision"):
+        run_here("test.py", tmp_path / "crafted", *paths[:2], f"ckpt_path={tmp_path / 'crafted.ckpt'}")
 
 
 def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(
