@@ -106,8 +106,8 @@ TABLES = {
         ("bf16-mixed, pool_first", ["trainer.precision=bf16-mixed", "model.pool_first=true"]),
     ],
 }
-# fashion_best's epochs are long: its table times 150 training steps an epoch (batch 128), not all 430. Its epoch
-# still holds what every epoch does (2 validation batches, checkpoints, the confusion matrix), alike in every row.
+# fashion_best's epochs are long: its table times 150 training steps an epoch (batch 128), not all 469. Its epoch
+# still holds what every epoch does (its checkpoint, the epoch table), alike in every row.
 STEPS = 150
 
 

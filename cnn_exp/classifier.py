@@ -196,7 +196,7 @@ class Classifier(L.LightningModule):
             checkpoint[build.DATA_TARGET] = build.dotted(type(datamodule))
         if torch.cuda.is_available():
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
-        if self._trainer is not None:  # test.py tests in it (cnn_exp/run.py: test)
+        if self._trainer is not None and str(self._trainer.precision) in precision.KNOWN:  # test.py tests in it
             checkpoint[precision.CHECKPOINT_KEY] = str(self._trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

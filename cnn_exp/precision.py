@@ -22,7 +22,8 @@ FP32 = "32-true"
 # The checkpoint key that holds the precision the run trained in (Lightning keeps none), and the values it may hold:
 # Lightning's own names of its precisions.
 CHECKPOINT_KEY = "trained_precision"
-KNOWN = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+KNOWN = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
+         "transformer-engine-float16")  # fmt: skip
 
 
 def native_bf16_cpu() -> bool:

@@ -268,6 +268,8 @@ def test(cfg: DictConfig) -> float:
         with open_dict(cfg):
             cfg.trainer.precision = model.trained_precision or precision.FP32
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=assemble.callbacks(cfg, loggers=[]))
+    with open_dict(cfg):
+        cfg.trainer.precision = str(trainer.precision)  # as it runs here: Lightning may replace one (16-mixed on a CPU)
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = _epoch_metrics(trainer)
     _check_trained(model, metrics)
@@ -314,7 +316,7 @@ def _what_ran(
         "optimizer": build.short(model.hparams.optimizer),
         "scheduler": build.short(model.hparams.scheduler),
         "classifier": build.short(scoring),
-        "callbacks": ", ".join(cfg.get("callbacks") or {}) or "none",
+        "callbacks": ", ".join(name for name, value in (cfg.get("callbacks") or {}).items() if value) or "none",
         "seed": str(cfg.get("seed")),
         "precision": str(cfg.trainer.get("precision")),
     }

@@ -79,9 +79,9 @@ def test_a_finished_runs_report_has_every_section_and_the_records_numbers(traine
     # The network: its layer table, forward() as written, and provenance.
     assert "fc1 Linear 192 120 120×192" in text and "def forward(self" in text
     assert saved["provenance"]["versions"]["torch"] in text and "python train.py" in text
-    # What ran names the settings the command does not show: the loss and scoring, the callbacks.
+    # What ran names the settings the command does not show: the classifier's (loss, scoring), the callbacks.
     smoothing = OmegaConf.load(trained / "config.yaml").classifier.label_smoothing
-    assert f"loss and scoring label_smoothing={smoothing}, flip_average=False, shift_average=0" in text
+    assert f"classifier label_smoothing={smoothing}, flip_average=False, shift_average=0" in text
     assert re.search(r"callbacks [\w, ]*model_checkpoint[\w, ]*epoch_table", text)
 
 
