@@ -52,6 +52,7 @@ def test_test_py_rebuilds_everything_from_the_checkpoint_and_reproduces_the_accu
     assert f"test/acc {tested['metrics']['test/acc']:.4f}" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_test_py_tests_in_the_precision_the_checkpoint_trained_in(paths: list[str], tmp_path: Path) -> None:
     """A bf16 run's checkpoint, tested by test.py as it comes, gives the run's own test metrics to the bit (in fp32 it
     differed by an image); trainer.precision= still chooses; a checkpoint naming an unknown precision is refused."""
