@@ -264,10 +264,9 @@ def test(cfg: DictConfig) -> float:
         data_overrides["batch_size"] = cfg.batch_size
     model, datamodule = predict.from_checkpoint(path, **data_overrides)
     # In the precision the checkpoint trained in unless one is given: then its test gives the run's own test metrics.
-    if cfg.trainer.get("precision") is None:
-        with open_dict(cfg):
-            cfg.trainer.precision = model.trained_precision or precision.FP32
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=assemble.callbacks(cfg, loggers=[]))
+    chosen = cfg.trainer.get("precision") or model.trained_precision or precision.FP32
+    callbacks = assemble.callbacks(cfg, loggers=[])
+    trainer: L.Trainer = instantiate(cfg.trainer, precision=chosen, logger=False, callbacks=callbacks)
     with open_dict(cfg):
         cfg.trainer.precision = str(trainer.precision)  # as it runs here: Lightning may replace one (16-mixed on a CPU)
     trainer.test(model, datamodule=datamodule, verbose=False)
