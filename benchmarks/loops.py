@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from cnn_exp import schema
 from cnn_exp.data import DATASETS
 
 RECIPES = {  # dataset, normalization (None: ToTensor only), as in the notebook
@@ -123,10 +124,13 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    # Composed as train.py composes it: net3's file holds only what differs from net2 (its defaults list).
+    # Composed as train.py composes it: net3's file holds only what differs from net2 (its defaults list), and the
+    # config's defaults list names the schemas train.py registers first.
+    schema.store()
     with initialize_config_dir(str(Path("conf").resolve()), version_base="1.3"):
         model = compose("train", overrides=[f"model={args.model}"]).model
-    network = instantiate(model, channels_last=args.channels_last)
+    # Both datasets' shape, which train.py takes from the data (the config leaves it null).
+    network = instantiate(model, channels_last=args.channels_last, in_channels=1, image_size=28, num_classes=10)
     network = network.to(args.device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     epoch_batches = batches(args)

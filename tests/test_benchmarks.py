@@ -12,7 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from benchmarks import ablation, recipes, shift_scores
+from benchmarks import ablation, loops, recipes, shift_scores
+from cnn_exp.data import MNISTDataModule
 from tests.conftest import MIRROR, NO_FIGURES, ONE_THREAD, ROOT, read_metrics
 
 
@@ -150,3 +151,30 @@ def test_the_ablation_finds_the_first_epoch_at_the_bar() -> None:
     assert ablation.first_epoch_at(rows, 0.94) == 4
     assert ablation.first_epoch_at(rows, 0.96) is None
     assert ablation.first_epoch_at(rows, None) is None
+
+
+@pytest.mark.parametrize("loop", ["notebook", "bare", "lightning"])
+def test_each_loop_compare_measures_trains_and_times_its_epochs(
+    loop: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The loops compare.py runs beside train.py compose the network as train.py does and time every epoch."""
+    monkeypatch.chdir(ROOT)
+    MNISTDataModule("MNIST", data_dir=data_dir, mirror=MIRROR).prepare_data()  # as compare.py fills --data-dir
+    argv = [
+        loop,
+        "--model",
+        "net2",
+        "--data",
+        "mnist",
+        "--batch-size",
+        "250",
+        "--epochs",
+        "2",
+        "--data-dir",
+        str(data_dir),
+    ]
+    monkeypatch.setattr(sys, "argv", ["loops", *argv, *(["--channels-last"] if loop != "notebook" else [])])
+    loops.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["epochs"]) == 2 and all(seconds > 0 for seconds in result["epochs"])
+    assert result["first_step"] > 0
