@@ -6,6 +6,7 @@ otherwise empty Lightning Trainer (Lightning's own cost), on this machine.
     python -m benchmarks.compare --mirror ../shared/datasets --table scaling   # vs batch size, network width
     python -m benchmarks.compare --device cuda --override trainer=gpu --table options   # bf16, compile, NHWC
     python -m benchmarks.compare --mirror ../shared/datasets --table fashion_best   # its step: pool_first, bf16
+    python -m benchmarks.compare --mirror ../shared/datasets --table extras   # what each of ours adds per step
     python -m benchmarks.compare --mirror ../shared/datasets --table recipes   # whole commands vs the notebook's
 
 Every measurement is its own process. Rounds interleave the variants, rotating their order, so drift in the
@@ -69,6 +70,8 @@ def measure(cmd: list[str], out: Path, device: str) -> dict:
 
 def compare(args: argparse.Namespace) -> None:
     for name, case in CASES.items():
+        if case["data"] not in args.cases:
+            continue
         results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
         for r in range(args.rounds):
             for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
@@ -105,6 +108,24 @@ TABLES = {
         ("bf16-mixed", ["trainer.precision=bf16-mixed"]),
         ("bf16-mixed, pool_first", ["trainer.precision=bf16-mixed", "model.pool_first=true"]),
     ],
+    # What each of ours adds to Lightning's loop, per step: Network3 / Fashion at batch 40, the notebook's recipe.
+    "extras": [
+        ("as configured", []),
+        ("no step checkpoints", ["~callbacks.step_checkpoint"]),
+        ("no progress bar", ["~callbacks.progress_bar", "++trainer.enable_progress_bar=false"]),
+        ("no logger", ["~logger"]),
+        (
+            "none of ours: no callbacks, logger, checkpoints",
+            [
+                "callbacks=none",
+                "~callbacks.model_checkpoint",
+                "~logger",
+                "++trainer.enable_progress_bar=false",
+                "++trainer.enable_checkpointing=false",
+                "++trainer.enable_model_summary=false",
+            ],
+        ),
+    ],
 }
 # fashion_best's epochs are long: its table times 150 training steps an epoch (batch 128), not all 469. Its epoch
 # still holds what every epoch does (its checkpoint, the epoch table), alike in every row.
@@ -117,6 +138,9 @@ def table(args: argparse.Namespace) -> None:
         case = {"experiment": "fashion_best"}
         limits = [f"++trainer.limit_train_batches={STEPS}", "++trainer.limit_val_batches=2"]
         title, columns = f"train.py experiment=fashion_best, {STEPS} steps an epoch", f"epoch ÷ {STEPS}, ms"
+    elif args.table == "extras":
+        case, limits = CASES["Network3 / Fashion"], []
+        title, columns = "train.py experiment=seed_fashion (Network3, batch 40)", "µs a step"
     else:
         case, limits = CASES["Network2 / MNIST"], []
         title, columns = "train.py, Network2 / MNIST, batch 100 unless named", "images/s"
@@ -126,12 +150,22 @@ def table(args: argparse.Namespace) -> None:
         rows = [(label, overrides) for label, overrides in rows if "bf16" not in label]
         print("(bf16 rows left out: this CPU has no bf16 instructions)\n")
     print(f"| setting | epoch time | {columns} | data on |\n|---|---|---|---|")
-    for label, overrides in rows:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "times.json"
-            result = measure(command("train.py", case, args, out, overrides + limits + args.override), out, args.device)
-        speed = f"{result['epoch'] / STEPS * 1000:.0f}" if limits else f"{TRAIN_IMAGES / result['epoch']:,.0f}"
-        print(f"| {label} | {result['epoch']:.2f} s | {speed} | {result['device']} |")
+    results: dict[str, list[dict]] = {label: [] for label, _ in rows}
+    for r in range(args.rounds):  # interleaved, the order rotating, as compare() does
+        for label, overrides in rows[r % len(rows) :] + rows[: r % len(rows)]:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "times.json"
+                cmd = command("train.py", case, args, out, overrides + limits + args.override)
+                results[label].append(measure(cmd, out, args.device))
+    for label, runs in results.items():
+        epoch = statistics.median(run["epoch"] for run in runs)
+        if limits:
+            speed = f"{epoch / STEPS * 1000:.0f}"
+        elif args.table == "extras":
+            speed = f"{epoch / (TRAIN_IMAGES / case['batch']) * 1e6:.0f}"
+        else:
+            speed = f"{TRAIN_IMAGES / epoch:,.0f}"
+        print(f"| {label} | {epoch:.2f} s | {speed} | {runs[0]['device']} |")
 
 
 def main() -> None:
@@ -147,6 +181,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cases", nargs="+", default=["mnist", "fashion"], choices=["mnist", "fashion"])
     tables = "instead: our path under each of a table's settings; recipes: see --table recipes --help"
     parser.add_argument("--table", choices=[*TABLES, "recipes"], help=tables)
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides, e.g. trainer=gpu")

@@ -1,6 +1,7 @@
 """What train.py and test.py assemble from a config, each object one build: the model and data, the Trainer with its
 callbacks, loggers and plugins; and the run-level settings, checked before any of it is built."""
 
+import contextlib
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -62,9 +64,29 @@ def trainer(cfg: DictConfig, stopper: StopOnSignal) -> L.Trainer:
     and plugins."""
     loggers = instantiate_each(cfg.get("logger"), "logger")
     stopper.save = cfg.trainer.get("enable_checkpointing") is not False
+    chosen = {} if cfg.trainer.get("profiler") else {"profiler": Unprofiled()}
     return instantiate(
-        cfg.trainer, callbacks=[*callbacks(cfg, loggers), stopper], logger=loggers or False, plugins=plugins(cfg)
+        cfg.trainer,
+        callbacks=[*callbacks(cfg, loggers), stopper],
+        logger=loggers or False,
+        plugins=plugins(cfg),
+        **chosen,
     )
+
+
+class Unprofiled(PassThroughProfiler):
+    """What the Trainer runs with when trainer.profiler chooses none: Lightning's own no-op profiler, without its cost.
+
+    Lightning wraps every hook call in `profiler.profile(name)`, each callback's included: some 80 calls a training
+    step with this project's callbacks, and its no-op profiler makes a generator-based context for each (~1 µs, 2 % of
+    Network3's step at batch 40). This one hands back one shared context that does nothing.
+    """
+
+    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
+        return _NOTHING
+
+
+_NOTHING = contextlib.nullcontext()
 
 
 def silence_known_warnings() -> None:

@@ -210,6 +210,17 @@ class ModelCheckpoint(LightningModelCheckpoint):
     from it trained some epochs twice. Here it is rewritten at the end of every epoch (and every validation).
     """
 
+    _key: tuple[tuple, str] | None = None
+
+    @property
+    def state_key(self) -> str:
+        # Lightning asks for it at every hook call, a dozen times a training step, to name the call for its profiler,
+        # and builds it each time from the callback's settings (a dict's repr). Built again only when they change.
+        settings = (self.monitor, self.mode, self._every_n_train_steps, self._every_n_epochs, self._train_time_interval)
+        if self._key is None or self._key[0] != settings:
+            self._key = (settings, super().state_key)
+        return self._key[1]
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         # Private: Lightning's choice between epoch end and after validation is not exposed.

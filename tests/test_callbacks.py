@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import RichProgressBar
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -155,3 +156,13 @@ def test_the_progress_bar_is_fed_as_often_as_it_redraws(
     trainer.fit(Classifier(net=net("net2"), optimizer=SGD), loader, loader if validate_every else None)
     assert fed == shown
     assert bar.progress.tasks[bar.train_progress_bar_id].completed == shown[-1] + 1
+
+
+def test_a_checkpoint_callbacks_state_key_is_lightnings_and_follows_its_settings(tmp_path: Path) -> None:
+    """The key a checkpoint stores the callback's state under, kept between hook calls (cnn_exp.callbacks)."""
+    ours = callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=200)
+    lightnings = LightningModelCheckpoint(dirpath=tmp_path, every_n_train_steps=200)
+    assert ours.state_key == lightnings.state_key
+    ours.monitor = lightnings.monitor = "val/acc"
+    ours.mode = lightnings.mode = "max"
+    assert ours.state_key == lightnings.state_key and "val/acc" in ours.state_key

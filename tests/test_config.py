@@ -8,14 +8,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import build
+from cnn_exp.assemble import Unprofiled, model_and_data
 from cnn_exp.assemble import callbacks as _callbacks
 from cnn_exp.assemble import instantiate_each as _instantiate_each
-from cnn_exp.assemble import model_and_data
+from cnn_exp.assemble import trainer as _trainer
 from cnn_exp.classifier import Classifier
 from cnn_exp.errors import plain as plain_values
+from cnn_exp.signals import StopOnSignal
 from tests.conftest import MNIST_SHAPE, ROOT, make_image_folder
 
 CONF = ROOT / "conf"
@@ -104,6 +107,19 @@ def test_lightnings_switches_turn_our_callbacks_off_too(config) -> None:
     assert "LearningRateMonitor" not in {type(c).__name__ for c in _callbacks(cfg, loggers=[])}
     cfg = config()
     assert len(_callbacks(cfg, loggers=_instantiate_each(cfg.logger, "logger"))) == len(cfg.callbacks)
+
+
+def test_the_trainer_profiles_only_when_a_profiler_is_chosen(config, tmp_path: Path) -> None:
+    """None chosen: Lightning's hook calls go through one shared context that does nothing (cnn_exp.assemble), not
+    a new one each; trainer.profiler=simple: Lightning's profiler."""
+    quiet = _trainer(config("~logger"), StopOnSignal(tmp_path))
+    assert isinstance(quiet.profiler, Unprofiled)
+    assert quiet.profiler.profile("[Callback]EpochTable.on_train_batch_end") is quiet.profiler.profile(
+        "run_training_batch"
+    )
+    assert (
+        type(_trainer(config("~logger", "trainer.profiler=simple"), StopOnSignal(tmp_path)).profiler) is SimpleProfiler
+    )
 
 
 def test_the_slurm_launcher_asks_for_what_the_trainer_will_use(config) -> None:
