@@ -50,6 +50,7 @@ ROWS = {
         ("not kept: + shift averaging (1 pixel)", ["classifier.shift_average=1"]),
         ("not kept: + Lookahead (every 5, α 0.5)", ["callbacks=[default,lookahead]"]),
         ("not kept: one-cycle (cos) for triangular", ["scheduler=onecycle"]),
+        ("not kept: Muon for the conv filters", ["optimizer=muon", "optimizer.muon_lr=0.1"]),
     ],
     "fashion_best": [
         # fb2, fashion_best before issue 32's methods (docs/results.md), for the recipe's 30 epochs.
@@ -73,6 +74,7 @@ ROWS = {
         ("not kept: + shift averaging (1 pixel)", ["classifier.shift_average=1"]),
         ("not kept: + Lookahead (every 5, α 0.5)", ["callbacks=[default,lookahead]"]),
         ("not kept: one-cycle (cos) for triangular", ["scheduler=onecycle"]),
+        ("not kept: Muon for the conv filters", ["optimizer=muon", "optimizer.muon_lr=0.2"]),
     ],
 }
 VALIDATION = ["data.val_size=5000", "test=false", "report.enabled=false"]

@@ -25,6 +25,7 @@ from hydra.utils import get_class
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, is_number, is_whole, plain
 from cnn_exp.folder import FolderDataModule
+from cnn_exp.muon import ConvMuon
 from cnn_exp.net import ConvNet
 
 
@@ -43,7 +44,11 @@ def _classes(module: types.ModuleType, base: type) -> dict[str, type]:
 # in messages, and how many leading arguments Classifier passes itself (the parameters, the optimizer).
 BUILDS: dict[str, tuple[dict[str, type], str, int]] = {
     "net": ({}, "a model class (trusted_class)", 0),
-    "optimizer": (_classes(torch.optim, torch.optim.Optimizer), "an optimizer of torch.optim, e.g. torch.optim.SGD", 1),
+    "optimizer": (
+        {**_classes(torch.optim, torch.optim.Optimizer), "cnn_exp.muon.ConvMuon": ConvMuon},
+        "an optimizer of torch.optim, e.g. torch.optim.SGD, or cnn_exp.muon.ConvMuon",
+        1,
+    ),
     "scheduler": (
         _classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler),
         "a scheduler of torch.optim.lr_scheduler, e.g. torch.optim.lr_scheduler.StepLR",

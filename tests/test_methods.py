@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnn_exp import build, checkpoints
@@ -14,6 +15,7 @@ from cnn_exp.classifier import Classifier, views_averaged
 from cnn_exp.data import EpochSampler, InMemoryDataset, MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.lookahead import Lookahead
+from cnn_exp.muon import ConvMuon
 from cnn_exp.net import ConvNet
 from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, read_metrics, run, run_here
 
@@ -30,6 +32,7 @@ ALL_METHODS = [
     "model.bn_momentum=0.4",
     "model.init=[whiten,dirac]",
     "scheduler=triangular",
+    "optimizer=muon",
     "optimizer.momentum=0.9",
     "optimizer.nesterov=true",
     "classifier.norm_lr_scale=8",
@@ -204,6 +207,8 @@ def test_lookahead_pulls_the_weights_back_to_the_slow_copy() -> None:
         (lambda: Classifier(net=NET, optimizer=SGD, norm_weight_decay=-1), "classifier.norm_weight_decay=-1 must"),
         (lambda: Lookahead(every=0), "callbacks.lookahead.every=0 must be"),
         (lambda: Lookahead(alpha=1.5), "callbacks.lookahead.alpha=1.5 must be"),
+        (lambda: ConvMuon([nn.Parameter(torch.ones(2))], muon_momentum=1), "optimizer.muon_momentum=1 must be"),
+        (lambda: ConvMuon([nn.Parameter(torch.ones(2))], ns_steps=0), "optimizer.ns_steps=0 must be a whole"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(make, error: str) -> None:
@@ -335,3 +340,53 @@ def test_optimizers_that_refuse_a_second_group_or_name_no_lr(paths: list[str], t
     settings = {"_target_": "torch.optim.Adadelta"}  # torch's lr for it is 1.0: the norm group's is 8 × that
     model = Classifier(net=NET, optimizer=settings, norm_lr_scale=8)
     assert [group["lr"] for group in model.configure_optimizers().param_groups] == [1.0, 8.0]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_muon_steps_filters_as_torchs_muon_and_the_rest_as_torchs_sgd(channels_last: bool) -> None:
+    """optimizer=muon: each conv layer's filters take torch.optim.Muon's step on their out × in·kh·kw matrix, in
+    either memory layout; every other parameter takes torch.optim.SGD's."""
+    torch.manual_seed(0)
+    net = ConvNet(**{k: v for k, v in NET.items() if k != "_target_"}, channels_last=channels_last)
+    optimizer = ConvMuon(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, muon_lr=0.05, muon_momentum=0.95)
+    filters = [p for p in net.parameters() if p.ndim == 4]
+    others = [p for p in net.parameters() if p.ndim != 4]
+    assert [g["muon"] for g in optimizer.param_groups] == [False, True]
+    matrices = [p.detach().reshape(len(p), -1).clone().requires_grad_() for p in filters]
+    copies = [p.detach().clone().requires_grad_() for p in others]
+    muon = torch.optim.Muon(matrices, lr=0.05, momentum=0.95, weight_decay=0.01)
+    sgd = torch.optim.SGD(copies, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for _ in range(3):  # momentum carries over between steps
+        optimizer.zero_grad()
+        F.cross_entropy(net(torch.randn(8, 1, 28, 28)), torch.arange(8)).backward()
+        for copy, p in [*zip(matrices, filters, strict=True), *zip(copies, others, strict=True)]:
+            copy.grad = p.grad.reshape(copy.shape).clone()
+        optimizer.step(), muon.step(), sgd.step()
+    for p, matrix in zip(filters, matrices, strict=True):
+        assert torch.allclose(p.detach().reshape(len(p), -1), matrix, atol=1e-6)
+        assert p.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert all(torch.equal(p, copy) for p, copy in zip(others, copies, strict=True))
+
+
+def test_conv_muon_continues_from_its_state_to_the_bit_and_refuses_another_split() -> None:
+    def trained(steps: int, state: dict | None = None) -> tuple[ConvNet, ConvMuon]:
+        torch.manual_seed(0)
+        net = ConvNet(**{k: v for k, v in NET.items() if k != "_target_"})
+        optimizer = ConvMuon(net.parameters())
+        if state is not None:
+            net.load_state_dict(state["net"]), optimizer.load_state_dict(state["optimizer"])
+        for step in range(0 if state is None else 2, steps):
+            optimizer.zero_grad()
+            images = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(step))
+            F.cross_entropy(net(images), torch.arange(8)).backward()
+            optimizer.step()
+        return net, optimizer
+
+    whole, _ = trained(4)
+    net, optimizer = trained(2)
+    saved = {"net": net.state_dict(), "optimizer": optimizer.state_dict()}
+    resumed, _ = trained(4, saved)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+    saved["optimizer"]["param_groups"][1]["ns_steps"] = 10**9  # a crafted file must not choose the work each step does
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\.ns_steps=1000000000, this optimizer's 5"):
+        trained(4, saved)
