@@ -111,6 +111,8 @@ TABLES = {
     # What each of ours adds to Lightning's loop, per step: Network3 / Fashion at batch 40, the notebook's recipe.
     "extras": [
         ("as configured", []),
+        # Lightning's own no-op profiler, whose profile() makes a context per call, for ours (cnn_exp/assemble.py).
+        ("Lightning's no-op profiler", ["++trainer.profiler._target_=lightning.pytorch.profilers.PassThroughProfiler"]),
         ("no step checkpoints", ["~callbacks.step_checkpoint"]),
         ("no progress bar", ["~callbacks.progress_bar", "++trainer.enable_progress_bar=false"]),
         ("no logger", ["~logger"]),

@@ -1,5 +1,6 @@
 """Muon for the conv filters, SGD for the rest, as one optimizer: airbench's Muon variant (optimizer=muon)."""
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -8,6 +9,9 @@ from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, muon
 from torch.optim.sgd import sgd
 
 from cnn_exp.errors import UserError, is_number, is_whole
+
+# torch's Newton–Schulz iteration refuses this many steps or more.
+MAX_NS_STEPS = 100
 
 
 class ConvMuon(torch.optim.Optimizer):
@@ -33,15 +37,19 @@ class ConvMuon(torch.optim.Optimizer):
         ns_steps: int = 5,
     ) -> None:
         for name, value in (("lr", lr), ("muon_lr", muon_lr), ("weight_decay", weight_decay)):
-            if not is_number(value) or value < 0:
-                raise UserError(f"optimizer.{name}={value} must be a number, 0 or more")
+            if not is_number(value) or not math.isfinite(value) or value < 0:
+                raise UserError(f"optimizer.{name}={value} must be a finite number, 0 or more")
         for name, value in (("momentum", momentum), ("muon_momentum", muon_momentum)):
             if not is_number(value) or not 0 <= value < 1:
                 raise UserError(f"optimizer.{name}={value} must be at least 0 and below 1")
-        if not is_whole(ns_steps) or ns_steps < 1:
-            raise UserError(f"optimizer.ns_steps={ns_steps} must be a whole number of iterations, 1 or more")
-        if nesterov not in (True, False):
+        if not is_whole(ns_steps) or not 1 <= ns_steps < MAX_NS_STEPS:  # torch's Newton–Schulz refuses 100 or more
+            raise UserError(
+                f"optimizer.ns_steps={ns_steps} must be a whole number of iterations, 1 to {MAX_NS_STEPS - 1}"
+            )
+        if not isinstance(nesterov, bool):
             raise UserError(f"optimizer.nesterov={nesterov} must be true or false")
+        if nesterov and not momentum:  # as torch.optim.SGD refuses it
+            raise UserError("optimizer.nesterov=true needs optimizer.momentum above 0: set one, or nesterov=false")
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
                     "ns_steps": ns_steps}  # fmt: skip
         super().__init__(_split(params, muon_lr, muon_momentum), defaults)
@@ -80,12 +88,25 @@ class ConvMuon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A saved state continues only this optimizer's split and iterations: which groups are filters, and how many
-        Newton–Schulz iterations each step runs, are the config's, not a checkpoint's to change."""
+        Newton–Schulz iterations each step runs, are the config's, not a checkpoint's to change; and each momentum
+        buffer must be shaped as its parameter (torch would broadcast a single number into one)."""
         for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"], strict=False)):
+            missing = sorted(set(group) - set(saved) - {"params"})
+            if missing:
+                raise ValueError(f"param_groups[{index}] lacks {', '.join(missing)}")
             for key in ("muon", "ns_steps"):
-                if saved.get(key) != group[key]:
-                    raise ValueError(f"param_groups[{index}].{key}={saved.get(key)!r}, this optimizer's {group[key]!r}")
+                if type(saved[key]) is not type(group[key]) or saved[key] != group[key]:
+                    raise UserError(
+                        f"the checkpoint's optimizer state has param_groups[{index}].{key}={saved[key]!r}, this run's "
+                        f"ConvMuon {group[key]!r} (optimizer.ns_steps and which parameters are conv filters): it "
+                        "continues only its own"
+                    )
         super().load_state_dict(state_dict)
+        for number, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            buffer = self.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None and (not isinstance(buffer, torch.Tensor) or buffer.shape != p.shape):
+                shape = list(buffer.shape) if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+                raise ValueError(f"momentum_buffer of parameter {number} is {shape}, the parameter {list(p.shape)}")
 
 
 def _split(params: Iterable[Any], muon_lr: float, muon_momentum: float) -> list[dict[str, Any]]:

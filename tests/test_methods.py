@@ -209,6 +209,10 @@ def test_lookahead_pulls_the_weights_back_to_the_slow_copy() -> None:
         (lambda: Lookahead(alpha=1.5), "callbacks.lookahead.alpha=1.5 must be"),
         (lambda: ConvMuon([nn.Parameter(torch.ones(2))], muon_momentum=1), "optimizer.muon_momentum=1 must be"),
         (lambda: ConvMuon([nn.Parameter(torch.ones(2))], ns_steps=0), "optimizer.ns_steps=0 must be a whole"),
+        (lambda: ConvMuon([nn.Parameter(torch.ones(2))], ns_steps=100), "optimizer.ns_steps=100 must be a whole"),
+        (lambda: ConvMuon([nn.Parameter(torch.ones(2))], muon_lr=float("nan")), "optimizer.muon_lr=nan must be a"),
+        (lambda: ConvMuon([nn.Parameter(torch.ones(2))], momentum=0), "optimizer.nesterov=true needs optimizer.mom"),
+        (lambda: ConvMuon([nn.Parameter(torch.ones(2))], nesterov=1), "optimizer.nesterov=1 must be true or false"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(make, error: str) -> None:
@@ -387,6 +391,13 @@ def test_conv_muon_continues_from_its_state_to_the_bit_and_refuses_another_split
     saved = {"net": net.state_dict(), "optimizer": optimizer.state_dict()}
     resumed, _ = trained(4, saved)
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
-    saved["optimizer"]["param_groups"][1]["ns_steps"] = 10**9  # a crafted file must not choose the work each step does
-    with pytest.raises(ValueError, match=r"param_groups\[1\]\.ns_steps=1000000000, this optimizer's 5"):
+    # A crafted file must not choose the work each step does, nor a momentum that is not its parameter's.
+    for value in (10**9, 5.0):
+        saved["optimizer"]["param_groups"][1]["ns_steps"] = value
+        with pytest.raises(UserError, match=rf"param_groups\[1\]\.ns_steps={value}, this run's ConvMuon 5"):
+            trained(4, saved)
+    saved["optimizer"]["param_groups"][1]["ns_steps"] = 5
+    first_filters = len([p for p in net.parameters() if p.ndim != 4])
+    saved["optimizer"]["state"][first_filters]["momentum_buffer"] = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=rf"momentum_buffer of parameter {first_filters} is \[\], the parameter"):
         trained(4, saved)
