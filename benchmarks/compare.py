@@ -72,9 +72,10 @@ def compare(args: argparse.Namespace) -> None:
     for name, case in CASES.items():
         if case["data"] not in args.cases:
             continue
-        results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+        variants = [v for v in VARIANTS if v in args.variants]
+        results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
+            for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "times.json"
                     results[variant].append(measure(command(variant, case, args, out, args.override), out, args.device))
@@ -86,9 +87,10 @@ def compare(args: argparse.Namespace) -> None:
             print(
                 f"| {variant} | {epoch:.2f} s | {TRAIN_IMAGES / epoch:,.0f} | {startup:.1f} s | {runs[0]['device']} |"
             )
-        for a, b in RATIOS:
-            ratio = statistics.median(x["epoch"] / y["epoch"] for x, y in zip(results[a], results[b], strict=True))
-            print(f"\n{a} / {b}: {ratio:.2f}", end="")
+        for a, b in [(a, b) for a, b in RATIOS if a in results and b in results]:
+            ratios = [x["epoch"] / y["epoch"] for x, y in zip(results[a], results[b], strict=True)]
+            spread = f" ({min(ratios):.2f}–{max(ratios):.2f} over rounds)" if len(ratios) > 1 else ""
+            print(f"\n{a} / {b}: {statistics.median(ratios):.2f}{spread}", end="")
         print()
 
 
@@ -151,7 +153,8 @@ def table(args: argparse.Namespace) -> None:
     if limits and args.device == "cpu" and not native_bf16_cpu():  # emulated, its epochs take minutes
         rows = [(label, overrides) for label, overrides in rows if "bf16" not in label]
         print("(bf16 rows left out: this CPU has no bf16 instructions)\n")
-    print(f"| setting | epoch time | {columns} | data on |\n|---|---|---|---|")
+    print(f"| setting | epoch time | {columns} | ÷ first row, per round: median (range) | data on |")
+    print("|---|---|---|---|---|")
     results: dict[str, list[dict]] = {label: [] for label, _ in rows}
     for r in range(args.rounds):  # interleaved, the order rotating, as compare() does
         for label, overrides in rows[r % len(rows) :] + rows[: r % len(rows)]:
@@ -167,7 +170,10 @@ def table(args: argparse.Namespace) -> None:
             speed = f"{epoch / (TRAIN_IMAGES / case['batch']) * 1e6:.0f}"
         else:
             speed = f"{TRAIN_IMAGES / epoch:,.0f}"
-        print(f"| {label} | {epoch:.2f} s | {speed} | {runs[0]['device']} |")
+        # Per round, against the first row's run of that round: drift between rounds cancels out.
+        ratios = [run["epoch"] / first["epoch"] for run, first in zip(runs, results[rows[0][0]], strict=True)]
+        ratio = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
+        print(f"| {label} | {epoch:.2f} s | {speed} | {ratio} | {runs[0]['device']} |")
 
 
 def main() -> None:
@@ -184,6 +190,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cases", nargs="+", default=["mnist", "fashion"], choices=["mnist", "fashion"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="the paths to time")
     tables = "instead: our path under each of a table's settings; recipes: see --table recipes --help"
     parser.add_argument("--table", choices=[*TABLES, "recipes"], help=tables)
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides, e.g. trainer=gpu")
