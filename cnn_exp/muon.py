@@ -21,8 +21,9 @@ class ConvMuon(torch.optim.Optimizer):
 
     torch.optim.Muon takes 2-D parameters only, and Lightning trains with one optimizer: this splits each parameter
     group it is given into its conv filters (`muon_lr`, `muon_momentum`) and the rest (`lr`, `momentum`), and steps
-    each part with torch's own functional update. Weight decay applies to both. The groups are ordinary ones, so a
-    schedule scales both learning rates alike, and the state (momentum buffers) saves and resumes as any optimizer's.
+    each part with torch's own functional update, weight decay included (decoupled for Muon, added to the gradient
+    for SGD). The groups are ordinary ones, so a schedule over each group's own learning rate scales both parts, and
+    the state (momentum buffers shaped as their parameters) saves and resumes as any optimizer's.
     """
 
     def __init__(
