@@ -55,6 +55,11 @@ def command(variant: str, case: dict, args: argparse.Namespace, out: Path, extra
             f"+callbacks.epoch_timer.path={out}", *extra]  # fmt: skip
 
 
+def rotated(items: list, r: int) -> list:
+    """Round `r`'s order: `items` rotated by `r` places, so that drift in the machine's speed reaches each alike."""
+    return items[r % len(items) :] + items[: r % len(items)]
+
+
 def measure(cmd: list[str], out: Path, device: str) -> dict:
     launched = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -75,7 +80,7 @@ def compare(args: argparse.Namespace) -> None:
         variants = [v for v in VARIANTS if v in args.variants]
         results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            for variant in rotated(variants, r):
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "times.json"
                     results[variant].append(measure(command(variant, case, args, out, args.override), out, args.device))
@@ -156,8 +161,8 @@ def table(args: argparse.Namespace) -> None:
     print(f"| setting | epoch time | {columns} | ÷ first row, per round: median (range) | data on |")
     print("|---|---|---|---|---|")
     results: dict[str, list[dict]] = {label: [] for label, _ in rows}
-    for r in range(args.rounds):  # interleaved, the order rotating, as compare() does
-        for label, overrides in rows[r % len(rows) :] + rows[: r % len(rows)]:
+    for r in range(args.rounds):
+        for label, overrides in rotated(rows, r):
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "times.json"
                 cmd = command("train.py", case, args, out, overrides + limits + args.override)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import ROOT
+from benchmarks.compare import ROOT, rotated
 from benchmarks.epoch_timer import EpochTimer
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.precision import native_bf16_cpu
@@ -80,7 +80,7 @@ def schedule(recipes: list[str], seeds: list[int], r: int) -> list[tuple[str, in
     for j, (recipe, seed) in enumerate((recipe, seed) for recipe in recipes for seed in seeds):
         both = [(recipe, seed, "recipe"), (recipe, seed, "reference")]
         pairs.append(both if (r + j) % 2 == 0 else both[::-1])
-    return [run for pair in pairs[r % len(pairs) :] + pairs[: r % len(pairs)] for run in pair]
+    return [run for pair in rotated(pairs, r) for run in pair]
 
 
 def measure(experiment: str, seed: int, folder: Path, args: argparse.Namespace) -> dict:
