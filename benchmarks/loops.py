@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from cnn_exp import schema
-from cnn_exp.data import DATASETS
+from cnn_exp import build, schema
+from cnn_exp.data import DATASETS, MNISTDataModule
 
 RECIPES = {  # dataset, normalization (None: ToTensor only), as in the notebook
     "mnist": ("MNIST", (0.1307, 0.3081)),
@@ -129,8 +130,11 @@ def main() -> None:
     schema.store()
     with initialize_config_dir(str(Path("conf").resolve()), version_base="1.3"):
         model = compose("train", overrides=[f"model={args.model}"]).model
-    # Both datasets' shape, which train.py takes from the data (the config leaves it null).
-    network = instantiate(model, channels_last=args.channels_last, in_channels=1, image_size=28, num_classes=10)
+    # The shape and classes the config leaves null come from the data, as in train.py.
+    settings = build.with_data_shape(
+        OmegaConf.to_container(model, resolve=True), MNISTDataModule(RECIPES[args.data][0])
+    )
+    network = instantiate(settings, channels_last=args.channels_last)
     network = network.to(args.device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     epoch_batches = batches(args)
