@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
+from cnn_exp import classifier
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
@@ -84,6 +85,36 @@ def test_label_smoothing_is_the_loss_trained_on(mnist: MNISTDataModule, tmp_path
     )  # fmt: skip
     trainer.fit(model, datamodule=mnist)
     assert torch.allclose(loss.trained, loss.smoothed) and not torch.allclose(loss.trained, loss.plain)
+
+
+def test_train_accuracy_holds_every_step_whenever_it_is_read(
+    mnist: MNISTDataModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted in groups of steps, yet a state dict taken mid-group (a checkpoint) and the epoch's train/acc hold every
+    step's predictions, against a count made here of what the network predicted as each step began."""
+    monkeypatch.setattr(classifier, "COUNT_EVERY", 4)
+
+    class Count(L.Callback):
+        correct, mid_group = 0, None
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Classifier, batch: tuple, batch_idx: int) -> None:
+            images, labels = batch
+            with torch.no_grad():  # Network2 has no dropout: the step's forward pass gives these logits
+                self.correct += int(module(images).argmax(dim=1).eq(labels).sum())
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: Classifier, *args: object) -> None:
+            if trainer.global_step == 6:  # 4 counted, 2 gathered since
+                self.mid_group = (module.state_dict()["train_acc.tp"].item(), self.correct)
+
+    count = Count()
+    model = Classifier(net=net("net2"), optimizer=SGD)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=7, limit_val_batches=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[count],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=mnist)
+    assert count.mid_group[0] == count.mid_group[1] > 0
+    assert trainer.callback_metrics["train/acc"].item() == pytest.approx(count.correct / (7 * 50))
 
 
 def test_flip_averaging_classifies_by_the_mean_of_an_image_and_its_mirror() -> None:
