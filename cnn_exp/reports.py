@@ -5,6 +5,7 @@ docs/outputs.md."""
 import csv
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from time import monotonic
@@ -18,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cnn_exp import atomic, console, inside, record, report
-from cnn_exp.errors import UserError, is_whole, shown
+from cnn_exp.errors import UserError, is_number, is_whole, shown
 from cnn_exp.plots import confusion_figure, curves_figure, image_grid, literal, pixels, side_by_side, write_png
 
 log = logging.getLogger(__name__)
@@ -259,17 +260,23 @@ def what_ran(trainer: L.Trainer) -> str:
 
 class EpochTable(L.Callback):
     """`epochs.csv` (one row per epoch: train and validation loss and accuracy, learning rate at its start, seconds) and
-    `curves.png` (loss and accuracy against epoch) in `dirpath`, rewritten as each epoch ends, whatever the loggers.
+    `curves.png` (loss and accuracy against epoch) in `dirpath`, whatever the loggers.
 
+    epochs.csv is rewritten as each epoch ends; curves.png then too, but at most once every `redraw_every` seconds
+    until training ends (drawing it takes ~0.1 s: with epochs of a few seconds, a tenth of the time is spent drawing;
+    TensorBoard shows the curves live), and always after the last epoch.
     An epoch's train metrics are logged after every callback's epoch-end hook, so its row is completed when the
     next epoch starts or training ends. The rows travel in checkpoints: a resumed run keeps its earlier epochs.
     """
 
     FIELDS = ("epoch", record.TRAIN_LOSS, record.TRAIN_ACC, record.VAL_LOSS, record.VAL_ACC, "lr", "seconds")
 
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str, redraw_every: float = 10.0) -> None:
+        if not is_number(redraw_every) or not redraw_every >= 0:
+            raise UserError(f"callbacks.epoch_table.redraw_every={redraw_every} must be a number of seconds, 0 or more")
+        self.dirpath, self.redraw_every = Path(dirpath), float(redraw_every)
         self._drawn: list[dict[str, Any]] = []  # the rows curves.png shows
+        self._drawn_at = -math.inf
         self.rows: list[dict[str, Any]] = []
         self._epoch: dict[str, Any] | None = None  # the running epoch: its number, lr, metrics known so far
         self._started = monotonic()  # when the running epoch started
@@ -293,7 +300,7 @@ class EpochTable(L.Callback):
             self._epoch["ended"] = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer)
+        self._finish(trainer, last=True)
 
     def state_dict(self) -> dict[str, Any]:
         running = None
@@ -319,8 +326,10 @@ class EpochTable(L.Callback):
         self._epoch = {"epoch": number, "lr": optimizer.param_groups[0]["lr"] if optimizer else None}
         self._started = monotonic()
 
-    def _finish(self, trainer: L.Trainer) -> None:
+    def _finish(self, trainer: L.Trainer, last: bool = False) -> None:
         if self._epoch is None:
+            if last and self.rows and self._drawn != self.rows and trainer.is_global_zero:
+                self._draw(trainer)  # rows a resumed run's checkpoint holds, never drawn by this process
             return
         row = {name: self._epoch.get(name) for name in self.FIELDS}
         for name in (record.TRAIN_LOSS, record.TRAIN_ACC):
@@ -335,7 +344,9 @@ class EpochTable(L.Callback):
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
-        self._draw(trainer)
+        if last or monotonic() - self._drawn_at >= self.redraw_every:
+            self._draw(trainer)
+            self._drawn_at = monotonic()
         report.write(self.dirpath)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

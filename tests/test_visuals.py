@@ -8,6 +8,7 @@ import os
 import statistics
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -16,9 +17,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cnn_exp import sweep
+from cnn_exp.classifier import Classifier
+from cnn_exp.data import MNISTDataModule
+from cnn_exp.errors import UserError
 from cnn_exp.plots import confusion_figure, sweep_figure
+from cnn_exp.reports import EpochTable
 from cnn_exp.tensorboard import job_values, short_keys
-from tests.conftest import NO_FIGURES, QUICK, read_metrics, run
+from tests.conftest import MIRROR, NO_FIGURES, QUICK, composed, read_metrics, run
 
 CURVES = ["acc/train", "acc/val", "loss/train", "loss/val"]
 
@@ -97,6 +102,34 @@ def test_a_run_writes_epochs_csv_and_curves_png_that_agree_with_metrics_json(tra
     assert all(float(row["lr"]) == 0.1 and float(row["seconds"]) > 0 for row in rows)
     with Image.open(trained / "curves.png") as image:
         assert image.format == "PNG" and image.width >= 600
+
+
+def test_curves_png_is_redrawn_at_most_every_redraw_every_seconds_and_after_the_last_epoch(tmp_path: Path) -> None:
+    """epochs.csv gains every epoch's row as it ends; curves.png only once redraw_every has passed since it was last
+    drawn, and always when training ends, with every row."""
+    data = MNISTDataModule("MNIST", str(tmp_path / "data"), str(MIRROR), batch_size=50, val_size=100)
+
+    class Look(L.Callback):  # after EpochTable's own hook, as each epoch starts: what a user's viewer would show
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, bytes]] = []
+
+        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if trainer.current_epoch:
+                self.seen.append((len(read_csv(tmp_path / "epochs.csv")), (tmp_path / "curves.png").read_bytes()))
+
+    table, look = EpochTable(str(tmp_path), redraw_every=3600), Look()
+    trainer = L.Trainer(
+        max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[table, look],
+    )  # fmt: skip
+    trainer.fit(Classifier(net=composed("model", "net2"), optimizer={"_target_": "torch.optim.SGD", "lr": 0.1}), data)
+    (rows_1, after_1), (rows_2, after_2) = look.seen
+    assert (rows_1, rows_2) == (1, 2) and after_2 == after_1, "epoch 2's row written, its curves not drawn again yet"
+    assert len(read_csv(tmp_path / "epochs.csv")) == 3 and (tmp_path / "curves.png").read_bytes() != after_2
+    assert table._drawn == table.rows
+    for bad in (-1, "often", float("nan")):
+        with pytest.raises(UserError, match=r"callbacks.epoch_table.redraw_every=.* must be a number of seconds"):
+            EpochTable(str(tmp_path), redraw_every=bad)
 
 
 def job(sweep_dir: Path, number: int, overrides: list[str], result: dict | None) -> None:
