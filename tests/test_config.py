@@ -12,7 +12,7 @@ from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import build
-from cnn_exp.assemble import Unprofiled, model_and_data
+from cnn_exp.assemble import BATCH_HOOKS, Unprofiled, model_and_data, skip_absent_batch_hooks
 from cnn_exp.assemble import callbacks as _callbacks
 from cnn_exp.assemble import instantiate_each as _instantiate_each
 from cnn_exp.assemble import trainer as _trainer
@@ -120,6 +120,47 @@ def test_the_trainer_profiles_only_when_a_profiler_is_chosen(config, tmp_path: P
     assert (
         type(_trainer(config("~logger", "trainer.profiler=simple"), StopOnSignal(tmp_path)).profiler) is SimpleProfiler
     )
+
+
+def test_lightning_calls_only_the_batch_hooks_a_callback_defines(config, tmp_path: Path) -> None:
+    """Those left to Callback's empty ones are None on each callback (Lightning's dispatcher passes over them); those
+    it defines still run at every step. With a profiler chosen, every hook stays, for it to time."""
+    quiet = _trainer(config("~logger"), StopOnSignal(tmp_path))
+    bar = quiet.progress_bar_callback
+    assert bar.on_train_batch_end is not None and bar.on_before_backward is None
+    assert all(
+        getattr(c, hook) is None for c in quiet.callbacks for hook in BATCH_HOOKS if type(c).__name__ == "EpochTable"
+    )
+    profiled = _trainer(config("~logger", "trainer.profiler=simple"), StopOnSignal(tmp_path))
+    assert all(callable(getattr(c, hook)) for c in profiled.callbacks for hook in BATCH_HOOKS)
+
+    class Steps(L.Callback):
+        def __init__(self) -> None:
+            self.ended = 0
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self.ended += 1
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    steps = Steps()
+    skip_absent_batch_hooks([steps])
+    assert steps.on_train_batch_start is None and steps.on_train_batch_end is not None
+    trainer = L.Trainer(
+        max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path, callbacks=[steps],
+    )  # fmt: skip
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(6, 2), batch_size=2))
+    assert steps.ended == 3
 
 
 def test_the_slurm_launcher_asks_for_what_the_trainer_will_use(config) -> None:
