@@ -8,15 +8,18 @@ otherwise empty Lightning Trainer (Lightning's own cost), on this machine.
     python -m benchmarks.compare --mirror ../shared/datasets --table fashion_best   # its step: pool_first, bf16
     python -m benchmarks.compare --mirror ../shared/datasets --table extras   # what each of ours adds per step
     python -m benchmarks.compare --mirror ../shared/datasets --table recipes   # whole commands vs the notebook's
+    python -m benchmarks.compare --mirror ../shared/datasets --pinned --variants "Lightning, bare step, NHWC" train.py
 
 Every measurement is its own process. Rounds interleave the variants, rotating their order, so drift in the
 machine's speed reaches all of them alike. A process reports the median of its epochs after the first (warm-up);
 the tables show the median over rounds, and each ratio is the median of the per-round ratios. "start → step 1" is
-the time from launching the process to its first training step.
+the time from launching the process to its first training step. With --pinned the two variants run at once instead,
+each on a core of its own with one thread, swapping cores each round: drift reaches both in the same seconds.
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,16 +64,40 @@ def rotated(items: list, r: int) -> list:
 
 
 def measure(cmd: list[str], out: Path, device: str) -> dict:
+    return measure_together([(cmd, out)], device)[0]
+
+
+def measure_together(jobs: list[tuple[list[str], Path]], device: str, cores: list[int] | None = None) -> list[dict]:
+    """Run each (command, times file) job and read its times; with `cores`, all at once, the i-th pinned to cores[i]
+    with one thread (torch's threads follow OMP_NUM_THREADS)."""
     launched = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(out.read_text() if out.exists() else proc.stdout.strip().splitlines()[-1])
-    return {
-        "epoch": statistics.median(result["epochs"][1:]),
-        "startup": result["first_step"] - launched,
-        "device": result.get("data_device", device),  # the loops hold their data where they train
-    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if cores else None
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=(lambda core=core: os.sched_setaffinity(0, {core})) if cores else None,
+        )
+        for (cmd, _), core in zip(jobs, cores or [None] * len(jobs), strict=True)
+    ]
+    results = []
+    for (cmd, out), proc in zip(jobs, procs, strict=True):
+        stdout, stderr = proc.communicate()
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+        result = json.loads(out.read_text() if out.exists() else stdout.strip().splitlines()[-1])
+        results.append(
+            {
+                "epoch": statistics.median(result["epochs"][1:]),
+                "startup": result["first_step"] - launched,
+                "device": result.get("data_device", device),  # the loops hold their data where they train
+            }
+        )
+    return results
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -80,11 +107,22 @@ def compare(args: argparse.Namespace) -> None:
         variants = [v for v in VARIANTS if v in args.variants]
         results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         for r in range(args.rounds):
+            if args.pinned:  # both at once, each on its own core, which they swap each round
+                with tempfile.TemporaryDirectory() as tmp:
+                    outs = [Path(tmp) / f"{i}.json" for i in range(2)]
+                    jobs = [
+                        (command(v, case, args, out, args.override), out) for v, out in zip(variants, outs, strict=True)
+                    ]
+                    measured = measure_together(jobs, args.device, [r % 2, 1 - r % 2])
+                    for variant, result in zip(variants, measured, strict=True):
+                        results[variant].append(result)
+                continue
             for variant in rotated(variants, r):
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "times.json"
                     results[variant].append(measure(command(variant, case, args, out, args.override), out, args.device))
-        print(f"\n{name}, batch {case['batch']}, {args.rounds} rounds of {args.epochs} epochs ({args.device})\n")
+        how = "at once, pinned, one thread each" if args.pinned else args.device
+        print(f"\n{name}, batch {case['batch']}, {args.rounds} rounds of {args.epochs} epochs ({how})\n")
         print("| path | epoch time | images/s | start → step 1 | data on |\n|---|---|---|---|---|")
         for variant, runs in results.items():
             epoch = statistics.median(r["epoch"] for r in runs)
@@ -199,7 +237,11 @@ def main() -> None:
     tables = "instead: our path under each of a table's settings; recipes: see --table recipes --help"
     parser.add_argument("--table", choices=[*TABLES, "recipes"], help=tables)
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides, e.g. trainer=gpu")
+    pinned = "run the two --variants at once, each on a core of its own with one thread, swapping cores each round"
+    parser.add_argument("--pinned", action="store_true", help=pinned)
     args = parser.parse_args()
+    if args.pinned and (len(args.variants) != 2 or args.table or args.device != "cpu" or (os.cpu_count() or 1) < 2):
+        parser.error("--pinned times two --variants on the CPU, on a machine with two cores or more")
     for name in DATASETS:
         MNISTDataModule(name, data_dir=args.data_dir, mirror=args.mirror).prepare_data()
     table(args) if args.table else compare(args)

@@ -2,6 +2,7 @@
 table's numbers, are what they say."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from benchmarks import ablation, loops, recipes, shift_scores
+from benchmarks import ablation, compare, loops, recipes, shift_scores
 from cnn_exp.data import MNISTDataModule
 from tests.conftest import MIRROR, NO_FIGURES, ONE_THREAD, ROOT, read_metrics
 
@@ -178,3 +179,21 @@ def test_each_loop_compare_measures_trains_and_times_its_epochs(
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["epochs"]) == 2 and all(seconds > 0 for seconds in result["epochs"])
     assert result["first_step"] > 0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--pinned needs two cores")
+def test_pinned_jobs_run_at_once_each_on_its_own_core_with_one_thread(tmp_path: Path) -> None:
+    """compare.py --pinned: the two processes overlap in time, each held to the core it was given, torch told to use
+    one thread; their times are read as a sequential run's are."""
+    job = (
+        "import json, os, sys, time; start = time.time(); time.sleep(1); "
+        "json.dump({'first_step': start, 'epochs': [9.0, 2.0, 4.0]}, open(sys.argv[1], 'w')); "
+        "json.dump({'cores': sorted(os.sched_getaffinity(0)), 'threads': os.environ.get('OMP_NUM_THREADS'), "
+        "'start': start, 'end': time.time()}, open(sys.argv[1] + '.seen', 'w'))"
+    )
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    results = compare.measure_together([([sys.executable, "-c", job, str(out)], out) for out in outs], "cpu", [1, 0])
+    assert [r["epoch"] for r in results] == [3.0, 3.0] and all(r["startup"] < 1 for r in results)
+    seen = [json.loads(Path(f"{out}.seen").read_text()) for out in outs]
+    assert [s["cores"] for s in seen] == [[1], [0]] and {s["threads"] for s in seen} == {"1"}
+    assert seen[0]["start"] < seen[1]["end"] and seen[1]["start"] < seen[0]["end"], "they ran at the same time"
