@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
@@ -152,15 +153,17 @@ def test_lightning_calls_only_the_batch_hooks_a_callback_defines(config, tmp_pat
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    steps = Steps()
-    skip_absent_batch_hooks([steps])
+    steps, started = Steps(), []
+    given = LambdaCallback(on_train_batch_start=lambda *args: started.append(1))  # hooks set on the instance
+    skip_absent_batch_hooks([steps, given])
     assert steps.on_train_batch_start is None and steps.on_train_batch_end is not None
+    assert given.on_train_batch_start is not None and given.on_train_batch_end is None
     trainer = L.Trainer(
         max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=tmp_path, callbacks=[steps],
+        default_root_dir=tmp_path, callbacks=[steps, given],
     )  # fmt: skip
     trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(6, 2), batch_size=2))
-    assert steps.ended == 3
+    assert steps.ended == 3 and len(started) == 3
 
 
 def test_the_slurm_launcher_asks_for_what_the_trainer_will_use(config) -> None:
