@@ -18,9 +18,9 @@ from cnn_exp.errors import UserError, is_number
 
 log = logging.getLogger(__name__)
 
-# Training steps whose predictions the train accuracy counts in one update. A torchmetrics update costs about as much
-# as 3 % of Network3's step at batch 40 (~0.1 ms); its counts are integers, so counted in groups the epoch's accuracy
-# is the same to the bit.
+# Training steps whose predictions the train accuracy counts in one update. A torchmetrics update costs ~0.1 ms inside
+# a step, 3-4 % of Network3's at batch 40; its counts are integers, so counted in groups the epoch's accuracy is the
+# same to the bit.
 COUNT_EVERY = 32
 
 
@@ -88,8 +88,10 @@ class Classifier(L.LightningModule):
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
         self._predicted: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps' (predictions, labels) not counted yet
-        # Counted before any state dict is taken (a checkpoint, the EMA callback's copy): it holds them all.
+        # Counted before any state dict is taken (Lightning's checkpoints), so that it holds them all; dropped when one
+        # is loaded, whose counts replace everything this module had seen.
         self.register_state_dict_pre_hook(_count_before_saving)
+        self.register_load_state_dict_pre_hook(_drop_before_loading)
         self._rng_state: dict[str, Any] = {}  # a resumed checkpoint's random state, set when training starts
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -326,7 +328,10 @@ class Classifier(L.LightningModule):
         if self._predicted:
             predictions, labels = zip(*self._predicted, strict=True)
             self._predicted = []
-            self.train_acc.update(torch.cat(predictions), torch.cat(labels))
+            # Also reached from a checkpoint saved during validation, under its inference mode: counts made there
+            # would become inference tensors, which a later in-place update refuses.
+            with torch.inference_mode(False):
+                self.train_acc.update(torch.cat(predictions), torch.cat(labels))
 
     def on_validation_epoch_start(self) -> None:
         self.val_confusion.reset()
@@ -358,6 +363,10 @@ class Classifier(L.LightningModule):
 
 def _count_before_saving(module: Classifier, prefix: str, keep_vars: bool) -> None:
     module._count_predictions()
+
+
+def _drop_before_loading(module: Classifier, *args: Any) -> None:
+    module._predicted = []
 
 
 def _as_list(value: Any) -> Any:

@@ -117,6 +117,28 @@ def test_train_accuracy_holds_every_step_whenever_it_is_read(
     assert trainer.callback_metrics["train/acc"].item() == pytest.approx(count.correct / (7 * 50))
 
 
+def test_a_loaded_state_replaces_predictions_gathered_before_it() -> None:
+    """A fit stopped between two counts, then resumed in the same process from a checkpoint: the checkpoint's counts
+    stand for every step before it, so what the stopped fit had gathered must not be counted on top of them."""
+    stopped, saved = Classifier(net=net("net2"), optimizer=SGD), Classifier(net=net("net2"), optimizer=SGD)
+    saved.train_acc.update(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 0]))
+    stopped._predicted.append((torch.tensor([4, 4]), torch.tensor([4, 4])))
+    stopped.load_state_dict(saved.state_dict())
+    stopped._count_predictions()  # as the epoch's end, or the next checkpoint, counts them
+    assert (stopped.train_acc.tp.item(), stopped.train_acc.fp.item()) == (2, 1)
+
+
+def test_predictions_counted_under_inference_mode_leave_ordinary_counts() -> None:
+    """A checkpoint saved as validation ends (under its inference mode) counts the gathered predictions: the counts
+    must stay tensors that training can go on updating in place."""
+    model = Classifier(net=net("net2"), optimizer=SGD)
+    model._predicted.append((torch.tensor([1, 2]), torch.tensor([1, 0])))
+    with torch.inference_mode():
+        model.state_dict()
+    assert not any(getattr(model.train_acc, name).is_inference() for name in ("tp", "fp", "tn", "fn"))
+    model.train_acc.tp += 1
+
+
 def test_flip_averaging_classifies_by_the_mean_of_an_image_and_its_mirror() -> None:
     torch.manual_seed(0)
     images = torch.randn(8, 1, 28, 28)
