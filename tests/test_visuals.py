@@ -106,7 +106,7 @@ def test_a_run_writes_epochs_csv_and_curves_png_that_agree_with_metrics_json(tra
 
 def test_curves_png_is_redrawn_at_most_every_redraw_every_seconds_and_after_the_last_epoch(tmp_path: Path) -> None:
     """epochs.csv gains every epoch's row as it ends; curves.png only once redraw_every has passed since it was last
-    drawn, and always when training ends, with every row."""
+    drawn, and always when training ends or fails, with every row written."""
     data = MNISTDataModule("MNIST", str(tmp_path / "data"), str(MIRROR), batch_size=50, val_size=100)
 
     class Look(L.Callback):  # after EpochTable's own hook, as each epoch starts: what a user's viewer would show
@@ -127,6 +127,22 @@ def test_curves_png_is_redrawn_at_most_every_redraw_every_seconds_and_after_the_
     assert (rows_1, rows_2) == (1, 2) and after_2 == after_1, "epoch 2's row written, its curves not drawn again yet"
     assert len(read_csv(tmp_path / "epochs.csv")) == 3 and (tmp_path / "curves.png").read_bytes() != after_2
     assert table._drawn == table.rows
+
+    class Fail(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if trainer.current_epoch == 2:
+                raise RuntimeError("stopped in epoch 3")
+
+    failing = EpochTable(str(tmp_path / "failed"), redraw_every=3600)
+    trainer = L.Trainer(
+        max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[failing, Fail()],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="stopped in epoch 3"):
+        trainer.fit(
+            Classifier(net=composed("model", "net2"), optimizer={"_target_": "torch.optim.SGD", "lr": 0.1}), data
+        )
+    assert len(failing.rows) == 2 and failing._drawn == failing.rows, "a failed run's picture has the rows it wrote"
     for bad in (-1, "often", float("nan")):
         with pytest.raises(UserError, match=r"callbacks.epoch_table.redraw_every=.* must be a number of seconds"):
             EpochTable(str(tmp_path), redraw_every=bad)
