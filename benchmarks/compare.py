@@ -42,6 +42,7 @@ VARIANTS = [*LOOPS, "train.py"]
 RATIOS = [("train.py", "notebook"), ("train.py", "bare"), ("train.py", "bare NHWC"),
           ("Lightning, bare step, NHWC", "bare NHWC"), ("train.py", "Lightning, bare step, NHWC")]  # fmt: skip
 TRAIN_IMAGES = 60_000
+CORES = sorted(os.sched_getaffinity(0))[:2]  # the two cores --pinned runs on: the first two this process may use
 
 
 def command(variant: str, case: dict, args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:
@@ -69,35 +70,38 @@ def measure(cmd: list[str], out: Path, device: str) -> dict:
 
 def measure_together(jobs: list[tuple[list[str], Path]], device: str, cores: list[int] | None = None) -> list[dict]:
     """Run each (command, times file) job and read its times; with `cores`, all at once, the i-th pinned to cores[i]
-    with one thread (torch's threads follow OMP_NUM_THREADS)."""
+    with one thread (torch's threads follow OMP_NUM_THREADS). Output goes to files: a pipe left unread while another
+    job is waited for would stall its writer. A failed job stops the others."""
     launched = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if cores else None
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            preexec_fn=(lambda core=core: os.sched_setaffinity(0, {core})) if cores else None,
-        )
-        for (cmd, _), core in zip(jobs, cores or [None] * len(jobs), strict=True)
-    ]
-    results = []
-    for (cmd, out), proc in zip(jobs, procs, strict=True):
-        stdout, stderr = proc.communicate()
-        if proc.returncode:
-            sys.exit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
-        result = json.loads(out.read_text() if out.exists() else stdout.strip().splitlines()[-1])
-        results.append(
-            {
-                "epoch": statistics.median(result["epochs"][1:]),
-                "startup": result["first_step"] - launched,
-                "device": result.get("data_device", device),  # the loops hold their data where they train
-            }
-        )
-    return results
+    procs: list[subprocess.Popen] = []
+    try:
+        for (cmd, out), core in zip(jobs, cores or [None] * len(jobs), strict=True):
+            with open(f"{out}.stdout", "w") as stdout, open(f"{out}.stderr", "w") as stderr:
+                pin = [] if core is None else ["taskset", "--cpu-list", str(core)]
+                procs.append(subprocess.Popen([*pin, *cmd], cwd=ROOT, stdout=stdout, stderr=stderr, env=env))
+        while any(proc.poll() is None for proc in procs) and not any(proc.poll() for proc in procs):
+            time.sleep(0.1)
+        for (cmd, out), proc in zip(jobs, procs, strict=True):
+            if proc.poll():
+                sys.exit(f"{' '.join(cmd)} failed:\n{Path(f'{out}.stderr').read_text()[-3000:]}")
+        results = []
+        for _, out in jobs:
+            printed = Path(f"{out}.stdout").read_text()
+            result = json.loads(out.read_text() if out.exists() else printed.strip().splitlines()[-1])
+            results.append(
+                {
+                    "epoch": statistics.median(result["epochs"][1:]),
+                    "startup": result["first_step"] - launched,
+                    "device": result.get("data_device", device),  # the loops hold their data where they train
+                }
+            )
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -113,7 +117,7 @@ def compare(args: argparse.Namespace) -> None:
                     jobs = [
                         (command(v, case, args, out, args.override), out) for v, out in zip(variants, outs, strict=True)
                     ]
-                    measured = measure_together(jobs, args.device, [r % 2, 1 - r % 2])
+                    measured = measure_together(jobs, args.device, [CORES[r % 2], CORES[1 - r % 2]])
                     for variant, result in zip(variants, measured, strict=True):
                         results[variant].append(result)
                 continue
@@ -240,8 +244,10 @@ def main() -> None:
     pinned = "run the two --variants at once, each on a core of its own with one thread, swapping cores each round"
     parser.add_argument("--pinned", action="store_true", help=pinned)
     args = parser.parse_args()
-    if args.pinned and (len(args.variants) != 2 or args.table or args.device != "cpu" or (os.cpu_count() or 1) < 2):
-        parser.error("--pinned times two --variants on the CPU, on a machine with two cores or more")
+    if args.pinned and (len(set(args.variants)) != 2 or args.table or args.device != "cpu" or len(CORES) < 2):
+        parser.error("--pinned times two --variants on the CPU, with two cores or more for this process")
+    if args.pinned and args.rounds % 2:
+        parser.error("--pinned swaps the cores each round: give an even number of --rounds")
     for name in DATASETS:
         MNISTDataModule(name, data_dir=args.data_dir, mirror=args.mirror).prepare_data()
     table(args) if args.table else compare(args)

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,19 +182,38 @@ def test_each_loop_compare_measures_trains_and_times_its_epochs(
     assert result["first_step"] > 0
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--pinned needs two cores")
+@pytest.mark.skipif(len(compare.CORES) < 2, reason="--pinned needs two cores")
 def test_pinned_jobs_run_at_once_each_on_its_own_core_with_one_thread(tmp_path: Path) -> None:
-    """compare.py --pinned: the two processes overlap in time, each held to the core it was given, torch told to use
-    one thread; their times are read as a sequential run's are."""
+    """compare.py --pinned: the two processes overlap in time, each held to the core it was given, with torch's
+    threads at one; their times are read as a sequential run's are."""
     job = (
-        "import json, os, sys, time; start = time.time(); time.sleep(1); "
+        "import json, os, sys, time, torch; start = time.time(); time.sleep(1); "
         "json.dump({'first_step': start, 'epochs': [9.0, 2.0, 4.0]}, open(sys.argv[1], 'w')); "
-        "json.dump({'cores': sorted(os.sched_getaffinity(0)), 'threads': os.environ.get('OMP_NUM_THREADS'), "
+        "json.dump({'cores': sorted(os.sched_getaffinity(0)), 'threads': torch.get_num_threads(), "
         "'start': start, 'end': time.time()}, open(sys.argv[1] + '.seen', 'w'))"
     )
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
-    results = compare.measure_together([([sys.executable, "-c", job, str(out)], out) for out in outs], "cpu", [1, 0])
-    assert [r["epoch"] for r in results] == [3.0, 3.0] and all(r["startup"] < 1 for r in results)
+    cores = compare.CORES[::-1]
+    results = compare.measure_together([([sys.executable, "-c", job, str(out)], out) for out in outs], "cpu", cores)
+    assert [r["epoch"] for r in results] == [3.0, 3.0] and all(r["startup"] < 5 for r in results)
     seen = [json.loads(Path(f"{out}.seen").read_text()) for out in outs]
-    assert [s["cores"] for s in seen] == [[1], [0]] and {s["threads"] for s in seen} == {"1"}
+    assert [s["cores"] for s in seen] == [[c] for c in cores] and {s["threads"] for s in seen} == {1}
     assert seen[0]["start"] < seen[1]["end"] and seen[1]["start"] < seen[0]["end"], "they ran at the same time"
+
+
+def test_a_failed_job_stops_the_one_beside_it(tmp_path: Path) -> None:
+    """A job that fails ends the measurement with its error as soon as it fails, and takes the job beside it down
+    rather than leaving it running (and timing whatever comes next)."""
+    pid_file = tmp_path / "pid"
+    long = [
+        sys.executable,
+        "-c",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    ]
+    bad = [sys.executable, "-c", "import time; time.sleep(1.5); raise SystemExit('no data here')"]
+    started = time.time()
+    with pytest.raises(SystemExit, match="no data here"):
+        compare.measure_together([(long, tmp_path / "long.json"), (bad, tmp_path / "bad.json")], "cpu")
+    assert time.time() - started < 30
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
