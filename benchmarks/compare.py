@@ -233,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mirror", help="dataset mirror to fill --data-dir from (as paths.data_mirror)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, help="3; 4 with --pinned, which needs an even number")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cases", nargs="+", default=["mnist", "fashion"], choices=["mnist", "fashion"])
@@ -246,6 +246,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.pinned and (len(set(args.variants)) != 2 or args.table or args.device != "cpu" or len(CORES) < 2):
         parser.error("--pinned times two --variants on the CPU, with two cores or more for this process")
+    args.rounds = args.rounds or (4 if args.pinned else 3)
     if args.pinned and args.rounds % 2:
         parser.error("--pinned swaps the cores each round: give an even number of --rounds")
     for name in DATASETS:
