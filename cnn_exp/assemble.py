@@ -64,15 +64,15 @@ def trainer(cfg: DictConfig, stopper: StopOnSignal) -> L.Trainer:
     and plugins."""
     loggers = instantiate_each(cfg.get("logger"), "logger")
     stopper.save = cfg.trainer.get("enable_checkpointing") is not False
-    chosen = {} if cfg.trainer.get("profiler") else {"profiler": Unprofiled()}
+    profiled = bool(cfg.trainer.get("profiler"))
     built = instantiate(
         cfg.trainer,
         callbacks=[*callbacks(cfg, loggers), stopper],
         logger=loggers or False,
         plugins=plugins(cfg),
-        **chosen,
+        **({} if profiled else {"profiler": Unprofiled()}),
     )
-    if not cfg.trainer.get("profiler"):  # a profiler times every callback's every hook, as Lightning calls them
+    if not profiled:  # a profiler times every callback's every hook, as Lightning calls them
         skip_absent_batch_hooks(built.callbacks)
     return built
 

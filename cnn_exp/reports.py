@@ -305,11 +305,10 @@ class EpochTable(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # The rows epochs.csv already holds (the running epoch's is not complete): the report shows this picture. Best
         # effort: a picture that cannot be drawn now must not hide why the run failed.
-        if self.rows and self._drawn != self.rows and trainer.is_global_zero:
-            try:
-                self._draw(trainer)
-            except Exception as err:
-                log.warning("curves.png not redrawn as the run failed: %s", err)
+        try:
+            self._catch_up(trainer)
+        except Exception as err:
+            log.warning("curves.png not redrawn as the run failed: %s", err)
 
     def state_dict(self) -> dict[str, Any]:
         running = None
@@ -337,8 +336,8 @@ class EpochTable(L.Callback):
 
     def _finish(self, trainer: L.Trainer, last: bool = False) -> None:
         if self._epoch is None:
-            if last and self.rows and self._drawn != self.rows and trainer.is_global_zero:
-                self._draw(trainer)  # rows a resumed run's checkpoint holds, never drawn by this process
+            if last:
+                self._catch_up(trainer)  # rows a resumed run's checkpoint holds, never drawn by this process
             return
         row = {name: self._epoch.get(name) for name in self.FIELDS}
         for name in (record.TRAIN_LOSS, record.TRAIN_ACC):
@@ -357,6 +356,11 @@ class EpochTable(L.Callback):
             self._draw(trainer)
             self._drawn_at = monotonic()
         report.write(self.dirpath)
+
+    def _catch_up(self, trainer: L.Trainer) -> None:
+        """Draw curves.png if it lacks rows that epochs.csv has."""
+        if self.rows and self._drawn != self.rows and trainer.is_global_zero:
+            self._draw(trainer)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The curves again, with the test accuracy the run ended with marked on them.
