@@ -14,7 +14,7 @@ Every measurement is its own process. Rounds interleave the variants, rotating t
 machine's speed reaches all of them alike. A process reports the median of its epochs after the first (warm-up);
 the tables show the median over rounds, and each ratio is the median of the per-round ratios. "start → step 1" is
 the time from launching the process to its first training step. With --pinned the two variants run at once instead,
-each on a core of its own with one thread, swapping cores each round: drift reaches both in the same seconds.
+each on a CPU of its own with one thread, swapping them each round: drift reaches both in the same seconds.
 """
 
 import argparse
@@ -241,7 +241,7 @@ def main() -> None:
     tables = "instead: our path under each of a table's settings; recipes: see --table recipes --help"
     parser.add_argument("--table", choices=[*TABLES, "recipes"], help=tables)
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides, e.g. trainer=gpu")
-    pinned = "run the two --variants at once, each on a core of its own with one thread, swapping cores each round"
+    pinned = "run the two --variants at once, each on a CPU of its own with one thread, swapping them each round"
     parser.add_argument("--pinned", action="store_true", help=pinned)
     args = parser.parse_args()
     if args.pinned and (len(set(args.variants)) != 2 or args.table or args.device != "cpu" or len(CORES) < 2):
