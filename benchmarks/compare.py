@@ -2,7 +2,7 @@
 otherwise empty Lightning Trainer (Lightning's own cost), on this machine.
 
     python -m benchmarks.compare --mirror ../shared/datasets               # the three paths, side by side
-    python -m benchmarks.compare --mirror ../shared/datasets --override trainer.precision=bf16-mixed   # ours in bf16
+    python -m benchmarks.compare --mirror ../shared/datasets --precision bf16-mixed   # all but the notebook's in bf16
     python -m benchmarks.compare --mirror ../shared/datasets --table scaling   # vs batch size, network width
     python -m benchmarks.compare --device cuda --override trainer=gpu --table options   # bf16, compile, NHWC
     python -m benchmarks.compare --mirror ../shared/datasets --table fashion_best   # its step: pool_first, bf16
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from cnn_exp.data import DATASETS, MNISTDataModule
-from cnn_exp.precision import native_bf16_cpu
+from cnn_exp.precision import BF16, FP32, native_bf16_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -39,8 +39,9 @@ CASES = {
 LOOPS = {"notebook": ("notebook", False), "bare": ("bare", False), "bare NHWC": ("bare", True),
          "Lightning, bare step, NHWC": ("lightning", True)}  # fmt: skip
 VARIANTS = [*LOOPS, "train.py"]
-RATIOS = [("train.py", "notebook"), ("train.py", "bare"), ("train.py", "bare NHWC"),
-          ("Lightning, bare step, NHWC", "bare NHWC"), ("train.py", "Lightning, bare step, NHWC")]  # fmt: skip
+RATIOS = [("train.py", "notebook"), ("bare NHWC", "notebook"), ("Lightning, bare step, NHWC", "notebook"),
+          ("train.py", "bare"), ("train.py", "bare NHWC"), ("Lightning, bare step, NHWC", "bare NHWC"),
+          ("train.py", "Lightning, bare step, NHWC")]  # fmt: skip
 TRAIN_IMAGES = 60_000
 CORES = sorted(os.sched_getaffinity(0))[:2]  # the two cores --pinned runs on: the first two this process may use
 
@@ -50,13 +51,15 @@ def command(variant: str, case: dict, args: argparse.Namespace, out: Path, extra
         loop, channels_last = LOOPS[variant]
         options = ["--model", case["model"], "--data", case["data"], "--batch-size", str(case["batch"])]
         options += ["--channels-last"] if channels_last else []
+        options += ["--precision", args.precision] if args.precision and loop != "notebook" else []
         return [sys.executable, "-m", "benchmarks.loops", loop, *options, "--epochs", str(args.epochs),
                 "--data-dir", args.data_dir, "--device", args.device]  # fmt: skip
     # As users run it: the experiment's Trainer, DataModule, logger, checkpoints and callbacks, plus a timer.
+    precision = [f"trainer.precision={args.precision}"] if args.precision else []
     return [sys.executable, "train.py", f"experiment={case['experiment']}", f"trainer.max_epochs={args.epochs}",
             "test=false", f"paths.data_dir={args.data_dir}", f"hydra.run.dir={out.parent / 'run'}",
             "+callbacks.epoch_timer._target_=benchmarks.epoch_timer.EpochTimer",
-            f"+callbacks.epoch_timer.path={out}", *extra]  # fmt: skip
+            f"+callbacks.epoch_timer.path={out}", *precision, *extra]  # fmt: skip
 
 
 def rotated(items: list, r: int) -> list:
@@ -126,7 +129,8 @@ def compare(args: argparse.Namespace) -> None:
                     out = Path(tmp) / "times.json"
                     results[variant].append(measure(command(variant, case, args, out, args.override), out, args.device))
         how = "at once, pinned, one thread each" if args.pinned else args.device
-        print(f"\n{name}, batch {case['batch']}, {args.rounds} rounds of {args.epochs} epochs ({how})\n")
+        precision = f"{args.precision}, the notebook's fp32" if args.precision else "fp32, train.py as configured"
+        print(f"\n{name}, batch {case['batch']}, {args.rounds} rounds of {args.epochs} epochs ({how}; {precision})\n")
         print("| path | epoch time | images/s | start → step 1 | data on |\n|---|---|---|---|---|")
         for variant, runs in results.items():
             epoch = statistics.median(r["epoch"] for r in runs)
@@ -240,6 +244,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="the paths to time")
     tables = "instead: our path under each of a table's settings; recipes: see --table recipes --help"
     parser.add_argument("--table", choices=[*TABLES, "recipes"], help=tables)
+    precision = "train.py's trainer.precision and the bare and Lightning loops' (default: 32-true and as configured)"
+    parser.add_argument("--precision", choices=[FP32, BF16], help=precision + "; the notebook's loop stays fp32")
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides, e.g. trainer=gpu")
     pinned = "run the two --variants at once, each on a CPU of its own with one thread, swapping them each round"
     parser.add_argument("--pinned", action="store_true", help=pinned)

@@ -7,6 +7,9 @@
 - lightning: the bare loop's batches and step inside an otherwise empty Lightning Trainer (no logger, callbacks,
   checkpoints, progress bar or metrics): what Lightning's own loop costs, before anything of ours.
 
+The bare and Lightning loops train in fp32, or with --precision bf16-mixed under bf16 autocast as Lightning's
+bf16-mixed does (forward and loss autocast, backward and SGD in fp32); the notebook's loop always in fp32, as it ran.
+
 All train the network our configs build (conf/model), with plain SGD as in the notebook, and print one JSON line:
 the wall-clock time of the first training step and each epoch's duration.
 """
@@ -28,6 +31,7 @@ from torchvision import transforms
 
 from cnn_exp import build, schema
 from cnn_exp.data import DATASETS, MNISTDataModule
+from cnn_exp.precision import BF16, FP32
 
 RECIPES = {  # dataset, normalization (None: ToTensor only), as in the notebook
     "mnist": ("MNIST", (0.1307, 0.3081)),
@@ -105,8 +109,8 @@ class Clock(L.Callback):
 def run_lightning(network: torch.nn.Module, epoch_batches, args: argparse.Namespace) -> dict:
     clock = Clock()
     trainer = L.Trainer(
-        accelerator=args.device, devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+        accelerator=args.device, devices=1, max_epochs=args.epochs, precision=args.precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
     )  # fmt: skip
     trainer.fit(BareStep(network), Epochs(epoch_batches))
     return {"first_step": clock.first_step, "epochs": [b - a for a, b in itertools.pairwise(clock.starts)]}
@@ -121,8 +125,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default=FP32, choices=[FP32, BF16], help="the bare and Lightning loops'")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights, as our configs use")
     args = parser.parse_args()
+    if args.loop == "notebook" and args.precision != FP32:
+        parser.error("the notebook's loop trains in fp32, as the notebook did")
 
     torch.manual_seed(0)
     # Composed as train.py composes it: net3's file holds only what differs from net2 (its defaults list), and the
@@ -142,14 +149,16 @@ def main() -> None:
         print(json.dumps(run_lightning(network, epoch_batches, args)))
         return
     first_step, durations = None, []
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == BF16)
     for _ in range(args.epochs):
         start = time.perf_counter()
         total_loss, correct = 0.0, 0
         for batch in epoch_batches():
             images, labels = (t.to(args.device) for t in batch)
             first_step = first_step or time.time()
-            predictions = network(images)
-            loss = F.cross_entropy(predictions, labels)
+            with autocast:
+                predictions = network(images)
+                loss = F.cross_entropy(predictions, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

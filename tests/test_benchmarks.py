@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from benchmarks import ablation, compare, loops, recipes, shift_scores
 from cnn_exp.data import MNISTDataModule
+from cnn_exp.net import ConvNet
 from tests.conftest import MIRROR, NO_FIGURES, ONE_THREAD, ROOT, read_metrics
 
 
@@ -155,11 +156,19 @@ def test_the_ablation_finds_the_first_epoch_at_the_bar() -> None:
     assert ablation.first_epoch_at(rows, None) is None
 
 
-@pytest.mark.parametrize("loop", ["notebook", "bare", "lightning"])
+@pytest.mark.parametrize(
+    ("loop", "precision"),
+    [("notebook", "32-true"), ("bare", "32-true"), ("bare", "bf16-mixed"), ("lightning", "bf16-mixed")],
+)
 def test_each_loop_compare_measures_trains_and_times_its_epochs(
-    loop: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    loop: str,
+    precision: str,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The loops compare.py runs beside train.py compose the network as train.py does and time every epoch."""
+    """The loops compare.py runs beside train.py compose the network as train.py does and time every epoch, in the
+    precision asked for: the network's forward under bf16 autocast with bf16-mixed."""
     monkeypatch.chdir(ROOT)
     MNISTDataModule("MNIST", data_dir=data_dir, mirror=MIRROR).prepare_data()  # as compare.py fills --data-dir
     argv = [
@@ -174,12 +183,35 @@ def test_each_loop_compare_measures_trains_and_times_its_epochs(
         "2",
         "--data-dir",
         str(data_dir),
+        "--precision",
+        precision,
     ]
     monkeypatch.setattr(sys, "argv", ["loops", *argv, *(["--channels-last"] if loop != "notebook" else [])])
+    dtypes = set()
+    real_forward = ConvNet.forward
+
+    def forward(self: ConvNet, images: torch.Tensor) -> torch.Tensor:
+        out = real_forward(self, images)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(ConvNet, "forward", forward)
     loops.main()
+    assert dtypes == {torch.bfloat16 if precision == "bf16-mixed" else torch.float32}
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["epochs"]) == 2 and all(seconds > 0 for seconds in result["epochs"])
     assert result["first_step"] > 0
+
+
+def test_compare_trains_all_but_the_notebooks_loop_in_the_precision_asked_for(tmp_path: Path) -> None:
+    """--precision reaches train.py and the bare and Lightning loops; the notebook's loop stays as the notebook ran."""
+    case, out = compare.CASES["Network2 / MNIST"], tmp_path / "times.json"
+    for precision in (None, "bf16-mixed"):
+        args = compare.argparse.Namespace(epochs=2, data_dir="data", device="cpu", precision=precision)
+        commands = {variant: compare.command(variant, case, args, out, []) for variant in compare.VARIANTS}
+        asked = {variant for variant, cmd in commands.items() if any("bf16-mixed" in part for part in cmd)}
+        assert asked == (set() if precision is None else set(compare.VARIANTS) - {"notebook"})
+    assert "trainer.precision=bf16-mixed" in commands["train.py"]
 
 
 @pytest.mark.skipif(len(compare.CORES) < 2, reason="--pinned needs two cores")
