@@ -5,7 +5,6 @@ import csv
 import glob
 import inspect
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from cnn_exp import atomic, build, checkpoints, precision
 from cnn_exp.classifier import Classifier
 from cnn_exp.errors import UserError, is_whole, shown
 from cnn_exp.images import open_image
-from cnn_exp.plots import draw_image, literal, pixels, write_png
+from cnn_exp.plots import labelled_grid, literal, pixels, write_png
 
 log = logging.getLogger(__name__)
 
@@ -303,16 +302,9 @@ def figure(predictions: list[Prediction], title: str) -> Figure:
     """Each image as the network saw it (the first SHOWN of them), with its file name and prediction below (both
     drawn as text, `literal`: a `$` in a name would start a formula)."""
     drawn = predictions[:SHOWN]
-    columns = max(1, min(8, len(drawn)))
-    rows = math.ceil(len(drawn) / columns)
     title = literal(title, 200)
     if len(predictions) > SHOWN:
         title += f" (the first {SHOWN} of {len(predictions)})"
-    result = Figure(figsize=(1.7 * columns, 2.0 * rows + 0.5), layout="constrained")
-    result.suptitle(title, fontsize=9)
-    for i, prediction in enumerate(drawn):
-        ax = result.add_subplot(rows, columns, i + 1)
-        draw_image(ax, prediction.seen, values_0_to_1=True)
-        name, p = prediction.top[0]
-        ax.set_xlabel(f"{literal(prediction.file.name, 16)}\n{literal(name)} {p:.0%}", fontsize=8)
-    return result
+    captions = [f"{literal(p.file.name, 16)}\n{literal(p.top[0][0])} {p.top[0][1]:.0%}" for p in drawn]
+    images = [p.seen for p in drawn]
+    return labelled_grid(images, captions, title, columns=8, side=1.4, cell=1.7, fontsize=8, values_0_to_1=True)

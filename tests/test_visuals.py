@@ -20,7 +20,7 @@ from cnn_exp import sweep
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
-from cnn_exp.plots import confusion_figure, sweep_figure
+from cnn_exp.plots import confusion_figure, image_grid, pixels, sweep_figure
 from cnn_exp.reports import EpochTable
 from cnn_exp.tensorboard import job_values, short_keys
 from tests.conftest import MIRROR, NO_FIGURES, QUICK, composed, read_metrics, run
@@ -286,3 +286,46 @@ def test_a_rate_cell_is_never_printed_as_0_when_images_are_in_it() -> None:
     matrix[1] = torch.tensor([3, 197])  # 1.5 % and 98.5 %
     figure = confusion_figure(matrix, ["a", "b"], "test set", ["rates"])
     assert {text.get_text() for text in figure.axes[0].texts} == {"100", "1", "2", "99"}  # rounded half up
+
+
+def test_an_image_grid_draws_each_image_framed_in_its_place_under_a_title_that_fits() -> None:
+    """Four to a line, each image in its own square (a bright one stays bright: stretched to its own range), its
+    class below it, a wrong prediction in red as `true → predicted`; the title's longest line inside the figure. One
+    axes for them all: an axes per image took most of a test report's drawing time."""
+    images = torch.zeros(6, 1, 28, 28)
+    images[:, :, :14] = 1.0  # the top half bright
+    images[5] = -images[5]  # its top half dark: stretched to its own range, the bottom half bright
+    labels, predictions = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 1, 7, 3, 4, 5])
+    classes = [f"class {i}" for i in range(10)]
+    title = "misclassified test images: true → predicted\n" + "a long line that says which run this was " * 2
+    figure = image_grid(images, labels, predictions, classes, title)
+    assert len(figure.axes) == 1
+    image = pixels(figure)
+    height, width = image.shape[:2]
+    ax = figure.axes[0]
+    boxes = [im.get_window_extent() for im in ax.images]  # display pixels, y up
+    assert len(boxes) == 6
+    lefts, tops = sorted({round(b.x0) for b in boxes}), sorted({round(b.y1) for b in boxes}, reverse=True)
+    assert len(lefts) == 4 and len(tops) == 2  # four to a line, two lines
+    for k, box in enumerate(boxes):
+        row, column = divmod(k, 4)
+        assert (round(box.x0), round(box.y1)) == (lefts[column], tops[row])
+        x = int((box.x0 + box.x1) / 2)
+        upper, lower = int(height - (box.y1 - 0.25 * box.height)), int(height - (box.y0 + 0.25 * box.height))
+        bright, dark = (lower, upper) if k == 5 else (upper, lower)
+        assert image[bright, x].min() > 200 and image[dark, x].max() < 50
+    frames = [patch.get_window_extent() for patch in ax.patches]
+    assert [round(v) for f in frames for v in f.bounds] == [round(v) for b in boxes for v in b.bounds]
+    captions = {text.get_text(): text.get_color() for text in ax.texts}
+    assert captions == {
+        "class 0": "black",
+        "class 1": "black",
+        "class 2\n→ class 7": "red",
+        "class 3": "black",
+        "class 4": "black",
+        "class 5": "black",
+    }
+    renderer = figure.canvas.get_renderer()
+    (heading,) = figure.texts
+    extent = heading.get_window_extent(renderer)
+    assert heading.get_text() == title and extent.x0 >= 0 and extent.x1 <= width
