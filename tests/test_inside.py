@@ -64,9 +64,14 @@ def shown_channels(ax: Axes) -> list[tuple[int, float]]:
 def test_filters_figure_shows_each_of_conv1s_filters() -> None:
     net = seeded(ConvNet)
     figure = inside.filters_figure(net, title="net2")
-    filters = [(ax, image) for ax in figure.axes for image in ax.images]
-    assert len(filters) == 6
-    assert [ax.get_title() for ax, _ in filters] == [f"#{o}" for o in range(6)]
+    canvas = figure.axes[0]  # every filter on one axes, the colour bar on its own
+    filters = list(zip(canvas.texts, canvas.images, strict=True))
+    assert len(filters) == 6 and len(figure.axes) == 2
+    assert [text.get_text() for text, _ in filters] == [f"#{o}" for o in range(6)]
+    for text, image in filters:  # each filter's number centred above it
+        left, right, _, top = image.get_extent()
+        x, y = text.get_position()
+        assert x == pytest.approx((left + right) / 2) and y < top and text.get_va() == "bottom"
     assert "conv1: weight 6×1×5×5" in heading(figure) and heading(figure).startswith("net2\n")
     weight = net.conv1.weight.detach()
     for o, (_, image) in enumerate(filters):
@@ -140,15 +145,20 @@ def test_saliency_is_the_gradient_magnitude_of_the_predicted_score() -> None:
     figure = inside.saliency_figure(net, batch, labels, predicted, DIGITS, title="net2")
     assert "gradient saliency" in heading(figure) and pixels(figure).ndim == 3
     net.eval()
-    for k, (image_ax, saliency_ax) in enumerate(zip(figure.axes[::2], figure.axes[1::2], strict=True)):
+    (canvas,) = figure.axes  # every image and map on one axes, each image before its map, a caption above it
+    pairs = zip(canvas.images[::2], canvas.images[1::2], canvas.texts, strict=True)
+    for k, (image, saliency, caption) in enumerate(pairs):
         x = batch[k : k + 1].clone().requires_grad_(True)
         scores = net(x)
         (gradient,) = torch.autograd.grad(scores[0, predicted[k]], x)
         torch.testing.assert_close(
-            torch.as_tensor(saliency_ax.images[0].get_array().data), gradient[0].abs().amax(0), rtol=1e-4, atol=1e-7
+            torch.as_tensor(saliency.get_array().data), gradient[0].abs().amax(0), rtol=1e-4, atol=1e-7
         )
         p = float(scores.detach().softmax(1)[0, predicted[k]])
-        assert image_ax.get_title(loc="left") == f"{labels[k]} → {predicted[k]} (p={p:.2f})"
+        assert caption.get_text() == f"{labels[k]} → {predicted[k]} (p={p:.2f})"
+        (left, right, _, top), (map_left, *_, map_top) = image.get_extent(), saliency.get_extent()
+        assert map_left > right and map_top == top  # the map beside its image
+        assert caption.get_position() == (left, pytest.approx(top - 0.04)) and caption.get_va() == "bottom"
     assert inside.saliency_figure(net, batch[:0], [], [], DIGITS) is None
 
 
@@ -201,5 +211,5 @@ def test_colour_networks_and_a_network_of_ones_own() -> None:
 def test_class_names_are_drawn_as_data() -> None:
     net = seeded(ConvNet)
     figure = inside.saliency_figure(net, images(1), [0], [1], ["$x$", "a\nb"])
-    assert figure.axes[0].get_title(loc="left").startswith(r"\$x\$ → a\nb (p=")
+    assert figure.axes[0].texts[0].get_text().startswith(r"\$x\$ → a\nb (p=")
     pixels(figure)  # a `$` read as a formula, or an unbalanced one, would fail here
