@@ -17,6 +17,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 from PIL import Image
@@ -26,6 +27,7 @@ from cnn_exp.errors import shown
 
 # Inches per line of 9-point text (a heading) and per character of it, about; a line's height per point of its font.
 HEADING, CHARACTER, LINE = 0.17, 0.075, 1.2
+SIDE = 3.0  # inches: a confusion matrix's side
 # What a confusion figure can show: images per (true, predicted) pair, or each row's share of its true class.
 KINDS = ("counts", "rates")
 
@@ -62,29 +64,60 @@ def confusion_figure(
     matrix: torch.Tensor, classes: list[str], title: str, kinds: Sequence[str] = KINDS, heading: str = ""
 ) -> Figure:
     """One panel per kind side by side, each with the class names on its axes and a colour scale; `heading` above
-    them (which run, what accuracy)."""
-    figure = Figure(figsize=(4.4 * len(kinds), 4.3 if heading else 4.0), layout="constrained")
+    them (which run, what accuracy). Laid out by hand around a square matrix from the measured sizes of its labels,
+    the figure as large as they need: Matplotlib's constrained layout, which finds margins by drawing the labels
+    again and again within a figure of fixed size, took half its time (and squeezed long class names' matrices)."""
+    figure = Figure()
+    size = _text_size(FigureCanvasAgg(figure).get_renderer(), figure.dpi)
+    names = [literal(name) for name in classes]
+    long = max(map(len, names)) > 2
+    label_width, line = max(size(name, 9)[0] for name in names), size("Ag", 9)[1]
+    tick = 0.1  # inches from an axis to its tick labels: the tick (3.5 points) and its pad
+    # Rotated 45°, a label reaches below its tick by its width and height times cos 45°.
+    below = (label_width + line) * math.sqrt(0.5) if long else line
+    top = (0.06 + line + 0.04 if heading else 0.05) + 1.3 * line + 0.1  # the heading, the panel's title and a gap
+    bottom = tick + below + 0.06 + line + 0.1  # tick labels, then "predicted class"
+    left = 0.08 + line + 0.06 + label_width + tick  # "true class", then the tick labels
+    scale = 0.15 + 0.12 + tick + size("0000", 8)[0] + 0.06 + line + 0.1  # the colour scale, its numbers and label
+    panel = left + SIDE + scale
+    width, height = panel * len(kinds), top + SIDE + bottom
+    figure.set_size_inches(width, height)
     if heading:
-        figure.suptitle(literal(heading, 200), fontsize=9)
-    for i, kind in enumerate(kinds, start=1):
-        ax = figure.add_subplot(1, len(kinds), i)
-        _confusion_panel(figure, ax, matrix.cpu().double(), classes, kind)
+        figure.text(0.5, 1 - 0.06 / height, literal(heading, 200), ha="center", va="top", fontsize=9)
+    for i, kind in enumerate(kinds):
+        x = panel * i + left
+        ax = figure.add_axes((x / width, bottom / height, SIDE / width, SIDE / height))
+        colorbar = figure.add_axes(((x + SIDE + 0.15) / width, (bottom + 0.1 * SIDE) / height, 0.12 / width,
+                                    0.8 * SIDE / height))  # fmt: skip
+        _confusion_panel(figure, ax, colorbar, matrix.cpu().double(), names, kind, long)
         ax.set_title(f"{title}: {'% of each true class' if kind == 'rates' else 'images'}", fontsize=10)
     return figure
 
 
-def _confusion_panel(figure: Figure, ax: Axes, matrix: torch.Tensor, classes: list[str], kind: str) -> None:
+def _text_size(renderer: Any, dpi: float) -> Any:
+    """A function (text, points) -> its (width, height) in inches, as `renderer` draws it."""
+
+    def size(text: str, points: float) -> tuple[float, float]:
+        width, height, _ = renderer.get_text_width_height_descent(text, FontProperties(size=points), ismath=False)
+        return width / dpi, height / dpi
+
+    return size
+
+
+def _confusion_panel(
+    figure: Figure, ax: Axes, bar: Axes, matrix: torch.Tensor, names: list[str], kind: str, long: bool
+) -> None:
     rates = kind == "rates"
     values = 100 * matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1) if rates else matrix
     image = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=100 if rates else max(float(values.max()), 1))
-    colorbar = figure.colorbar(image, ax=ax, shrink=0.8)
+    colorbar = figure.colorbar(image, cax=bar)
     colorbar.set_label("% of the true class" if rates else "images", fontsize=9)
     colorbar.ax.tick_params(labelsize=8)
     # Empty cells stay blank, so the mistakes stand out; a rate that rounds to 0 % reads "<1".
     dark = 0.55 * float(image.norm.vmax)
-    size = 8 if len(classes) <= 10 else 6
+    size = 8 if len(names) <= 10 else 6
     for (true, predicted), value in zip(
-        torch.cartesian_prod(*[torch.arange(len(classes))] * 2).tolist(), values.flatten().tolist(), strict=True
+        torch.cartesian_prod(*[torch.arange(len(names))] * 2).tolist(), values.flatten().tolist(), strict=True
     ):
         if matrix[true, predicted] == 0:
             continue
@@ -92,8 +125,7 @@ def _confusion_panel(figure: Figure, ax: Axes, matrix: torch.Tensor, classes: li
         text = "<1" if rates and value < 0.5 else str(math.floor(value + 0.5))
         color = "white" if value > dark else "black"
         ax.text(predicted, true, text, ha="center", va="center", fontsize=size, color=color)
-    ticks, names = range(len(classes)), [literal(name) for name in classes]
-    long = max(map(len, names)) > 2
+    ticks = range(len(names))
     ax.set_xticks(
         ticks, names, fontsize=9, rotation=45 if long else 0, ha="right" if long else "center", rotation_mode="anchor"
     )

@@ -2,6 +2,7 @@
 a sweep's swept-key columns, summary.png and mean ± std over seeds."""
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -329,3 +330,29 @@ def test_an_image_grid_draws_each_image_framed_in_its_place_under_a_title_that_f
     (heading,) = figure.texts
     extent = heading.get_window_extent(renderer)
     assert heading.get_text() == title and extent.x0 >= 0 and extent.x1 <= width
+
+
+@pytest.mark.parametrize(
+    "classes", [[str(i) for i in range(10)], [f"a rather long class name, number {i}" for i in range(12)]]
+)
+def test_a_confusion_figure_fits_its_class_names_however_long(classes: list[str]) -> None:
+    """Each panel a square matrix with every class name, axis label and title inside the figure, the names apart from
+    one another, and its colour scale beside it: the figure grows with the names instead of squeezing the matrix."""
+    n = len(classes)
+    matrix = torch.diag(torch.full((n,), 980)) + torch.ones(n, n, dtype=torch.long)
+    figure = confusion_figure(matrix, classes, "test set", heading="net2 on MNIST: test accuracy 99.00%")
+    pixels(figure)  # drawn: the tick labels placed
+    renderer, inside = figure.canvas.get_renderer(), figure.bbox.padded(1)
+    matrices, bars = figure.axes[0::2], figure.axes[1::2]
+    assert len(matrices) == len(bars) == 2
+    for ax, bar in zip(matrices, bars, strict=True):
+        box = ax.get_window_extent(renderer)
+        assert box.width == pytest.approx(box.height, abs=1)
+        assert bar.get_window_extent(renderer).x0 > box.x1
+        labels = [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.xaxis.label, ax.yaxis.label, ax.title]
+        for label in labels:
+            extent = label.get_window_extent(renderer)
+            assert inside.contains(extent.x0, extent.y0) and inside.contains(extent.x1, extent.y1), label.get_text()
+        rows = sorted((label.get_window_extent(renderer) for label in ax.get_yticklabels()), key=lambda e: e.y0)
+        assert all(upper.y0 >= lower.y1 - 1 for lower, upper in itertools.pairwise(rows))
+        assert [label.get_text() for label in ax.get_yticklabels()] == classes
