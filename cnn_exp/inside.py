@@ -245,18 +245,17 @@ def feature_maps_figure(
     bands = [max(sum(h + title_height + label_height + gap for h in band), side + 0.45) for band in heights]
     top = HEADING * len(heading) + 0.15
     page = _Page(WIDTH, top + sum(bands) + 0.15 * len(bands), heading)
+    ax = page.canvas()
     for n, band in enumerate(rows):
         if n:  # a line between two images' bands
-            y = 1 - (top - 0.08) / page.height
-            page.figure.add_artist(Line2D([0.01, 0.99], [y, y], color="0.75", linewidth=0.8))
-        ax = page.axes(0.15, top + title_height, side, side)
-        draw_image(ax, images[n])
-        ax.set_title("input", fontsize=8, pad=2)
-        ax.set_xlabel(literal(classes[labels[n]], 20), fontsize=8, labelpad=2)
+            ax.add_line(Line2D([0.01 * WIDTH, 0.99 * WIDTH], [top - 0.08] * 2, color="0.75", linewidth=0.8))
+        draw_image(ax, images[n], box=(0.15, top + title_height, side))
+        ax.text(0.15 + side / 2, top + title_height - 0.03, "input", ha="center", va="bottom", fontsize=8)
+        label = literal(classes[labels[n]], 20)
+        ax.text(0.15 + side / 2, top + title_height + side + 0.03, label, ha="center", va="top", fontsize=8)
         y = top
         for call, (row, order, means), height in zip(blocks, band, heights[n], strict=True):
-            ax = page.axes(strip_left, y + title_height, strip_width, height)
-            _draw_row(ax, call, row, order, means, columns)
+            _draw_row(ax, (strip_left, y + title_height, strip_width, height), call, row, order, means, columns)
             y += title_height + height + label_height + gap
         top += bands[n] + 0.15
     return page.figure
@@ -278,21 +277,31 @@ def _maps_row(call: _Call, n: int, channels: int, columns: int) -> tuple[torch.T
     return row, order, means
 
 
-def _draw_row(ax: Axes, call: _Call, row: torch.Tensor, order: torch.Tensor, means: torch.Tensor, columns: int) -> None:
-    """One row of `_maps_row` on one colour scale from its lowest to its highest value (the gaps are NaN: blank),
-    titled with its block, each map labelled with its channel and mean activation."""
+def _draw_row(
+    ax: Axes,
+    box: tuple[float, float, float, float],
+    call: _Call,
+    row: torch.Tensor,
+    order: torch.Tensor,
+    means: torch.Tensor,
+    columns: int,
+) -> None:
+    """One row of `_maps_row` in `box` of `ax` (left, top, width, height, y downwards), on one colour scale from its
+    lowest to its highest value (the gaps are NaN: blank), titled with its block, each map labelled with its channel
+    and mean activation."""
+    left, top, width, height = box
     values = row[~row.isnan()]
     low, high = float(values.min()), float(values.max())
-    ax.imshow(row.numpy(), cmap="magma", vmin=low, vmax=max(high, low + 1e-12), interpolation="nearest")
-    ax.axis("off")
-    height, width = call.output.shape[2:]
-    ax.set_title(
-        f"{literal(call.name)}: {call.output.shape[1]} channels of {height}×{width}", fontsize=8, loc="left", pad=2
-    )
+    ax.imshow(row.numpy(), cmap="magma", vmin=low, vmax=max(high, low + 1e-12), interpolation="nearest",
+              extent=(left, left + width, top + height, top), aspect="auto")  # fmt: skip
+    rows, cols = call.output.shape[2:]
+    title = f"{literal(call.name)}: {call.output.shape[1]} channels of {rows}×{cols}"
+    ax.text(left, top - 0.03, title, ha="left", va="bottom", fontsize=8)
+    inches = width / row.shape[1]  # per pixel of the row
     step = (row.shape[1] - 2) / columns  # make_grid: a 2-pixel gap before each map and after the last
     for k, channel in enumerate(order.tolist()):
         text = f"ch {channel}: {float(means[channel]):.2f}"
-        ax.text(2 + (k + 0.5) * step - 1, row.shape[0], text, ha="center", va="top", fontsize=7)
+        ax.text(left + (2 + (k + 0.5) * step - 1) * inches, top + height, text, ha="center", va="top", fontsize=7)
 
 
 def gradient_saliency(net: nn.Module, images: torch.Tensor, targets: Labels) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,11 +4,13 @@ leaves the network as it was."""
 
 import importlib.util
 import re
+from typing import NamedTuple
 
 import pytest
 import torch
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.text import Text
 from torch import nn
 
 from cnn_exp import inside
@@ -46,19 +48,36 @@ def heading(figure: Figure) -> str:
     return "\n".join(text.get_text() for text in figure.texts)
 
 
-def bands(figure: Figure) -> list[list[Axes]]:
-    """The feature-maps figure's axes, one list per image: its input, then one row of maps per block."""
-    result: list[list[Axes]] = []
-    for ax in figure.axes:
-        if ax.get_title() == "input":
+class Panel(NamedTuple):
+    """One picture of the feature-maps figure: an input image, or one block's row of maps."""
+
+    image: AxesImage
+    title: str  # the text just above it: "input", or the block's "name: …"
+    below: list[str]  # the texts just under it, left to right: the image's class, or each map's "ch c: mean"
+
+
+def bands(figure: Figure) -> list[list[Panel]]:
+    """The feature-maps figure's panels, one list per image: its input, then one row of maps per block."""
+    (canvas,) = figure.axes  # one axes, in inches from the top left
+
+    def near(text: Text, left: float, right: float, y: float, va: str) -> bool:
+        x, text_y = text.get_position()
+        return text.get_va() == va and left - 1e-6 <= x <= right + 1e-6 and abs(text_y - y) < 0.05
+
+    result: list[list[Panel]] = []
+    for image in canvas.images:
+        left, right, bottom, top = image.get_extent()
+        (title,) = [t.get_text() for t in canvas.texts if near(t, left, right, top, "bottom")]
+        below = sorted((t for t in canvas.texts if near(t, left, right, bottom, "top")), key=lambda t: t.get_position())
+        if title == "input":
             result.append([])
-        result[-1].append(ax)
+        result[-1].append(Panel(image, title, [t.get_text() for t in below]))
     return result
 
 
-def shown_channels(ax: Axes) -> list[tuple[int, float]]:
+def shown_channels(panel: Panel) -> list[tuple[int, float]]:
     """(channel, mean) under each map of one row, left to right."""
-    return [(int(m[1]), float(m[2])) for m in (re.fullmatch(r"ch (\d+): (\S+)", t.get_text()) for t in ax.texts)]
+    return [(int(m[1]), float(m[2])) for m in (re.fullmatch(r"ch (\d+): (\S+)", text) for text in panel.below)]
 
 
 def test_filters_figure_shows_each_of_conv1s_filters() -> None:
@@ -100,7 +119,7 @@ def test_feature_maps_show_each_images_strongest_channels() -> None:
     assert pixels(figure).shape[1] == 750  # inside.WIDTH at 100 dpi
     rows = bands(figure)
     assert len(rows) == 3
-    assert [ax.get_xlabel() for ax, *_ in rows] == ["1", "7", "3"]
+    assert [band[0].below for band in rows] == [["1"], ["7"], ["3"]]
     # The outputs, found independently: hooks on the blocks, one pass of the same three images in eval mode.
     outputs: dict[str, torch.Tensor] = {}
     blocks = ["conv1_pool", "conv2_pool", "conv3_pool"]
@@ -115,10 +134,10 @@ def test_feature_maps_show_each_images_strongest_channels() -> None:
     for handle in handles:
         handle.remove()
     for n, (_, *maps) in enumerate(rows):
-        assert [ax.get_title(loc="left").split(":")[0] for ax in maps] == blocks
-        for name, ax in zip(blocks, maps, strict=True):
+        assert [panel.title.split(":")[0] for panel in maps] == blocks
+        for name, panel in zip(blocks, maps, strict=True):
             means = outputs[name][n].mean(dim=(1, 2))
-            shown = shown_channels(ax)
+            shown = shown_channels(panel)
             assert len(shown) == min(8, len(means))
             channels = [channel for channel, _ in shown]
             assert channels[0] == int(means.argmax())  # the strongest first
@@ -203,8 +222,8 @@ def test_colour_networks_and_a_network_of_ones_own() -> None:
     assert all(pixels(figure).ndim == 3 for figure in figures)
     assert "stem: weight 16×1×3×3" in heading(figures[3])
     maps = bands(figures[4])
-    assert [ax.get_title(loc="left").split(":")[0] for ax in maps[0][1:]] == ["stem", "blocks.0", "blocks.1"]
-    assert all(len(shown_channels(ax)) == 4 for ax in maps[0][1:])
+    assert [panel.title.split(":")[0] for panel in maps[0][1:]] == ["stem", "blocks.0", "blocks.1"]
+    assert all(len(shown_channels(panel)) == 4 for panel in maps[0][1:])
     assert len(bands(figures[1])) == 2
 
 
