@@ -255,6 +255,10 @@ def main() -> None:
     args.rounds = args.rounds or (4 if args.pinned else 3)
     if args.pinned and args.rounds % 2:
         parser.error("--pinned swaps the cores each round: give an even number of --rounds")
+    if args.precision and args.table:
+        parser.error("--precision is for the paths side by side; a --table sets each row's own (or use --override)")
+    if args.precision == BF16 and args.device == "cpu" and not native_bf16_cpu():
+        print("note: this CPU has no bf16 instructions: bf16 is emulated here, and slow", file=sys.stderr)
     for name in DATASETS:
         MNISTDataModule(name, data_dir=args.data_dir, mirror=args.mirror).prepare_data()
     table(args) if args.table else compare(args)

@@ -197,7 +197,7 @@ def filters_figure(net: nn.Module, title: str = "") -> Figure | None:
         row, column = divmod(k, columns)
         box = (left + column * (side + gap), top + row * (side + label) + label, side)
         if colour:
-            draw_image(ax, shown[o], box=box)
+            draw_image(ax, shown[o], box)
         else:
             kernel = shown[o, i if i is not None else 0]
             # Divided by its own largest |weight|, so that 0 stays white and the sign reads as a colour.
@@ -249,7 +249,7 @@ def feature_maps_figure(
     for n, band in enumerate(rows):
         if n:  # a line between two images' bands
             ax.add_line(Line2D([0.01 * WIDTH, 0.99 * WIDTH], [top - 0.08] * 2, color="0.75", linewidth=0.8))
-        draw_image(ax, images[n], box=(0.15, top + title_height, side))
+        draw_image(ax, images[n], (0.15, top + title_height, side))
         ax.text(0.15 + side / 2, top + title_height - 0.03, "input", ha="center", va="bottom", fontsize=8)
         label = literal(classes[labels[n]], 20)
         ax.text(0.15 + side / 2, top + title_height + side + 0.03, label, ha="center", va="top", fontsize=8)
@@ -353,20 +353,21 @@ def saliency_figure(
     for k, (image, saliency) in enumerate(zip(images, maps, strict=True)):
         line, column = divmod(k, pairs)
         x, y = left + column * (2 * side + gap + between), top + line * (caption + side + 0.1) + caption
-        draw_image(ax, image, box=(x, y, side))
+        draw_image(ax, image, (x, y, side))
         names = f"{literal(classes[labels[k]], 14)} → {literal(classes[predictions[k]], 14)}"
         ax.text(x, y - 0.04, f"{names} (p={float(probabilities[k]):.2f})", ha="left", va="bottom", fontsize=8)
-        right = x + side + gap
-        place(ax, saliency.numpy(), (right, y, side), cmap="inferno", vmin=0, vmax=max(float(saliency.max()), 1e-12))
+        vmax = max(float(saliency.max()), 1e-12)
+        shown = place(ax, saliency.numpy(), (x + side + gap, y, side), cmap="inferno", vmin=0, vmax=vmax)
         # The image's outline over its saliency, so the bright spots can be placed on the strokes. At a fifth of its
         # range: around a garment's silhouette rather than around each stripe of its texture (as at half would).
         # Solid even below 0 (a normalized image's dark half), where Matplotlib would dash it. Drawn at the pixels'
-        # centres in the saliency's square.
+        # centres where the saliency map landed.
         grey = image.mean(dim=0)
         if grey.max() > grey.min():
             level = float(grey.min() + OUTLINE * (grey.max() - grey.min()))
-            columns = right + (torch.arange(grey.shape[1]) + 0.5).numpy() * side / grey.shape[1]
-            rows = y + (torch.arange(grey.shape[0]) + 0.5).numpy() * side / grey.shape[0]
-            ax.contour(columns, rows, grey.numpy(), levels=[level], colors="cyan", linewidths=0.6, alpha=0.7,
+            x0, x1, y1, y0 = shown.get_extent()  # y downwards: its bottom is y1
+            xs = x0 + (torch.arange(grey.shape[1]) + 0.5).numpy() * (x1 - x0) / grey.shape[1]
+            ys = y0 + (torch.arange(grey.shape[0]) + 0.5).numpy() * (y1 - y0) / grey.shape[0]
+            ax.contour(xs, ys, grey.numpy(), levels=[level], colors="cyan", linewidths=0.6, alpha=0.7,
                        linestyles="solid")  # fmt: skip
     return page.figure

@@ -8,7 +8,7 @@ and drawing text is most of a small run's time, and Matplotlib's savefig and Ten
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,8 @@ from PIL import Image
 from cnn_exp import atomic
 from cnn_exp.errors import shown
 
-# Inches per line of 9-point text (a heading) and per character of it, about; a line's height per point of its font.
-HEADING, CHARACTER, LINE = 0.17, 0.075, 1.2
-SIDE = 3.0  # inches: a confusion matrix's side
+LINESPACING = 1.2  # a caption's lines apart, in multiples of its font's size
+SIDE, MAX_SIDE = 3.0, 12.0  # inches: a confusion matrix's side, at least and at most
 # What a confusion figure can show: images per (true, predicted) pair, or each row's share of its true class.
 KINDS = ("counts", "rates")
 
@@ -64,37 +63,40 @@ def confusion_figure(
     matrix: torch.Tensor, classes: list[str], title: str, kinds: Sequence[str] = KINDS, heading: str = ""
 ) -> Figure:
     """One panel per kind side by side, each with the class names on its axes and a colour scale; `heading` above
-    them (which run, what accuracy). Laid out by hand around a square matrix from the measured sizes of its labels,
-    the figure as large as they need: Matplotlib's constrained layout, which finds margins by drawing the labels
-    again and again within a figure of fixed size, took half its time (and squeezed long class names' matrices)."""
+    them (which run, what accuracy). Laid out by hand around a square matrix, SIDE inches or a row's height per class
+    (up to MAX_SIDE), from the measured sizes of its labels, the figure as large as they need: Matplotlib's
+    constrained layout, which finds margins by drawing the labels again and again within a figure of fixed size,
+    took half its time (and squeezed the matrix of long class names until they overlapped)."""
     figure = Figure()
     size = _text_size(FigureCanvasAgg(figure).get_renderer(), figure.dpi)
-    names = [literal(name) for name in classes]
+    names, heading = [literal(name) for name in classes], literal(heading, 200)
     long = max(map(len, names)) > 2
     label_width, line = max(size(name, 9)[0] for name in names), size("Ag", 9)[1]
+    side = min(max(SIDE, 1.3 * line * len(names)), MAX_SIDE)
     tick = 0.1  # inches from an axis to its tick labels: the tick (3.5 points) and its pad
     # Rotated 45°, a label reaches below its tick by its width and height times cos 45°.
     below = (label_width + line) * math.sqrt(0.5) if long else line
     top = (0.06 + line + 0.04 if heading else 0.05) + 1.3 * line + 0.1  # the heading, the panel's title and a gap
     bottom = tick + below + 0.06 + line + 0.1  # tick labels, then "predicted class"
     left = 0.08 + line + 0.06 + label_width + tick  # "true class", then the tick labels
-    scale = 0.15 + 0.12 + tick + size("0000", 8)[0] + 0.06 + line + 0.1  # the colour scale, its numbers and label
-    panel = left + SIDE + scale
-    width, height = panel * len(kinds), top + SIDE + bottom
+    numbers = size(str(max(int(matrix.max()), 100)), 8)[0]  # the colour scale's longest: counts, or 100 %
+    scale = 0.15 + 0.12 + tick + numbers + 0.06 + line + 0.1  # the colour scale, its numbers and label
+    panel = left + side + scale
+    width, height = max(panel * len(kinds), size(heading, 9)[0] + 0.2 if heading else 0), top + side + bottom
     figure.set_size_inches(width, height)
     if heading:
-        figure.text(0.5, 1 - 0.06 / height, literal(heading, 200), ha="center", va="top", fontsize=9)
+        figure.text(0.5, 1 - 0.06 / height, heading, ha="center", va="top", fontsize=9)
     for i, kind in enumerate(kinds):
-        x = panel * i + left
-        ax = figure.add_axes((x / width, bottom / height, SIDE / width, SIDE / height))
-        colorbar = figure.add_axes(((x + SIDE + 0.15) / width, (bottom + 0.1 * SIDE) / height, 0.12 / width,
-                                    0.8 * SIDE / height))  # fmt: skip
+        x = (width - panel * len(kinds)) / 2 + panel * i + left  # panels centred under a wider heading
+        ax = figure.add_axes((x / width, bottom / height, side / width, side / height))
+        colorbar = figure.add_axes(((x + side + 0.15) / width, (bottom + 0.1 * side) / height, 0.12 / width,
+                                    0.8 * side / height))  # fmt: skip
         _confusion_panel(figure, ax, colorbar, matrix.cpu().double(), names, kind, long)
         ax.set_title(f"{title}: {'% of each true class' if kind == 'rates' else 'images'}", fontsize=10)
     return figure
 
 
-def _text_size(renderer: Any, dpi: float) -> Any:
+def _text_size(renderer: Any, dpi: float) -> Callable[[str, float], tuple[float, float]]:
     """A function (text, points) -> its (width, height) in inches, as `renderer` draws it."""
 
     def size(text: str, points: float) -> tuple[float, float]:
@@ -137,8 +139,9 @@ def _confusion_panel(
 def image_grid(
     images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, classes: list[str], title: str
 ) -> Figure:
-    """Images with their class under each; a wrong prediction in red, as `true → predicted`."""
-    names = [literal(name, 14) for name in classes]  # what fits under a 1-inch image
+    """Images with their class under each; a wrong prediction in red, as `true → predicted`. The title's lines are
+    drawn as text (`literal`): they name the run, and with it the user's data folder."""
+    names = [literal(name, 14) for name in classes]  # about what fits under a 1-inch image
     wrong = [label != prediction for label, prediction in zip(labels.tolist(), predictions.tolist(), strict=True)]
     captions = [
         f"{names[label]}\n→ {names[prediction]}" if bad else names[label]
@@ -146,6 +149,7 @@ def image_grid(
     ]
     size = 11 if max(map(len, names)) <= 2 else 9  # digits can be larger than Fashion-MNIST's names
     colors = ["red" if bad else "black" for bad in wrong]
+    title = "\n".join(literal(line, 200) for line in title.split("\n"))
     return labelled_grid(list(images.cpu()), captions, title, columns=4, fontsize=size, colors=colors)
 
 
@@ -161,60 +165,61 @@ def labelled_grid(
     colors: Sequence[str] | None = None,
     values_0_to_1: bool = False,
 ) -> Figure:
-    """Images `side` inches square, `columns` to a line in cells `cell` inches wide, each with its caption (up to two
-    lines) below and `title` above. Laid out by hand on one axes whose units are inches from the top left: an axes per
-    image, laid out by Matplotlib, took most of a test report's drawing time."""
+    """Images in squares of `side` inches, `columns` to a line in cells `cell` inches wide, each with its caption (up
+    to two lines) below and `title` (drawn as given) above; the figure as wide as the title needs. Laid out by hand
+    on one axes whose units are inches from the top left: an axes per image, laid out by Matplotlib, took most of a
+    test report's drawing time."""
     columns = max(1, min(columns, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
-    head = HEADING * (title.count("\n") + 1) + 0.15
-    caption = 2 * LINE * fontsize / 72 + 0.1  # two lines of `fontsize` points and the space above them
-    # As wide as the title's longest line (about CHARACTER inches a character), the images centred below it.
-    longest = max(map(len, title.split("\n")))
-    width, height = max(cell * columns, CHARACTER * longest + 0.2), head + rows * (side + caption + 0.05)
-    margin = (width - cell * columns) / 2
-    figure = Figure(figsize=(width, height))
+    figure = Figure()
+    size = _text_size(FigureCanvasAgg(figure).get_renderer(), figure.dpi)
+    lines = [size(line or " ", 9) for line in title.split("\n")]
+    title_width, head = max(w for w, _ in lines), 0.05 + LINESPACING * sum(h for _, h in lines) + 0.1
+    caption = 2 * LINESPACING * fontsize / 72 + 0.1  # two lines of `fontsize` points and the space above them
+    width, height = max(cell * columns, title_width + 0.2), head + rows * (side + caption + 0.05)
+    margin = (width - cell * columns) / 2  # the images centred under a wider title
+    figure.set_size_inches(width, height)
     figure.text(0.5, 1 - 0.05 / height, title, ha="center", va="top", fontsize=9)
     ax = figure.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
     for i, (image, text) in enumerate(zip(images, captions, strict=True)):
         row, column = divmod(i, columns)
         left, top = margin + column * cell + (cell - side) / 2, head + row * (side + caption + 0.05)
-        draw_image(ax, image, values_0_to_1, box=(left, top, side))
+        draw_image(ax, image, (left, top, side), values_0_to_1)
         color = colors[i] if colors else "black"
         ax.text(left + side / 2, top + side + 0.06, text, ha="center", va="top", fontsize=fontsize, color=color,
-                linespacing=LINE)  # fmt: skip
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
+                linespacing=LINESPACING)  # fmt: skip
     return figure
 
 
 def draw_image(
-    ax: Axes, image: torch.Tensor, values_0_to_1: bool = False, box: tuple[float, float, float] | None = None
-) -> None:
-    """One C×H×W image (or H×W), grey or colour, on `ax`, without ticks; or, with `box` (left, top, side in `ax`'s
-    units, y downwards), in that square of it, framed. Normalized values (`values_0_to_1` false) are stretched to
-    the image's own range, as matplotlib stretches a grey one."""
+    ax: Axes, image: torch.Tensor, box: tuple[float, float, float], values_0_to_1: bool = False
+) -> AxesImage:
+    """One C×H×W image (or H×W), grey or colour, fitted into the square `box` of `ax` (`place`). Normalized values
+    (`values_0_to_1` false) are stretched to the image's own range, as matplotlib stretches a grey one."""
     image = image.detach().float().cpu()
     image = image[None] if image.dim() == 2 else image
     if not values_0_to_1:
         low, high = image.min(), image.max()
         image = (image - low) / (high - low).clamp(min=1e-12)
-    pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).clamp(0, 1).numpy()
-    grey = {"cmap": "gray", "vmin": 0, "vmax": 1} if image.shape[0] == 1 else {}
-    if box is not None:
-        place(ax, pixels, box, **grey)
-        return
-    ax.imshow(pixels, **grey)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    if image.shape[0] == 1:
+        return place(ax, image[0].numpy(), box, cmap="gray", vmin=0, vmax=1)
+    return place(ax, image.permute(1, 2, 0).clamp(0, 1).numpy(), box)
 
 
 def place(ax: Axes, values: np.ndarray, box: tuple[float, float, float], **imshow: Any) -> AxesImage:
-    """`values` drawn as an image in the square `box` of `ax` (left, top, side in its units, y downwards), framed:
-    many images on one axes draw far faster than an axes each."""
+    """`values` (rows × columns, or × RGB) drawn as an image fitted into the square `box` of `ax` (left, top, side in
+    its units, y downwards), centred, its shape kept, and framed: many images on one axes draw far faster than an
+    axes each. Its extent (`get_extent()`) says where it landed."""
     left, top, side = box
-    image = ax.imshow(values, extent=(left, left + side, top + side, top), aspect="auto", **imshow)
-    ax.add_patch(Rectangle((left, top), side, side, fill=False, edgecolor="black", linewidth=0.8))
+    rows, columns = values.shape[:2]
+    scale = side / max(rows, columns)
+    width, height = columns * scale, rows * scale
+    left, top = left + (side - width) / 2, top + (side - height) / 2
+    image = ax.imshow(values, extent=(left, left + width, top + height, top), aspect="auto", **imshow)
+    ax.add_patch(Rectangle((left, top), width, height, fill=False, edgecolor="black", linewidth=0.8))
     return image
 
 

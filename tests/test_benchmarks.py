@@ -1,6 +1,7 @@
 """The measurements in benchmarks/: the accuracy measurement's shifted views and validation split, and the recipes
 table's numbers, are what they say."""
 
+import argparse
 import json
 import os
 import re
@@ -203,11 +204,24 @@ def test_each_loop_compare_measures_trains_and_times_its_epochs(
     assert result["first_step"] > 0
 
 
+def test_compare_refuses_a_precision_for_a_table_of_its_own_settings() -> None:
+    """A --table compares its rows against its first: one --precision for all of them would change that baseline."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--table", "options", "--precision", "bf16-mixed"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "error: --precision is for the paths side by side; a --table sets each row's own (or use --override)"
+    )
+
+
 def test_compare_trains_all_but_the_notebooks_loop_in_the_precision_asked_for(tmp_path: Path) -> None:
     """--precision reaches train.py and the bare and Lightning loops; the notebook's loop stays as the notebook ran."""
     case, out = compare.CASES["Network2 / MNIST"], tmp_path / "times.json"
     for precision in (None, "bf16-mixed"):
-        args = compare.argparse.Namespace(epochs=2, data_dir="data", device="cpu", precision=precision)
+        args = argparse.Namespace(epochs=2, data_dir="data", device="cpu", precision=precision)
         commands = {variant: compare.command(variant, case, args, out, []) for variant in compare.VARIANTS}
         asked = {variant for variant, cmd in commands.items() if any("bf16-mixed" in part for part in cmd)}
         assert asked == (set() if precision is None else set(compare.VARIANTS) - {"notebook"})

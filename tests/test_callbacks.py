@@ -96,12 +96,12 @@ def test_a_run_shows_its_architecture_and_tensorboard_views(trained: Path) -> No
 
 def check_report(run_dir: Path) -> None:
     """The report files exist, decode, and agree with the run's overall test accuracy."""
-    for name, size in (("confusion_matrix.png", (880, 430)), ("misclassified.png", (420, None))):
+    # About TensorBoard's card (some 400 pixels) per panel: the two confusion panels side by side, four images a line.
+    for name, widths in (("confusion_matrix.png", (800, 960)), ("misclassified.png", (420, 420))):
         with Image.open(run_dir / name) as image:
             image.verify()
         with Image.open(run_dir / name) as image:
-            assert image.width == size[0] and (size[1] is None or image.height == size[1])
-            assert image.height >= 300
+            assert widths[0] <= image.width <= widths[1] and 300 <= image.height <= 700
     with open(run_dir / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
     assert [row["class"] for row in per_class] == [str(digit) for digit in range(10)]

@@ -21,7 +21,7 @@ from cnn_exp import sweep
 from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
-from cnn_exp.plots import confusion_figure, image_grid, pixels, sweep_figure
+from cnn_exp.plots import confusion_figure, image_grid, labelled_grid, pixels, sweep_figure
 from cnn_exp.reports import EpochTable
 from cnn_exp.tensorboard import job_values, short_keys
 from tests.conftest import MIRROR, NO_FIGURES, QUICK, composed, read_metrics, run
@@ -332,17 +332,46 @@ def test_an_image_grid_draws_each_image_framed_in_its_place_under_a_title_that_f
     assert heading.get_text() == title and extent.x0 >= 0 and extent.x1 <= width
 
 
+def test_an_image_grid_keeps_each_images_shape_and_draws_its_title_as_text() -> None:
+    """A colour image and one twice as wide as high (a user's own data) fill their squares' width, centred, framed
+    where they landed; a `$` in the title (a data folder's name in it) is a character, not a formula."""
+    square = labelled_grid([torch.rand(3, 32, 32), torch.rand(1, 16, 32)], ["cat", "dog"], "two", columns=4)
+    pixels(square)
+    ax = square.axes[0]
+    (colour, wide), frames = ax.images, ax.patches
+    assert colour.get_array().shape == (32, 32, 3)
+    left, right, bottom, top = wide.get_extent()  # y downwards
+    assert right - left == pytest.approx(2 * (bottom - top))
+    c_left, c_right, c_bottom, c_top = colour.get_extent()
+    assert right - left == pytest.approx(c_right - c_left)  # as wide as the square one
+    assert (top + bottom) / 2 == pytest.approx((c_top + c_bottom) / 2)  # centred in its square
+    assert frames[1].get_xy() == (left, top) and frames[1].get_height() == pytest.approx(bottom - top)
+    title = "test images\nnet on cats_$\\frac$_v2: test accuracy 50.00%"
+    figure = image_grid(torch.zeros(1, 1, 4, 4), torch.tensor([0]), torch.tensor([0]), ["a"], title)
+    pixels(figure)  # a `$` read as a formula would fail here
+    assert figure.texts[0].get_text() == "test images\nnet on cats_\\$\\frac\\$_v2: test accuracy 50.00%"
+
+
 @pytest.mark.parametrize(
-    "classes", [[str(i) for i in range(10)], [f"a rather long class name, number {i}" for i in range(12)]]
+    "classes",
+    [
+        [str(i) for i in range(10)],
+        [f"a rather long class name, number {i}" for i in range(12)],
+        [f"class {i}" for i in range(47)],  # EMNIST's balanced split
+    ],
 )
 def test_a_confusion_figure_fits_its_class_names_however_long(classes: list[str]) -> None:
     """Each panel a square matrix with every class name, axis label and title inside the figure, the names apart from
     one another, and its colour scale beside it: the figure grows with the names instead of squeezing the matrix."""
     n = len(classes)
     matrix = torch.diag(torch.full((n,), 980)) + torch.ones(n, n, dtype=torch.long)
-    figure = confusion_figure(matrix, classes, "test set", heading="net2 on MNIST: test accuracy 99.00%")
+    heading = "ResNetlet on MY_FOLDER_OF_CATS_AND_DOGS, AdamW lr 0.001, cosine: test accuracy 91.23%"
+    figure = confusion_figure(matrix, classes, "test set", heading=heading)
     pixels(figure)  # drawn: the tick labels placed
     renderer, inside = figure.canvas.get_renderer(), figure.bbox.padded(1)
+    (drawn_heading,) = figure.texts
+    extent = drawn_heading.get_window_extent(renderer)
+    assert drawn_heading.get_text() == heading and inside.contains(extent.x0, extent.y0) and extent.x1 <= inside.x1
     matrices, bars = figure.axes[0::2], figure.axes[1::2]
     assert len(matrices) == len(bars) == 2
     for ax, bar in zip(matrices, bars, strict=True):
@@ -350,6 +379,7 @@ def test_a_confusion_figure_fits_its_class_names_however_long(classes: list[str]
         assert box.width == pytest.approx(box.height, abs=1)
         assert bar.get_window_extent(renderer).x0 > box.x1
         labels = [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.xaxis.label, ax.yaxis.label, ax.title]
+        labels += [*bar.get_yticklabels(), bar.yaxis.label]
         for label in labels:
             extent = label.get_window_extent(renderer)
             assert inside.contains(extent.x0, extent.y0) and inside.contains(extent.x1, extent.y1), label.get_text()
