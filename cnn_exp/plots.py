@@ -141,7 +141,7 @@ def image_grid(
 ) -> Figure:
     """Images with their class under each; a wrong prediction in red, as `true → predicted`. The title's lines are
     drawn as text (`literal`): they name the run, and with it the user's data folder."""
-    names = [literal(name, 14) for name in classes]  # about what fits under a 1-inch image
+    names = [literal(name, 14) for name in classes]  # what fits under a 1-inch image, in type made smaller if need be
     wrong = [label != prediction for label, prediction in zip(labels.tolist(), predictions.tolist(), strict=True)]
     captions = [
         f"{names[label]}\n→ {names[prediction]}" if bad else names[label]
@@ -166,7 +166,8 @@ def labelled_grid(
     values_0_to_1: bool = False,
 ) -> Figure:
     """Images in squares of `side` inches, `columns` to a line in cells `cell` inches wide, each with its caption (up
-    to two lines) below and `title` (drawn as given) above; the figure as wide as the title needs. Laid out by hand
+    to two lines, in smaller type where it would not fit its cell) below and `title` (drawn as given) above; the figure
+    as wide as the title needs. Laid out by hand
     on one axes whose units are inches from the top left: an axes per image, laid out by Matplotlib, took most of a
     test report's drawing time."""
     columns = max(1, min(columns, len(images)))
@@ -189,7 +190,10 @@ def labelled_grid(
         left, top = margin + column * cell + (cell - side) / 2, head + row * (side + caption + 0.05)
         draw_image(ax, image, (left, top, side), values_0_to_1)
         color = colors[i] if colors else "black"
-        ax.text(left + side / 2, top + side + 0.06, text, ha="center", va="top", fontsize=fontsize, color=color,
+        # Smaller where its longest line would reach into the next cell (a long class or file name), down to 5 points.
+        longest = max(size(line or " ", fontsize)[0] for line in text.split("\n"))
+        points = max(5.0, fontsize * min(1.0, (cell - 0.08) / longest))
+        ax.text(left + side / 2, top + side + 0.06, text, ha="center", va="top", fontsize=points, color=color,
                 linespacing=LINESPACING)  # fmt: skip
     return figure
 

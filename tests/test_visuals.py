@@ -386,3 +386,16 @@ def test_a_confusion_figure_fits_its_class_names_however_long(classes: list[str]
         rows = sorted((label.get_window_extent(renderer) for label in ax.get_yticklabels()), key=lambda e: e.y0)
         assert all(upper.y0 >= lower.y1 - 1 for lower, upper in itertools.pairwise(rows))
         assert [label.get_text() for label in ax.get_yticklabels()] == classes
+
+
+def test_an_image_grids_captions_stay_in_their_cells() -> None:
+    """Long class names (14 characters, `true → predicted`) are set smaller rather than run into the next image's."""
+    classes = ["Weathered boot", "Ankle-high sock", "i"]
+    labels, predictions = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 0, 2, 0])
+    figure = image_grid(torch.rand(4, 1, 8, 8), labels, predictions, classes, "four")
+    pixels(figure)
+    renderer, ax = figure.canvas.get_renderer(), figure.axes[0]
+    extents = sorted((text.get_window_extent(renderer) for text in ax.texts), key=lambda e: e.x0)
+    assert all(right.x0 > left.x1 for left, right in itertools.pairwise(extents))
+    assert extents[0].x0 >= 0 and extents[-1].x1 <= figure.bbox.x1
+    assert {text.get_fontsize() for text in ax.texts if text.get_text() == "i"} == {9}  # short ones keep their size
