@@ -167,9 +167,8 @@ def labelled_grid(
 ) -> Figure:
     """Images in squares of `side` inches, `columns` to a line in cells `cell` inches wide, each with its caption (up
     to two lines, in smaller type where it would not fit its cell) below and `title` (drawn as given) above; the figure
-    as wide as the title needs. Laid out by hand
-    on one axes whose units are inches from the top left: an axes per image, laid out by Matplotlib, took most of a
-    test report's drawing time."""
+    as wide as the title needs. Laid out by hand on one axes whose units are inches from the top left: an axes per
+    image, laid out by Matplotlib, took most of a test report's drawing time."""
     columns = max(1, min(columns, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
     figure = Figure()
