@@ -1,5 +1,6 @@
 """What a user looks at: TensorBoard's run names, tags, HParams, graph and images; a run's epochs.csv and curves.png;
-a sweep's swept-key columns, summary.png and mean ± std over seeds."""
+a sweep's swept-key columns, summary.png and mean ± std over seeds; the confusion matrices and image grids, laid out
+so that every label fits."""
 
 import csv
 import itertools
