@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 from torch import nn
 from torchvision.utils import make_grid
 
-from cnn_exp.plots import draw_image, literal, place
+from cnn_exp.plots import canvas, draw_image, literal, place
 
 # Inches: a little narrower than an A4 page (8.3), so that a figure placed at a page's width keeps its 7–9 pt type
 # at about that size.
@@ -131,15 +131,6 @@ class _Page:
         self.width, self.height = width, height
         self.figure.text(0.5, 1 - 0.06 / height, "\n".join(heading), ha="center", va="top", fontsize=9)
 
-    def canvas(self) -> Axes:
-        """One axes over the whole page, in inches from its top left: images placed on it (`plots.place`) draw far
-        faster than an axes each."""
-        ax = self.figure.add_axes((0, 0, 1, 1))
-        ax.set_axis_off()
-        ax.set_xlim(0, self.width)
-        ax.set_ylim(self.height, 0)
-        return ax
-
     def axes(self, left: float, top: float, width: float, height: float) -> Axes:
         ax = self.figure.add_axes(
             (left / self.width, 1 - (top + height) / self.height, width / self.width, height / self.height)
@@ -192,7 +183,7 @@ def filters_figure(net: nn.Module, title: str = "") -> Figure | None:
     width = max(grid_width + colorbar + 0.3, 5.6)
     page = _Page(width, top + rows * (side + label) + 0.1, heading)
     left = (width - grid_width - colorbar) / 2
-    image, ax = None, page.canvas()
+    image, ax = None, canvas(page.figure)
     for k, (o, i) in enumerate(panels):
         row, column = divmod(k, columns)
         box = (left + column * (side + gap), top + row * (side + label) + label, side)
@@ -245,7 +236,7 @@ def feature_maps_figure(
     bands = [max(sum(h + title_height + label_height + gap for h in band), side + 0.45) for band in heights]
     top = HEADING * len(heading) + 0.15
     page = _Page(WIDTH, top + sum(bands) + 0.15 * len(bands), heading)
-    ax = page.canvas()
+    ax = canvas(page.figure)
     for n, band in enumerate(rows):
         if n:  # a line between two images' bands
             ax.add_line(Line2D([0.01 * WIDTH, 0.99 * WIDTH], [top - 0.08] * 2, color="0.75", linewidth=0.8))
@@ -349,7 +340,7 @@ def saliency_figure(
     top = HEADING * len(heading) + 0.15
     page = _Page(WIDTH, top + lines * (caption + side + 0.1), heading)
     left = (WIDTH - pairs * (2 * side + gap) - (pairs - 1) * between) / 2
-    ax = page.canvas()
+    ax = canvas(page.figure)
     for k, (image, saliency) in enumerate(zip(images, maps, strict=True)):
         line, column = divmod(k, pairs)
         x, y = left + column * (2 * side + gap + between), top + line * (caption + side + 0.1) + caption

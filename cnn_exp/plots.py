@@ -68,7 +68,7 @@ def confusion_figure(
     constrained layout, which finds margins by drawing the labels again and again within a figure of fixed size,
     took half its time (and squeezed the matrix of long class names until they overlapped)."""
     figure = Figure()
-    size = _text_size(FigureCanvasAgg(figure).get_renderer(), figure.dpi)
+    size = _text_size(figure)
     names, heading = [literal(name) for name in classes], literal(heading, 200)
     long = max(map(len, names)) > 2
     label_width, line = max(size(name, 9)[0] for name in names), size("Ag", 9)[1]
@@ -96,8 +96,9 @@ def confusion_figure(
     return figure
 
 
-def _text_size(renderer: Any, dpi: float) -> Callable[[str, float], tuple[float, float]]:
-    """A function (text, points) -> its (width, height) in inches, as `renderer` draws it."""
+def _text_size(figure: Figure) -> Callable[[str, float], tuple[float, float]]:
+    """A function (text, points) -> its (width, height) in inches, as `figure`'s Agg renderer draws it."""
+    renderer, dpi = FigureCanvasAgg(figure).get_renderer(), figure.dpi
 
     def size(text: str, points: float) -> tuple[float, float]:
         width, height, _ = renderer.get_text_width_height_descent(text, FontProperties(size=points), ismath=False)
@@ -142,13 +143,10 @@ def image_grid(
     """Images with their class under each; a wrong prediction in red, as `true → predicted`. The title's lines are
     drawn as text (`literal`): they name the run, and with it the user's data folder."""
     names = [literal(name, 14) for name in classes]  # what fits under a 1-inch image, in type made smaller if need be
-    wrong = [label != prediction for label, prediction in zip(labels.tolist(), predictions.tolist(), strict=True)]
-    captions = [
-        f"{names[label]}\n→ {names[prediction]}" if bad else names[label]
-        for label, prediction, bad in zip(labels.tolist(), predictions.tolist(), wrong, strict=True)
-    ]
+    pairs = list(zip(labels.tolist(), predictions.tolist(), strict=True))
+    captions = [names[true] if true == guess else f"{names[true]}\n→ {names[guess]}" for true, guess in pairs]
     size = 11 if max(map(len, names)) <= 2 else 9  # digits can be larger than Fashion-MNIST's names
-    colors = ["red" if bad else "black" for bad in wrong]
+    colors = ["black" if true == guess else "red" for true, guess in pairs]
     title = "\n".join(literal(line, 200) for line in title.split("\n"))
     return labelled_grid(list(images.cpu()), captions, title, columns=4, fontsize=size, colors=colors)
 
@@ -172,7 +170,7 @@ def labelled_grid(
     columns = max(1, min(columns, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
     figure = Figure()
-    size = _text_size(FigureCanvasAgg(figure).get_renderer(), figure.dpi)
+    size = _text_size(figure)
     lines = [size(line or " ", 9) for line in title.split("\n")]
     title_width, head = max(w for w, _ in lines), 0.05 + LINESPACING * sum(h for _, h in lines) + 0.1
     caption = 2 * LINESPACING * fontsize / 72 + 0.1  # two lines of `fontsize` points and the space above them
@@ -180,10 +178,7 @@ def labelled_grid(
     margin = (width - cell * columns) / 2  # the images centred under a wider title
     figure.set_size_inches(width, height)
     figure.text(0.5, 1 - 0.05 / height, title, ha="center", va="top", fontsize=9)
-    ax = figure.add_axes((0, 0, 1, 1))
-    ax.set_axis_off()
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
+    ax = canvas(figure)
     for i, (image, text) in enumerate(zip(images, captions, strict=True)):
         row, column = divmod(i, columns)
         left, top = margin + column * cell + (cell - side) / 2, head + row * (side + caption + 0.05)
@@ -195,6 +190,17 @@ def labelled_grid(
         ax.text(left + side / 2, top + side + 0.06, text, ha="center", va="top", fontsize=points, color=color,
                 linespacing=LINESPACING)  # fmt: skip
     return figure
+
+
+def canvas(figure: Figure) -> Axes:
+    """One axes over the whole figure, in inches from its top left, without ticks or frame: images placed on it
+    (`place`) draw far faster than an axes each."""
+    width, height = figure.get_size_inches()
+    ax = figure.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    return ax
 
 
 def draw_image(

@@ -354,7 +354,6 @@ class EpochTable(L.Callback):
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in self.rows)
         if last or monotonic() - self._drawn_at >= self.redraw_every:
             self._draw(trainer)
-            self._drawn_at = monotonic()
         report.write(self.dirpath)
 
     def _catch_up(self, trainer: L.Trainer) -> None:
@@ -372,7 +371,7 @@ class EpochTable(L.Callback):
 
     def _draw(self, trainer: L.Trainer, test: float | None = None, rows: list[dict[str, Any]] | None = None) -> None:
         rows = list(rows if rows is not None else self.rows)
-        self._drawn = rows
+        self._drawn, self._drawn_at = rows, monotonic()
         run = "/".join(self.dirpath.resolve().parts[-2:])  # runs/<time>, or <sweep time>/<job>
         title = f"{what_ran(trainer)}: loss and accuracy per epoch ({run})"
         write_png(pixels(curves_figure(rows, literal(title, 200), test)), self.dirpath / "curves.png")
