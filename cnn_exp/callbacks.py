@@ -221,6 +221,18 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._key = (settings, super().state_key)
         return self._key[1]
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning decides after every step whether to save by steps or by time (~10 µs); a checkpoint that saves by
+        # neither, under automatic optimization, never does there.
+        if (
+            self._every_n_train_steps >= 1
+            or self._train_time_interval is not None
+            or not pl_module.automatic_optimization
+        ):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         # Private: Lightning's choice between epoch end and after validation is not exposed.

@@ -33,6 +33,10 @@ MODEL = ("hyper_parameters", "state_dict")
 DATA = ("datamodule_hyper_parameters",)
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "epoch", "global_step", "pytorch-lightning_version")
 
+# The training steps' mean losses that the epoch's train loss had not yet added up when the checkpoint was taken
+# (cnn_exp/classifier.py), with each step's images: {"losses": 1-D float tensor, "images": 1-D int64 tensor}.
+PENDING_LOSSES = "pending_train_losses"
+
 # The keys of a checkpoint callback's state that name files: Lightning deletes "the previous" one on its next save.
 FILE_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 # What a file may cost before a check can refuse it. A checkpoint of train.py keeps its settings and states in a few
@@ -137,8 +141,31 @@ def check(checkpoint: Any) -> None:
     if "datamodule_hyper_parameters" in checkpoint:
         build.data_class(checkpoint)  # a DataModule a config of the run names, checked before any import
     precision.trained_in(checkpoint)
+    pending_losses(checkpoint)
     _check_built_shapes(checkpoint)
     _check_file_names(checkpoint.get("callbacks"))
+
+
+def pending_losses(checkpoint: Mapping[str, Any]) -> list[tuple[torch.Tensor, int]]:
+    """The checkpoint's pending training losses as (mean loss, images) per step, checked; none if it holds none."""
+    pending = checkpoint.get(PENDING_LOSSES)
+    if pending is None:
+        return []
+    losses, images = (pending.get(key) if isinstance(pending, Mapping) else None for key in ("losses", "images"))
+    if not (
+        isinstance(losses, torch.Tensor)
+        and losses.is_floating_point()
+        and losses.dim() == 1
+        and isinstance(images, torch.Tensor)
+        and images.dtype == torch.int64
+        and images.shape == losses.shape
+        and bool((images > 0).all())
+    ):
+        raise UserError(
+            f"{PENDING_LOSSES} is not a list of training steps' losses and image counts ({shape(losses)} losses, "
+            f"{shape(images)} counts): train.py writes one float and one positive count per step"
+        )
+    return list(zip(losses.unbind(), images.tolist(), strict=True))
 
 
 def _check_archive(path: Path) -> None:

@@ -12,15 +12,14 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cnn_exp import build, precision, record
+from cnn_exp import build, checkpoints, precision, record
 from cnn_exp.data import InMemoryDataset
 from cnn_exp.errors import UserError, is_number
 
 log = logging.getLogger(__name__)
 
-# Training steps whose predictions the train accuracy counts in one update. A torchmetrics update costs ~0.1 ms inside
-# a step, 3-4 % of Network3's at batch 40; its counts are integers, so counted in groups the epoch's accuracy is the
-# same to the bit.
+# Training steps whose predictions the train accuracy counts in one update, and whose losses the train loss adds up in
+# one. A torchmetrics update costs 0.05-0.1 ms inside a step, 2-4 % of Network3's at batch 40.
 COUNT_EVERY = 32
 
 
@@ -88,6 +87,10 @@ class Classifier(L.LightningModule):
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
         self._predicted: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps' (predictions, labels) not counted yet
+        # Steps' (mean loss, images) not added to train_loss yet. Unlike the predictions' integer counts, a sum of
+        # floats depends on how it is grouped: a checkpoint keeps these as they are (on_save_checkpoint), so that a run
+        # resumed from it groups them as the run that never stopped did, and its epoch's loss is the same to the bit.
+        self._losses: list[tuple[torch.Tensor, int]] = []
         # Counted before any state dict is taken (Lightning's checkpoints), so that it holds them all; dropped when one
         # is loaded, whose counts replace everything this module had seen.
         self.register_state_dict_pre_hook(_count_before_saving)
@@ -109,12 +112,12 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self._train_forward(images)
-        losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
-        loss = losses.mean()
-        # Every step only updates metric states: a `self.log` call costs about as much as this small network's
-        # forward pass, so the step loss is logged only on the steps the loggers write (log_every_n_steps).
-        # Per-image losses, not the batch mean with a count: a count would be a host-to-GPU copy, a sync per step.
-        self.train_loss.update(losses.detach())
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        # Every step only gathers what the epoch's metrics count: a `self.log` call costs about as much as this small
+        # network's forward pass, so the step loss is logged only on the steps the loggers write (log_every_n_steps).
+        self._losses.append((loss.detach(), len(labels)))
+        if len(self._losses) >= COUNT_EVERY:
+            self._add_losses()
         self._predicted.append((logits.detach().argmax(dim=1), labels))
         if len(self._predicted) >= COUNT_EVERY:
             self._count_predictions()
@@ -210,12 +213,19 @@ class Classifier(L.LightningModule):
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
         if self._trainer is not None and str(self._trainer.precision) in precision.KNOWN:  # test.py tests in it
             checkpoint[precision.CHECKPOINT_KEY] = str(self._trainer.precision)
+        if self._losses:
+            losses, images = zip(*self._losses, strict=True)
+            checkpoint[checkpoints.PENDING_LOSSES] = {
+                "losses": torch.stack(losses).cpu(),
+                "images": torch.tensor(images),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
         # Set when training starts, not now: between here and the first step Lightning traces the network for
         # TensorBoard's graph in training mode, and its dropout draws from the generator.
         self._rng_state = {key: checkpoint[key] for key in ("rng_state", "cuda_rng_state") if key in checkpoint}
+        self._losses = checkpoints.pending_losses(checkpoint)  # replacing any of a fit stopped in this process
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another network, optimizer or schedule than this run's, naming what differs.
@@ -283,6 +293,7 @@ class Classifier(L.LightningModule):
     def on_train_start(self) -> None:
         self._check_schedule_length()
         state, self._rng_state = self._rng_state, {}
+        self._losses = [(loss.to(self.device), images) for loss, images in self._losses]  # a checkpoint's, on the CPU
         if "rng_state" in state:
             torch.set_rng_state(state["rng_state"])
         if "cuda_rng_state" in state and torch.cuda.is_available():
@@ -317,8 +328,10 @@ class Classifier(L.LightningModule):
         self.train_loss.reset()
         self.train_acc.reset()
         self._predicted.clear()
+        self._losses.clear()
 
     def on_train_epoch_end(self) -> None:
+        self._add_losses()
         self._count_predictions()
         # Logged metric objects are computed (over all ranks under DDP) and reset by Lightning.
         self.log_dict({record.TRAIN_LOSS: self.train_loss, record.TRAIN_ACC: self.train_acc}, prog_bar=True)
@@ -332,6 +345,17 @@ class Classifier(L.LightningModule):
             # would become inference tensors, which a later in-place update refuses.
             with torch.inference_mode(False):
                 self.train_acc.update(torch.cat(predictions), torch.cat(labels))
+
+    def _add_losses(self) -> None:
+        """Add the steps' losses gathered since they were last added to the epoch's train loss, each weighted by its
+        batch's images (an epoch's last batch may be smaller)."""
+        if self._losses:
+            losses, images = zip(*self._losses, strict=True)
+            self._losses = []
+            stacked, weights = torch.stack(losses), torch.tensor(images, dtype=torch.float32)
+            if stacked.is_cuda:  # from pinned memory, as the batches' indices: the copy does not wait for the GPU
+                weights = weights.pin_memory().to(stacked.device, non_blocking=True)
+            self.train_loss.update(stacked, weights)
 
     def on_validation_epoch_start(self) -> None:
         self.val_confusion.reset()

@@ -452,6 +452,11 @@ def _craft(last: dict[str, Any], case: str, path: Path) -> str:
         crafted["hyper_parameters"]["net"]["channels"] = _nested(200_000)
         _save_deep(crafted, path)
         return f"ckpt_path={path} refused: it nests values more than 32 levels deep"
+    if case in ("pending losses as text", "a pending step of no images"):
+        pending = {"losses": torch.tensor([2.3, 2.2]), "images": torch.tensor([50, 0])}
+        crafted[checkpoints.PENDING_LOSSES] = {"losses": "2.3", "images": [50]} if "text" in case else pending
+        torch.save(crafted, path)
+        return f"{checkpoints.PENDING_LOSSES} is not a list of training steps' losses and image counts"
     if case == "10 million class names":
         crafted["datamodule_hyper_parameters"]["classes"] = ["x"] * 10**7
         torch.save(crafted, path)
@@ -460,7 +465,7 @@ def _craft(last: dict[str, Any], case: str, path: Path) -> str:
 
 
 CASES = ["a list", "a tensor", "None", "5 class names", "10 outputs, 5 classes built", "200,000 levels deep",
-         "10 million class names"]  # fmt: skip
+         "10 million class names", "pending losses as text", "a pending step of no images"]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The LightningModule: plain hyperparameters, shapes in the summary, and a training step for any padding."""
 
+import io
 from pathlib import Path
 
 import lightning as L
@@ -126,6 +127,37 @@ def test_a_loaded_state_replaces_predictions_gathered_before_it() -> None:
     stopped.load_state_dict(saved.state_dict())
     stopped._count_predictions()  # as the epoch's end, or the next checkpoint, counts them
     assert (stopped.train_acc.tp.item(), stopped.train_acc.fp.item()) == (2, 1)
+
+
+def test_losses_not_yet_added_travel_in_the_checkpoint_and_a_resumed_epoch_adds_them_up_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sum of floats depends on its grouping (in float32, 1 + 2**-24 + 2**-24 added as one group differs from 1, then
+    the other two): an epoch resumed from a checkpoint taken between two additions must group its steps' losses as the
+    epoch that never stopped, to the bit."""
+    monkeypatch.setattr(classifier, "COUNT_EVERY", 3)
+    steps = [(torch.tensor(1.0), 50), (torch.tensor(2.0**-24), 50), (torch.tensor(2.0**-24), 50)]
+
+    def added_up(model: Classifier, losses: list) -> Classifier:
+        model._losses += losses
+        model._add_losses()
+        return model
+
+    whole = added_up(Classifier(net=net("net2"), optimizer=SGD), steps)
+    stopped = Classifier(net=net("net2"), optimizer=SGD)
+    stopped._losses.append(steps[0])
+    checkpoint = {"hyper_parameters": dict(stopped.hparams), "state_dict": stopped.state_dict()}
+    stopped.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, buffer := io.BytesIO())
+    buffer.seek(0)
+    resumed = Classifier(net=net("net2"), optimizer=SGD)
+    resumed.on_load_checkpoint(torch.load(buffer))  # as Lightning restores: the hook, then the state dict
+    resumed.load_state_dict(checkpoint["state_dict"])
+    resumed = added_up(resumed, steps[1:])
+    assert resumed.train_loss.compute().item() == whole.train_loss.compute().item()
+    # The values do depend on the grouping: adding the first step up on its own gives another mean.
+    regrouped = added_up(added_up(Classifier(net=net("net2"), optimizer=SGD), steps[:1]), steps[1:])
+    assert regrouped.train_loss.compute().item() != whole.train_loss.compute().item()
 
 
 def test_predictions_counted_under_inference_mode_leave_ordinary_counts() -> None:
