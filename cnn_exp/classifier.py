@@ -347,15 +347,12 @@ class Classifier(L.LightningModule):
                 self.train_acc.update(torch.cat(predictions), torch.cat(labels))
 
     def _add_losses(self) -> None:
-        """Add the steps' losses gathered since they were last added to the epoch's train loss, each weighted by its
-        batch's images (an epoch's last batch may be smaller)."""
+        """Add the steps' losses gathered since they were last added to the epoch's train loss: each batch's mean once
+        per image, so that an epoch's smaller last batch weighs as its images. Not as MeanMetric's weights, which
+        torchmetrics 1.9 replaces with ones under nan_strategy="disable" (torchmetrics issue 3434)."""
         if self._losses:
-            losses, images = zip(*self._losses, strict=True)
-            self._losses = []
-            stacked, weights = torch.stack(losses), torch.tensor(images, dtype=torch.float32)
-            if stacked.is_cuda:  # from pinned memory, as the batches' indices: the copy does not wait for the GPU
-                weights = weights.pin_memory().to(stacked.device, non_blocking=True)
-            self.train_loss.update(stacked, weights)
+            losses, self._losses = self._losses, []
+            self.train_loss.update(torch.cat([loss.expand(images) for loss, images in losses]))
 
     def on_validation_epoch_start(self) -> None:
         self.val_confusion.reset()

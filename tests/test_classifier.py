@@ -129,6 +129,34 @@ def test_a_loaded_state_replaces_predictions_gathered_before_it() -> None:
     assert (stopped.train_acc.tp.item(), stopped.train_acc.fp.item()) == (2, 1)
 
 
+def test_the_epochs_train_loss_is_the_mean_over_its_images(tmp_path: Path) -> None:
+    """The steps' losses are added up in groups, yet the epoch's train/loss weighs each step by its images: the last
+    batch, smaller than the others, counts for its images only."""
+    data = MNISTDataModule("MNIST", str(tmp_path / "data"), str(MIRROR), batch_size=64, val_size=0)
+
+    class Losses(L.Callback):
+        def __init__(self) -> None:
+            self.steps: list[tuple[float, int]] = []
+
+        def on_train_batch_end(
+            self, trainer: L.Trainer, module: Classifier, outputs: dict, batch: tuple, i: int
+        ) -> None:
+            self.steps.append((outputs["loss"].item(), len(batch[1])))
+
+    losses = Losses()
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[losses],
+    )  # fmt: skip
+    trainer.fit(Classifier(net=net("net2"), optimizer=SGD), datamodule=data)
+    sizes = [images for _, images in losses.steps]
+    assert len(set(sizes)) == 2 and sizes[-1] < sizes[0]  # a smaller last batch
+    weighted = sum(loss * images for loss, images in losses.steps) / sum(sizes)
+    per_step = sum(loss for loss, _ in losses.steps) / len(sizes)
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(weighted, rel=1e-6)
+    assert per_step != pytest.approx(weighted, rel=1e-4)  # the weighting shows at this tolerance
+
+
 def test_losses_not_yet_added_travel_in_the_checkpoint_and_a_resumed_epoch_adds_them_up_alike(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
