@@ -36,6 +36,8 @@ TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "epoch", "global
 # The training steps' mean losses that the epoch's train loss had not yet added up when the checkpoint was taken
 # (cnn_exp/classifier.py), with each step's images: {"losses": 1-D float tensor, "images": 1-D int64 tensor}.
 PENDING_LOSSES = "pending_train_losses"
+# train.py keeps fewer than 32 steps pending; more, or more images than this, would only cost memory when added up.
+MAX_PENDING_STEPS, MAX_PENDING_IMAGES = 1024, 2**24
 
 # The keys of a checkpoint callback's state that name files: Lightning deletes "the previous" one on its next save.
 FILE_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
@@ -160,10 +162,14 @@ def pending_losses(checkpoint: Mapping[str, Any]) -> list[tuple[torch.Tensor, in
         and images.dtype == torch.int64
         and images.shape == losses.shape
         and bool((images > 0).all())
+        and len(images) <= MAX_PENDING_STEPS
+        and bool((images <= MAX_PENDING_IMAGES).all())  # then their sum cannot overflow
+        and int(images.sum()) <= MAX_PENDING_IMAGES
     ):
         raise UserError(
             f"{PENDING_LOSSES} is not a list of training steps' losses and image counts ({shape(losses)} losses, "
-            f"{shape(images)} counts): train.py writes one float and one positive count per step"
+            f"{shape(images)} counts): train.py writes one float and one positive count per step, for fewer than 32 "
+            "steps"
         )
     return list(zip(losses.unbind(), images.tolist(), strict=True))
 

@@ -112,7 +112,9 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self._train_forward(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        # The mean of per-image losses, as the trained loss has always been: a mean reduction inside cross_entropy
+        # gives other gradient bits with label smoothing, and recipes' results would no longer repeat to the bit.
+        loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing).mean()
         # Every step only gathers what the epoch's metrics count: a `self.log` call costs about as much as this small
         # network's forward pass, so the step loss is logged only on the steps the loggers write (log_every_n_steps).
         self._losses.append((loss.detach(), len(labels)))
@@ -345,6 +347,14 @@ class Classifier(L.LightningModule):
             # would become inference tensors, which a later in-place update refuses.
             with torch.inference_mode(False):
                 self.train_acc.update(torch.cat(predictions), torch.cat(labels))
+
+    def train_metrics(self) -> dict[str, float]:
+        """The epoch's train loss and accuracy from the sums this module holds, with the steps gathered since they were
+        last added (a checkpoint saved as validation ended holds some): a run that had finished training when it
+        stopped reports its last epoch from them."""
+        self._add_losses()
+        self._count_predictions()
+        return {record.TRAIN_LOSS: float(self.train_loss.compute()), record.TRAIN_ACC: float(self.train_acc.compute())}
 
     def _add_losses(self) -> None:
         """Add the steps' losses gathered since they were last added to the epoch's train loss: each batch's mean once

@@ -361,7 +361,7 @@ def _resumes(output_dir: Path) -> list[str]:
 def _restored_metrics(trainer: L.Trainer, model: Classifier, datamodule: L.LightningDataModule) -> dict[str, float]:
     """The last epoch's metrics of a run whose training had ended before it stopped: the train means from the epoch
     sums its checkpoint holds, the validation measured again (the same weights give the same numbers)."""
-    metrics = {record.TRAIN_LOSS: float(model.train_loss.compute()), record.TRAIN_ACC: float(model.train_acc.compute())}
+    metrics = model.train_metrics()
     if datamodule.hparams.get("val_size", True):  # a DataModule without val_size: its own val_dataloader says
         trainer.validate(model, datamodule=datamodule, verbose=False)
         metrics |= _epoch_metrics(trainer)

@@ -452,8 +452,9 @@ def _craft(last: dict[str, Any], case: str, path: Path) -> str:
         crafted["hyper_parameters"]["net"]["channels"] = _nested(200_000)
         _save_deep(crafted, path)
         return f"ckpt_path={path} refused: it nests values more than 32 levels deep"
-    if case in ("pending losses as text", "a pending step of no images"):
-        pending = {"losses": torch.tensor([2.3, 2.2]), "images": torch.tensor([50, 0])}
+    if case in ("pending losses as text", "a pending step of no images", "pending steps of 2**62 images"):
+        counts = [2**62] * 4 if "2**62" in case else [50, 0]  # four of them would overflow to 0 when summed
+        pending = {"losses": torch.tensor([2.3] * len(counts)), "images": torch.tensor(counts)}
         crafted[checkpoints.PENDING_LOSSES] = {"losses": "2.3", "images": [50]} if "text" in case else pending
         torch.save(crafted, path)
         return f"{checkpoints.PENDING_LOSSES} is not a list of training steps' losses and image counts"
@@ -465,7 +466,8 @@ def _craft(last: dict[str, Any], case: str, path: Path) -> str:
 
 
 CASES = ["a list", "a tensor", "None", "5 class names", "10 outputs, 5 classes built", "200,000 levels deep",
-         "10 million class names", "pending losses as text", "a pending step of no images"]  # fmt: skip
+         "10 million class names", "pending losses as text", "a pending step of no images",
+         "pending steps of 2**62 images"]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -188,6 +188,20 @@ def test_losses_not_yet_added_travel_in_the_checkpoint_and_a_resumed_epoch_adds_
     assert regrouped.train_loss.compute().item() != whole.train_loss.compute().item()
 
 
+def test_a_checkpoint_taken_before_its_epoch_ended_reports_the_epoch_with_the_losses_it_kept() -> None:
+    """A checkpoint saved as validation ends holds steps' losses not yet added: a run that had finished training when
+    it stopped reports its last epoch's train loss from the checkpoint, those steps included, each by its images."""
+    stopped = Classifier(net=net("net2"), optimizer=SGD)
+    stopped._losses += [(torch.tensor(1.0), 3), (torch.tensor(4.0), 1)]
+    stopped._predicted.append((torch.tensor([1, 2]), torch.tensor([1, 0])))
+    checkpoint = {"hyper_parameters": dict(stopped.hparams), "state_dict": stopped.state_dict()}
+    stopped.on_save_checkpoint(checkpoint)
+    resumed = Classifier(net=net("net2"), optimizer=SGD)
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    assert resumed.train_metrics() == {"train/loss": 1.75, "train/acc": 0.5}
+
+
 def test_predictions_counted_under_inference_mode_leave_ordinary_counts() -> None:
     """A checkpoint saved as validation ends (under its inference mode) counts the gathered predictions: the counts
     must stay tensors that training can go on updating in place."""
