@@ -112,8 +112,8 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self._train_forward(images)
-        # The mean of per-image losses, as the trained loss has always been: a mean reduction inside cross_entropy
-        # gives other gradient bits with label smoothing, and recipes' results would no longer repeat to the bit.
+        # The mean of per-image losses: cross_entropy's own mean reduction gives other gradient bits under label
+        # smoothing, and the recipes' documented results would no longer repeat to the bit.
         loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing).mean()
         # Every step only gathers what the epoch's metrics count: a `self.log` call costs about as much as this small
         # network's forward pass, so the step loss is logged only on the steps the loggers write (log_every_n_steps).
