@@ -46,6 +46,9 @@ FILE_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 # them takes seconds (10 million class names: about 10), and deeper nesting would overflow Python's recursion.
 MAX_PICKLE_BYTES = 4 * 2**20
 MAX_DEPTH = 32
+# Values counted along every path, as any walk over them goes: a pickle may refer to one list many times, so that a
+# few KB hold 1000**5 paths. train.py writes a few hundred, and about ten more an epoch (epochs.csv's rows).
+MAX_VALUES = 2**18
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -78,8 +81,10 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
             f"ckpt_path={path} is not a checkpoint written by train.py: it holds {build.kind(checkpoint)}, not a "
             "mapping of its parts (state_dict, hyper_parameters, ...)"
         )
-    if _deeper_than(checkpoint, MAX_DEPTH):
-        raise UserError(f"ckpt_path={path} refused: it nests values more than {MAX_DEPTH} levels deep (train.py: 6)")
+    try:
+        _check_values(checkpoint, path.stat().st_size)
+    except UserError as err:
+        raise UserError(f"ckpt_path={path} refused: {err}") from None
     if isinstance(checkpoint.get("pytorch-lightning_version"), str):
         # Lightning upgrades an old checkpoint when it loads one, and an upgrade moves values (a file name among them)
         # into new places: check what Lightning will use. The upgraded checkpoint is not upgraded twice.
@@ -142,6 +147,11 @@ def check(checkpoint: Any) -> None:
         build.check_model_settings(checkpoint["hyper_parameters"], "hyper_parameters")
     if "datamodule_hyper_parameters" in checkpoint:
         build.data_class(checkpoint)  # a DataModule a config of the run names, checked before any import
+    weights = checkpoint.get("state_dict", {})
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()
+    ):
+        raise UserError("state_dict is not a mapping of names to tensors, as a network's state_dict is")
     precision.trained_in(checkpoint)
     pending_losses(checkpoint)
     _check_built_shapes(checkpoint)
@@ -179,7 +189,8 @@ def _check_archive(path: Path) -> None:
     from the archive's directory, before anything is unpickled."""
     try:
         with zipfile.ZipFile(path) as archive:
-            pickles = [entry for entry in archive.infolist() if entry.filename.endswith("/data.pkl")]
+            entries = archive.infolist()
+        pickles = [entry for entry in entries if entry.filename.endswith("/data.pkl")]
     except (zipfile.BadZipFile, OSError, ValueError):
         raise UserError(
             f"ckpt_path={path} cannot be read: it is not a checkpoint (train.py writes torch's zip format), or it "
@@ -187,6 +198,11 @@ def _check_archive(path: Path) -> None:
         ) from None
     if len(pickles) != 1:
         raise UserError(f"ckpt_path={path} cannot be read: it is not a checkpoint of torch's (no data.pkl in it)")
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+        raise UserError(
+            f"ckpt_path={path} refused: its parts are compressed, which torch.save never does (a file of a few MB "
+            "could unpack into gigabytes)"
+        )
     if pickles[0].file_size > MAX_PICKLE_BYTES:
         raise UserError(
             f"ckpt_path={path} refused: its settings and states take {pickles[0].file_size / 2**20:.0f} MB beside "
@@ -194,16 +210,33 @@ def _check_archive(path: Path) -> None:
         )
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether mappings and lists nest more than `limit` levels deep in `value`; counted without recursion."""
-    stack = [(value, 0)]
+def _check_values(checkpoint: Any, file_bytes: int) -> None:
+    """Refuse values that would cost more to use than the file's size: nesting deeper than MAX_DEPTH, more than
+    MAX_VALUES values, and tensors other than plain dense ones whose numbers the file holds (none on torch's meta
+    device, sparse, quantized, nested or complex), their bytes together no more than the file's (a tensor expanded
+    from one number, or one storage referred to many times, would be copied out at its full size). Counted without
+    recursion."""
+    stack, values, tensor_bytes = [(checkpoint, 0, "")], 0, 0
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping | list | tuple):
-            if depth >= limit:
-                return True
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
-    return False
+        item, depth, where = stack.pop()
+        values += 1
+        if values > MAX_VALUES:
+            raise UserError(f"it holds more than {MAX_VALUES:,} values (train.py writes a few hundred)")
+        if isinstance(item, torch.Tensor):
+            if item.layout != torch.strided or item.is_meta or item.is_quantized or item.is_nested or item.is_complex():
+                kind = "complex" if item.is_complex() else "meta" if item.is_meta else str(item.layout).split(".")[-1]
+                raise UserError(f"{where or 'it'} is a {kind} tensor: train.py writes dense real numbers only")
+            tensor_bytes += item.numel() * item.element_size()
+        elif isinstance(item, Mapping | list | tuple):
+            if depth >= MAX_DEPTH:
+                raise UserError(f"it nests values more than {MAX_DEPTH} levels deep (train.py: 6)")
+            children = item.items() if isinstance(item, Mapping) else enumerate(item)
+            stack.extend((child, depth + 1, f"{where}.{key}" if where else str(key)) for key, child in children)
+    if tensor_bytes > file_bytes + 2**20:
+        raise UserError(
+            f"its tensors hold {tensor_bytes / 2**20:,.0f} MB of numbers, more than the file's "
+            f"{file_bytes / 2**20:,.1f} MB (train.py writes each number once)"
+        )
 
 
 def _check_built_shapes(checkpoint: Mapping[str, Any]) -> None:
@@ -215,12 +248,18 @@ def _check_built_shapes(checkpoint: Mapping[str, Any]) -> None:
         return
     with torch.device("meta"):
         net = build.build(settings, "net", where="hyper_parameters.net")
-    built = {f"net.{name}": list(value.shape) for name, value in net.state_dict().items()}
-    stored = {name: shape(value) for name, value in weights.items() if str(name).startswith("net.")}
+    built = {f"net.{name}": value for name, value in net.state_dict().items()}
+    stored = {name: value for name, value in weights.items() if name.startswith("net.")}
     differences = [
-        f"{name}: {stored.get(name, 'none')} stored, {built.get(name, 'none')} built"
-        for name in sorted(set(built) | set(stored), key=str)
-        if str(stored.get(name, "none")) != str(built.get(name, "none"))
+        f"{name}: {shape(stored.get(name))} stored, {shape(built.get(name))} built"
+        for name in sorted(set(built) | set(stored))
+        if shape(stored.get(name)) != shape(built.get(name))
+    ]
+    # Of the kind built (weights in any floating-point precision: 64-true trains in float64; batch norm's counts).
+    differences += [
+        f"{name}: {stored[name].dtype} stored, {built[name].dtype} built"
+        for name in sorted(set(built) & set(stored))
+        if stored[name].is_floating_point() != built[name].is_floating_point()
     ]
     if differences:
         more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""

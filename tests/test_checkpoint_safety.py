@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -458,6 +459,48 @@ def _craft(last: dict[str, Any], case: str, path: Path) -> str:
         crafted[checkpoints.PENDING_LOSSES] = {"losses": "2.3", "images": [50]} if "text" in case else pending
         torch.save(crafted, path)
         return f"{checkpoints.PENDING_LOSSES} is not a list of training steps' losses and image counts"
+    if case in ("pending counts on the meta device", "sparse pending counts"):
+        counts = torch.tensor([4, 4]).to_sparse()
+        if "meta" in case:
+            counts = torch.empty(2, dtype=torch.int64, device="meta")
+        crafted[checkpoints.PENDING_LOSSES] = {"losses": torch.tensor([2.3, 2.2]), "images": counts}
+        torch.save(crafted, path)
+        kind = "meta" if "meta" in case else "sparse_coo"
+        return f"{checkpoints.PENDING_LOSSES}.images is a {kind} tensor: train.py writes dense real numbers only"
+    if case in ("a metric state as text", "a weight named by a number"):
+        if "text" in case:
+            crafted["state_dict"]["train_loss.mean_value"] = "x"
+        else:
+            crafted["state_dict"][5] = torch.zeros(1)
+        torch.save(crafted, path)
+        return "state_dict is not a mapping of names to tensors"
+    if case in ("complex weights", "whole-number weights"):
+        dtype = torch.complex64 if "complex" in case else torch.int64
+        crafted["state_dict"]["net.out.bias"] = torch.zeros(10, dtype=dtype)
+        torch.save(crafted, path)
+        if "complex" in case:
+            return "state_dict.net.out.bias is a complex tensor"
+        return "net.out.bias: torch.int64 stored, torch.float32 built"
+    if case in ("1 GB expanded from one number", "one list referred to 1000**5 times"):
+        bomb: Any = torch.zeros(1).expand(2**28)
+        if "list" in case:
+            bomb = [0]
+            for _ in range(5):
+                bomb = [bomb] * 1000  # shared references: a few KB of pickle
+        crafted["notes"] = bomb
+        torch.save(crafted, path)
+        if "list" in case:
+            return f"ckpt_path={path} refused: it holds more than {checkpoints.MAX_VALUES:,} values"
+        return "its tensors hold 1,024 MB of numbers, more than the file's"
+    if case == "compressed parts":  # 1 GB of zeros in about 1 MB: torch's reader inflates what a zip deflated
+        crafted["notes"] = torch.zeros(2**28)
+        torch.save(crafted, tmp := path.with_suffix(".tmp"))
+        with zipfile.ZipFile(tmp) as plain, zipfile.ZipFile(path, "w") as deflated:
+            for entry in plain.infolist():
+                deflated.writestr(entry.filename, plain.read(entry), compress_type=zipfile.ZIP_DEFLATED)
+        tmp.unlink()
+        assert path.stat().st_size < 2**21
+        return "refused: its parts are compressed, which torch.save never does"
     if case == "10 million class names":
         crafted["datamodule_hyper_parameters"]["classes"] = ["x"] * 10**7
         torch.save(crafted, path)
@@ -467,7 +510,9 @@ def _craft(last: dict[str, Any], case: str, path: Path) -> str:
 
 CASES = ["a list", "a tensor", "None", "5 class names", "10 outputs, 5 classes built", "200,000 levels deep",
          "10 million class names", "pending losses as text", "a pending step of no images",
-         "pending steps of 2**62 images"]  # fmt: skip
+         "pending steps of 2**62 images", "pending counts on the meta device", "sparse pending counts",
+         "a metric state as text", "a weight named by a number", "complex weights", "whole-number weights",
+         "1 GB expanded from one number", "one list referred to 1000**5 times", "compressed parts"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -482,7 +527,8 @@ def test_a_checkpoint_of_plain_values_that_do_not_fit_is_refused_at_once_in_one_
         checkpoints.load(path)
     assert time.perf_counter() - began < 2
     assert message in str(refused.value)
-    if case in ("a list", "5 class names", "200,000 levels deep"):  # as test.py prints it: one line, no traceback
+    one_line = ("a list", "5 class names", "200,000 levels deep", "sparse pending counts", "a weight named by a number")
+    if case in one_line:  # as test.py prints it: one line, no traceback
         proc = run("test.py", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines() == [f"error: {refused.value}"]
