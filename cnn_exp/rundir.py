@@ -70,10 +70,31 @@ def release(run_dir: str | Path) -> None:
     if lock is not None:
         lock.release()
     _entries.pop(str(run_dir), None)  # a later run of this process there (a sweep's next job) decides anew
+    _links.pop(str(run_dir), None)
+
+
+def outside_link(run_dir: str | Path) -> str | None:
+    """What is wrong with a link at any depth of the directory that leads outside it (a run writes its files by name:
+    through the link it would write elsewhere); None if there is none. Links within it (Lightning's save_last=link)
+    are left alone."""
+    root = Path(run_dir).resolve()
+    for folder, folders, files in os.walk(root):  # links to folders are listed, not followed
+        for name in folders + files:
+            entry = Path(folder) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                return (
+                    f"{entry} is a link to {entry.resolve()}, outside the run directory, which a run would write "
+                    "through: replace it with a copy of what it points to, or delete it (a run writes in its own "
+                    "directory only)"
+                )
+    return None
 
 
 def check_claimed(run_dir: str | Path) -> None:
-    """Refuse to work in a directory another process is working in (a second train.py, or a second resume=)."""
+    """Refuse to work in a directory another process is working in (a second train.py, or a second resume=), or one
+    holding a link that leads outside it (`outside_link`)."""
+    if problem := _links.get(str(run_dir)):
+        raise UserError(problem)
     if not claim(run_dir):
         if problem := lock_problem(run_dir):
             raise UserError(problem)
@@ -178,8 +199,9 @@ def discard_unstarted(run_dir: str | Path) -> None:
         _made.discard(key)
 
 
-# Per run directory, once a process: how this process enters it (see `_entry`).
+# Per run directory, once a process: how this process enters it (see `_entry`), and why, where a link refused it.
 _entries: dict[str, str] = {}
+_links: dict[str, str] = {}
 
 
 def _entry(output_dir: str, task: str, resume: str | None) -> str:
@@ -201,6 +223,8 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
             _entries[output_dir] = "resumed"
         else:
             _entries[output_dir] = "refused"
+        if _entries[output_dir] in ("new", "resumed") and (problem := outside_link(output_dir)):
+            _entries[output_dir], _links[output_dir] = "refused", problem
     return _entries[output_dir]
 
 

@@ -28,7 +28,7 @@ from lightning.pytorch import callbacks as lightning_callbacks
 from omegaconf import OmegaConf
 
 import cnn_exp
-from cnn_exp import build, checkpoints, resume
+from cnn_exp import build, checkpoints, resume, rundir
 from cnn_exp.callbacks import ModelCheckpoint
 from cnn_exp.checkpoints import SafeCheckpointIO
 from cnn_exp.classifier import Classifier
@@ -408,6 +408,42 @@ def test_weights_only_are_refused_before_training_and_the_run_stays_as_it_was(hi
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: ckpt_path={step} holds weights only (saved with save_weights_only=true)" in proc.stderr
     assert (resumed / "metrics.json").read_text() == record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["architecture.md", "train.log"])
+def test_a_run_with_a_link_leading_out_is_not_resumed_through_it(name: str, high_lr: Path, tmp_path: Path) -> None:
+    """A run writes its files by name: a link in its directory (architecture.md, which the layer table rewrites, or
+    train.log, which Hydra appends to before the run starts) would have it write outside. Refused before Hydra writes
+    anything there."""
+    resumed = unfinished(high_lr, tmp_path / "run")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (resumed / name).unlink()
+    (resumed / name).symlink_to(precious)
+    record, hydra = (resumed / "metrics.json").read_text(), sorted((resumed / ".hydra").iterdir())
+    proc = run("train.py", f"resume={resumed}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {resumed / name} is a link to {precious}, outside the run directory")
+    )
+    assert precious.read_text() == "keep me"
+    assert (resumed / "metrics.json").read_text() == record and sorted((resumed / ".hydra").iterdir()) == hydra
+
+
+def test_links_within_a_run_directory_are_its_own(tmp_path: Path) -> None:
+    """Only a link leading out of the directory is refused, at any depth; one within it (Lightning's save_last=link)
+    is not, nor a run directory reached through a link."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step.ckpt").write_bytes(b"")
+    (run_dir / "checkpoints" / "last.ckpt").symlink_to("step.ckpt")
+    (tmp_path / "reached").symlink_to(run_dir)
+    assert rundir.outside_link(run_dir) is None and rundir.outside_link(tmp_path / "reached") is None
+    (run_dir / "checkpoints" / "events").symlink_to(tmp_path)
+    assert rundir.outside_link(run_dir).startswith(f"{run_dir / 'checkpoints' / 'events'} is a link to {tmp_path},")
 
 
 def _nested(depth: int) -> list:
