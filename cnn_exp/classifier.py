@@ -268,6 +268,21 @@ class Classifier(L.LightningModule):
                     f"the checkpoint continues its own optimizer, with classifier.{key}={then}, not this run's "
                     f"{now}: give the same, or train a new run from the start"
                 )
+        # torch's random states, which training restores as it starts (on_train_start): refused now, as torch would.
+        if "rng_state" in checkpoint:
+            try:
+                torch.Generator().set_state(checkpoint["rng_state"])
+            except (TypeError, RuntimeError, ValueError):
+                raise UserError(
+                    "the checkpoint's rng_state is not a state of torch's random number generator"
+                ) from None
+        cuda = checkpoint.get("cuda_rng_state", [])
+        if not isinstance(cuda, list | tuple) or not all(
+            isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1 for state in cuda
+        ):
+            raise UserError(
+                "the checkpoint's cuda_rng_state is not a list of torch's CUDA random states (byte tensors)"
+            )
 
     def on_fit_start(self) -> None:
         # model.init=[whiten]: conv1 from the training images' patches, once, in a run from its beginning (a resumed

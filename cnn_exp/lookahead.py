@@ -59,12 +59,17 @@ class Lookahead(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"slow": self.slow, "synced_at": self.synced_at}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping):
+    @staticmethod
+    def check_state(state: Any) -> None:
+        """Refuse a checkpoint's Lookahead state that is not slow weights and the step they were synced at."""
+        if not isinstance(state, Mapping):
             raise UserError("the checkpoint's Lookahead state is not a mapping (slow, synced_at)")
-        slow, synced_at = state_dict.get("slow"), state_dict.get("synced_at", -1)
+        slow, synced_at = state.get("slow"), state.get("synced_at", -1)
         if slow is not None and not (isinstance(slow, list) and all(isinstance(t, torch.Tensor) for t in slow)):
             raise UserError("the checkpoint's Lookahead state holds no slow weights (a list of tensors)")
         if not is_whole(synced_at) or synced_at < -1:
             raise UserError(f"the checkpoint's Lookahead state: synced_at={synced_at!r} is not a step")
-        self.slow, self.synced_at = slow, int(synced_at)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state(state_dict)
+        self.slow, self.synced_at = state_dict.get("slow"), int(state_dict.get("synced_at", -1))

@@ -108,10 +108,13 @@ def _is_record(record: Any) -> bool:
     if not isinstance(record, dict) or record.get("status") not in STATUSES:
         return False
     metrics, settings, error = record.get("metrics", {}), record.get("settings", {}), record.get("error", "")
+    overrides = settings.get("overrides", []) if isinstance(settings, dict) else None
     return (
         isinstance(metrics, dict)
         and all(value is None or is_number(value) for value in metrics.values())
         and isinstance(settings, dict)
+        and isinstance(overrides, list)
+        and all(isinstance(override, str) for override in overrides)
         and isinstance(error, str)
     )
 

@@ -320,7 +320,29 @@ class EpochTable(L.Callback):
                 running |= {name: _metric(self._trainer, name) for name in (record.TRAIN_LOSS, record.TRAIN_ACC)}
         return {"rows": self.rows, "running": running}
 
+    @classmethod
+    def check_state(cls, state: Any) -> None:
+        """Refuse a checkpoint's table this callback cannot go on from: rows of numbers under its own field names
+        (what epochs.csv and the console show), and the running epoch's the same."""
+
+        def row_of_numbers(row: Any, extra: tuple[str, ...] = ()) -> bool:
+            return (
+                isinstance(row, dict)
+                and is_whole(row.get("epoch"))
+                and all(key in cls.FIELDS + extra for key in row)
+                and all(value is None or is_number(value) for key, value in row.items() if key != "ended")
+            )
+
+        rows, running = (state.get(key) if isinstance(state, dict) else None for key in ("rows", "running"))
+        if not (isinstance(rows, list) and all(map(row_of_numbers, rows))):
+            raise UserError(f"its epoch table's rows are not rows of numbers under {', '.join(cls.FIELDS)}")
+        if running is not None and not (
+            row_of_numbers(running, ("ended",)) and running.get("ended", False) in (True, False)
+        ):
+            raise UserError("its epoch table's running epoch is not a row of numbers")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state(state_dict)
         self.rows = list(state_dict.get("rows", []))
         self._epoch = state_dict.get("running")
         self._started = monotonic() - (self._epoch or {}).pop("seconds", 0.0)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,10 +51,21 @@ class Start:
         return self.checkpoint["global_step"] if self.checkpoint else 0
 
     def check(self, model: Classifier, datamodule: Any) -> None:
-        """Refuse, before anything is recorded, a training state that does not fit the model and data built from
-        the config: a refused resume= then leaves its run as it was."""
+        """Refuse, before anything is recorded, a training state that does not fit the model, data and callbacks
+        built from the config: a refused resume= then leaves its run as it was."""
         if self.checkpoint is not None:
-            check_fits(self.checkpoint, self.cfg.ckpt_path, model, datamodule)
+            check_fits(self.checkpoint, self.cfg.ckpt_path, model, datamodule, _callback_classes(self.cfg))
+
+
+def _callback_classes(cfg: DictConfig) -> list[type]:
+    """The classes of the callbacks the config names (not built: a callback may act as it is made)."""
+    classes = []
+    for node in (cfg.get("callbacks") or {}).values():
+        try:
+            classes.append(get_class(str(node["_target_"])))
+        except Exception:  # not a callback's config, or no such class: assemble.trainer says so, in its words
+            continue
+    return classes
 
 
 def start(cfg: DictConfig) -> Start:
@@ -94,7 +106,10 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
     saved = _yaml(run_dir / ".hydra" / "config.yaml")
     saved_record = record.read(run_dir)
     if not isinstance(saved, DictConfig) or saved_record is None or not isinstance(saved_record.get("settings"), dict):
-        raise UserError(f"{named}: not a run directory of train.py (no .hydra/config.yaml or metrics.json)")
+        raise UserError(
+            f"{named}: not a run directory of train.py (its .hydra/config.yaml or metrics.json is missing, or not "
+            "what train.py writes)"
+        )
     # Refused before anything is written: its metrics.json holds the run's results.
     if saved_record["status"] == record.FINISHED:
         raise UserError(
@@ -219,7 +234,9 @@ def _check_state(checkpoint: dict[str, Any], where: str) -> None:
         raise UserError(f"{where}: callbacks is not a mapping of callback states")
 
 
-def check_fits(checkpoint: dict[str, Any], path: str | Path, model: Classifier, datamodule: Any) -> None:
+def check_fits(
+    checkpoint: dict[str, Any], path: str | Path, model: Classifier, datamodule: Any, callbacks: list[type] = ()
+) -> None:
     """Refuse, before training starts, a training state (from `training_state`) that cannot continue this run's.
 
     Lightning would find each of these only once training has begun, and a refused `resume=` would then leave its
@@ -231,6 +248,10 @@ def check_fits(checkpoint: dict[str, Any], path: str | Path, model: Classifier, 
     # The settings first: they say what differs in the user's words (model.channels, optimizer.lr).
     model.check_checkpoint(checkpoint)
     _check_weights(checkpoint["state_dict"], model, where)
+    try:
+        _check_callback_states(checkpoint.get("callbacks", {}), callbacks)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
     optimizer, schedulers = _optimizer_and_schedulers(model)
     _check_optimizer_state(checkpoint["optimizer_states"], optimizer, where)
     _check_scheduler_states(checkpoint["lr_schedulers"], schedulers, where)
@@ -249,6 +270,23 @@ def check_fits(checkpoint: dict[str, Any], path: str | Path, model: Classifier, 
                 f"{where}: the checkpoint was trained on {state.get('dataset')}, this run asks for "
                 f"{datamodule.identity} (data=...): resume with the data it was trained on"
             )
+        # Where the data stands must be where training stood, or the rest of the epoch would be served wrong.
+        progress = checkpoint["loops"]["fit_loop"].get("epoch_loop.batch_progress", {})
+        trained = progress.get("current", {}).get("processed") if isinstance(progress, Mapping) else None
+        if (state["epoch"], state["batches"]) != (checkpoint["epoch"], trained):
+            raise UserError(
+                f"{where}: its data position (epoch {state['epoch']}, batch {state['batches']}) is not where its "
+                f"training stopped (epoch {checkpoint['epoch']}, batch {trained})"
+            )
+
+
+def _check_callback_states(states: Mapping[str, Any], classes: list[type]) -> None:
+    """Each state of a callback whose class checks its own (`check_state`: the epoch table's rows, Lookahead's slow
+    weights), by its state key (Lightning's: the class's name, with its settings for a ModelCheckpoint)."""
+    by_name = {cls.__qualname__: cls for cls in classes if hasattr(cls, "check_state")}
+    for key, state in states.items():
+        if (cls := by_name.get(str(key).split("{")[0])) is not None:
+            cls.check_state(state)
 
 
 def _check_weights(weights: Any, model: torch.nn.Module, where: str) -> None:

@@ -178,12 +178,13 @@ def _train(cfg: DictConfig, stopper: StopOnSignal) -> float | None:
         result = {"status": record.FAILED, "error": _error_text(err)}
         raise
     finally:
-        # As the data was read: its files' MD5s checked, a folder's mean and std measured.
-        extra["provenance"]["data_files"] = provenance.data_files(datamodule)
-        extra["what_ran"] = _what_ran(cfg, settings, model, datamodule, "train.py")
-        write(result)
-        if trainer.is_global_zero:
-            report.write(output_dir)
+        with stopper.deferred():  # a second signal now would leave the record saying "running"
+            # As the data was read: its files' MD5s checked, a folder's mean and std measured.
+            extra["provenance"]["data_files"] = provenance.data_files(datamodule)
+            extra["what_ran"] = _what_ran(cfg, settings, model, datamodule, "train.py")
+            write(result)
+            if trainer.is_global_zero:
+                report.write(output_dir)
     return result["metrics"].get(cfg.get("optimized_metric"))
 
 

@@ -71,6 +71,8 @@ class StopOnSignal(L.Callback):
         self.received: int | None = None
         self.running = False
         self.trainer: L.Trainer | None = None
+        self._deferring = False  # while the run's record is written (`deferred`)
+        self._late: int | None = None  # a signal that came then
 
     @contextmanager
     def handling(self) -> Iterator["StopOnSignal"]:
@@ -83,19 +85,34 @@ class StopOnSignal(L.Callback):
             signal.signal(signum, self._handle)
         try:
             yield self
+            late = self.received if self.received is not None else self._late
+            if late is not None:  # after the last batch: there was nothing left to stop
+                log.warning("%s came after the last batch: the run has finished", signal.Signals(late).name)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            if self.received is not None:  # after the last batch: there was nothing left to stop
-                log.warning("%s came after the last batch: the run has finished", signal.Signals(self.received).name)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Signals wait while the run's record is written: stopped half-way, it would go on saying the run is running
+        (the record of a run that was stopped, or finished, is then written whole)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._deferring:
+            self._late = self._late or signum
+            return
         launcher = self.trainer.strategy.launcher if self.trainer is not None else None
         if launcher is not None and signum == signal.SIGTERM and self.received is None:
             launcher.kill(signum)  # the other ranks of a DDP run that this process started
         if not self.running or self.received is not None:
             # Nothing half-done to save. SLURM's signal still asks for the requeue it means: the job starts again.
             requeue = signum == slurm_requeue_signal() and self.received is None and not self.running
+            self.received, self.running = None, False  # stopping now: neither stopping later nor finished
             raise Interrupted(signum, requeue and _requeue())
         self.received = signum
         log.warning("%s received: stopping after this batch", signal.Signals(signum).name)

@@ -35,6 +35,8 @@ from cnn_exp.classifier import Classifier
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError
 from cnn_exp.errors import plain as _plain
+from cnn_exp.lookahead import Lookahead
+from cnn_exp.reports import EpochTable
 from tests.conftest import MIRROR, MNIST_SHAPE, ROOT, read_metrics, run
 
 # Network2 with a learning rate so high that its best epoch is its first: 2 epochs of 8 steps (800 images in batches
@@ -339,19 +341,18 @@ def test_a_resumed_run_never_deletes_a_file_its_checkpoint_names_outside(high_lr
     assert f"error: ckpt_path={folder / 'last.ckpt'} refused: callbacks.ModelCheckpoint" in proc.stderr
     assert (refused / "metrics.json").read_text() == record and victim.read_text() == "precious"
 
-    # Through a link inside the folder: the names are dropped, the run continues, the file stays.
+    # Through a link inside the folder that leads out of the run: the run is not resumed, the file stays (names
+    # resolved through links are dropped as a state is restored: test_restored_state_keeps_only_names_that_resolve...).
     linked = unfinished(high_lr, tmp_path / "linked")
     folder = linked / "checkpoints"
     (folder / "old").symlink_to(elsewhere)
     crafted = torch.load(folder / "last.ckpt", weights_only=True)
     name_files(crafted, folder, str(folder / "old" / "victim.ckpt"))
     torch.save(crafted, folder / "last.ckpt")
-    proc = run("train.py", f"resume={linked}")
-    assert "lies outside" in proc.stdout + proc.stderr  # each dropped name is named in a warning
-    result = read_metrics(linked)
-    assert result["status"] == "finished" and result["epochs"] == 3
-    assert victim.read_text() == "precious"
-    assert checkpoints.load(folder / "last.ckpt")["epoch"] == 2
+    record = (linked / "metrics.json").read_text()
+    proc = run("train.py", f"resume={linked}", check=False)
+    assert proc.returncode == 1 and f"error: {folder / 'old'} is a link to {elsewhere}, outside" in proc.stderr
+    assert (linked / "metrics.json").read_text() == record and victim.read_text() == "precious"
 
 
 # What Lightning finds only once training has begun; resume.check_fits finds before: (what to change, message)
@@ -382,6 +383,26 @@ MISFITS = {
         "was trained on FashionMNIST, this run asks for MNIST",
     ),
     "no loop state": (lambda c: c.pop("loops"), "has no loops: it is not a training state written by train.py"),
+    "a random state of seven numbers": (
+        lambda c: c.update(rng_state=torch.zeros(7)),
+        "the checkpoint's rng_state is not a state of torch's random number generator",
+    ),
+    "a data position past the training's": (
+        lambda c: c["MNISTDataModule"].update(batches=10**12),
+        "its data position (epoch 1, batch 1000000000000) is not where its training stopped (epoch 1, batch 8)",
+    ),
+    "an epoch table's seconds as text": (
+        lambda c: c["callbacks"]["EpochTable"].update(running={"epoch": 3, "seconds": "abc"}),
+        "its epoch table's running epoch is not a row of numbers",
+    ),
+    "an epoch table row of escape sequences": (
+        lambda c: c["callbacks"]["EpochTable"]["rows"].append({"epoch": "\x1b[2J\x1b]0;forged\x07"}),
+        "its epoch table's rows are not rows of numbers under epoch, train/loss",
+    ),
+    "Lookahead's slow weights as text": (
+        lambda c: c["callbacks"].update(Lookahead={"slow": "abc"}),
+        "the checkpoint's Lookahead state holds no slow weights (a list of tensors)",
+    ),
 }
 
 
@@ -389,11 +410,12 @@ MISFITS = {
 @pytest.mark.parametrize("case", MISFITS)
 def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_training(case: str, last: dict[str, Any]) -> None:
     model, data = Classifier(**last["hyper_parameters"]), MNISTDataModule(**last["datamodule_hyper_parameters"])
-    resume.check_fits(last, "last.ckpt", model, data)  # the real one fits
+    callbacks = [EpochTable, Lookahead]  # the classes a run's config names, which check their own states
+    resume.check_fits(last, "last.ckpt", model, data, callbacks)  # the real one fits
     change, message = MISFITS[case]
     change(last)
     with pytest.raises(UserError, match=re.escape(message)):
-        resume.check_fits(last, "last.ckpt", model, data)
+        resume.check_fits(last, "last.ckpt", model, data, callbacks)
 
 
 @pytest.mark.slow

@@ -40,6 +40,8 @@ def test_a_diverged_metric_is_written_as_null(tmp_path: Path) -> None:
         '{"status": "finished", "metrics": [0.9]}',
         '{"status": "running", "settings": "all"}',
         '{"status": "failed", "error": 3}',
+        '{"status": "interrupted", "settings": {"overrides": [1, 2]}}',
+        '{"status": "interrupted", "settings": {"overrides": "seed=1"}}',
     ],
 )
 def test_a_file_that_is_not_a_record_reads_as_none(tmp_path: Path, text: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cnn_exp import checkpoints
+from cnn_exp.signals import Interrupted, StopOnSignal
 from tests.conftest import MIRROR, NO_FIGURES, read_metrics, run, start
 
 pytestmark = pytest.mark.slow
@@ -242,3 +243,31 @@ def test_a_run_stopped_while_it_starts_starts_again_from_the_beginning(
     assert "starts again from the beginning" in (run_dir / "train.log").read_text(), again.stderr[-2000:]
     assert read_metrics(run_dir)["status"] == "finished"
     assert read_metrics(run_dir)["metrics"] == whole["metrics"]
+
+
+def _deliver(signum: int) -> None:
+    """Send this process a real signal and give Python the moment to run its handler."""
+    os.kill(os.getpid(), signum)
+    time.sleep(0.05)
+
+
+def test_a_second_signal_stops_at_once_without_calling_the_run_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stopper = StopOnSignal(tmp_path)
+    with pytest.raises(Interrupted), stopper.handling():
+        stopper.running = True  # training: the first signal waits for the batch in hand
+        _deliver(signal.SIGTERM)
+        assert stopper.received == signal.SIGTERM
+        _deliver(signal.SIGTERM)  # the second stops at once
+    assert "came after the last batch" not in caplog.text
+
+
+def test_a_signal_while_the_record_is_written_waits_for_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A record half-written because a signal came would go on saying the run is running."""
+    stopper, written = StopOnSignal(tmp_path), []
+    with stopper.handling(), stopper.deferred():  # not training: without it, a signal stops at once
+        _deliver(signal.SIGTERM)
+        written.append("the record")
+    assert written == ["the record"]
+    assert "SIGTERM came after the last batch: the run has finished" in caplog.text
