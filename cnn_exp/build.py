@@ -448,13 +448,36 @@ def _describe(hint: Any) -> str:
     return words.get(hint, f"something settings cannot hold ({getattr(hint, '__name__', hint)})")
 
 
-def check_optimizer_and_scheduler(optimizer: dict[str, Any], scheduler: dict[str, Any] | None) -> None:
-    """Build the optimizer and schedule on a stand-in parameter and take two steps of the schedule: torch checks its
-    optimizers' ranges (a negative weight_decay) only when it builds one, and a schedule divides by its settings (a
-    step_size or T_max of 0) only when it steps, both during training, with a traceback."""
+# Scheduler settings that are learning rates or their factors (a negative one trains away from the minimum), and
+# lengths in steps or epochs (a negative one makes a schedule repeat: cosine's T_max from trainer.max_epochs=-1).
+RATES = ("max_lr", "base_lr", "eta_min", "min_lr", "gamma", "div_factor", "final_div_factor", "factor", "end_factor")
+LENGTHS = ("T_max", "T_0", "step_size", "step_size_up", "total_steps", "total_iters")
+
+
+def check_optimizer_and_scheduler(
+    optimizer: dict[str, Any], scheduler: dict[str, Any] | None, norm_lr_scale: float = 1.0
+) -> None:
+    """Build the optimizer and schedule on stand-in parameters, take one optimizer step and two of the schedule: torch
+    checks its optimizers' ranges (a negative weight_decay) only when it builds one, a rate beyond float32's range
+    overflows only as it steps, and a schedule divides by its settings (a step_size or T_max of 0) only when it steps,
+    all during training, with a traceback. A schedule's rates and lengths must be 0 or more."""
+    for key, value in (scheduler or {}).items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if key in RATES and any(is_number(v) and v < 0 for v in values):
+            raise UserError(f"scheduler.{key}={value}: a learning rate or its factor must be 0 or more")
+        if key in LENGTHS and any(is_number(v) and v < 0 for v in values):
+            raise UserError(f"scheduler.{key}={value}: a length in steps or epochs must be 1 or more")
     group, settings = "optimizer", optimizer
+    parameters = [torch.nn.Parameter(torch.zeros(1, 1, 1, 1)), torch.nn.Parameter(torch.zeros(1))]  # a filter, a bias
+    groups: list[dict[str, Any]] = [{"params": parameters[:1]}, {"params": parameters[1:]}]
+    if norm_lr_scale != 1:  # classifier.norm_lr_scale: batch norm's group at the optimizer's lr × the scale
+        lr = optimizer.get("lr", default_of(optimizer, "optimizer", "lr"))
+        groups[1]["lr"] = lr * norm_lr_scale if is_number(lr) else lr
     try:
-        built = build(optimizer, "optimizer", [torch.nn.Parameter(torch.zeros(1))], where="optimizer")
+        built = build(optimizer, "optimizer", groups, where="optimizer")
+        for parameter in parameters:
+            parameter.grad = torch.ones_like(parameter)
+        built.step(lambda: torch.zeros(()))
         if scheduler:
             group, settings = "scheduler", scheduler
             with warnings.catch_warnings():  # a schedule stepped before its optimizer: the order is no matter here
@@ -462,6 +485,11 @@ def check_optimizer_and_scheduler(optimizer: dict[str, Any], scheduler: dict[str
                 schedule = build(scheduler, "scheduler", built, where="scheduler")
                 for _ in range(2):
                     schedule.step()
+    except RuntimeError as err:  # a rate or decay beyond what a float32 weight can take
+        if "overflow" not in str(err):
+            raise
+        scaled = f" × classifier.norm_lr_scale={norm_lr_scale}" if norm_lr_scale != 1 else ""
+        raise UserError(f"optimizer ({short(optimizer)}{scaled}): a rate or decay beyond float32's range") from None
     except (ValueError, TypeError, ZeroDivisionError, IndexError) as err:
         zeros = [key for key, value in settings.items() if value == 0 and not isinstance(value, bool)]
         if isinstance(err, ZeroDivisionError) and zeros:

@@ -66,7 +66,7 @@ class Classifier(L.LightningModule):
             }
         )
         # Optimizer and scheduler are built when training starts: their settings are refused now, before any work.
-        build.check_optimizer_and_scheduler(optimizer, scheduler)
+        build.check_optimizer_and_scheduler(optimizer, scheduler, norm_lr_scale)
         self.save_hyperparameters()
         self.net = build.build(net, "net", where="model")
         self._train_forward = self.forward  # compiled when training starts, with the network's compile=true
@@ -111,7 +111,16 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self._train_forward(images)
+        try:
+            logits = self._train_forward(images)
+        except ValueError as err:  # torch's batch norm, training on a batch of one image whose maps are 1×1
+            if "Expected more than 1 value per channel" not in str(err):
+                raise
+            raise UserError(
+                f"batch norm cannot normalize a training batch of one image whose maps are 1×1 (step "
+                f"{self.global_step}): choose a data.batch_size (with data.val_size) that leaves no batch of one "
+                "image, or a network whose maps stay larger (model.pool_first=false)"
+            ) from None
         # The mean of per-image losses: cross_entropy's own mean reduction gives other gradient bits under label
         # smoothing, and the recipes' documented results would no longer repeat to the bit.
         loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing).mean()

@@ -250,10 +250,11 @@ def test(cfg: DictConfig) -> float:
         rundir.check_entered(cfg.paths.output_dir, "test")
     predict.check_batch_size(cfg.get("batch_size"))
     # Settings that only train.py takes would be ignored here without a word (Hydra suggests +key= for them).
-    if ignored := [group for group in ("model", "data", "optimizer", "scheduler", "experiment") if group in cfg]:
+    groups = ("model", "data", "classifier", "optimizer", "scheduler", "experiment")
+    if ignored := [group for group in groups if group in cfg]:
         raise UserError(
-            f"test.py rebuilds network and data from the checkpoint: {', '.join(ignored)} settings cannot change "
-            "them (batch_size=N sets the test batch size, paths.* where the data is)"
+            f"test.py rebuilds network, data and scoring (classifier.*) from the checkpoint: {', '.join(ignored)} "
+            "settings cannot change them (batch_size=N sets the test batch size, paths.* where the data is)"
         )
     # What else test.py does with a checkpoint: predict=PATH (cnn_exp/predict.py), export=onnx (cnn_exp/export.py).
     if cfg.get("predict") is not None or cfg.get("export") is not None:

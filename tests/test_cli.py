@@ -195,8 +195,10 @@ def test_test_py_names_what_it_needs_and_refuses_settings_it_would_ignore(traine
     with pytest.raises(SystemExit, match=r"error: test\.py needs ckpt_path="):
         run_here("test.py", tmp_path / "a")
     ckpt = f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"
-    with pytest.raises(SystemExit, match=r"error: test\.py rebuilds network and data from the checkpoint: model"):
+    with pytest.raises(SystemExit, match=r"error: test\.py rebuilds network, data and scoring .* checkpoint: model"):
         run_here("test.py", tmp_path / "b", ckpt, "+model.channels=[16,32]")
+    with pytest.raises(SystemExit, match=r"from the checkpoint: classifier settings cannot change them"):
+        run_here("test.py", tmp_path / "c", ckpt, "+classifier.flip_average=false")
 
 
 def test_the_test_report_can_leave_out_its_image_grids(
