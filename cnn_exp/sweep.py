@@ -239,6 +239,16 @@ class SweepSummary(Callback):
                 f"error: {sweep_dir} already holds a sweep's runs (jobs {', '.join(taken)}): choose another "
                 "hydra.sweep.dir (a new sweep never replaces one)"
             )
+        # A search maximizes what each trial returns: a validation metric, which a run without a validation split
+        # never has (every trial would "succeed" with nothing, and the search end in Optuna's traceback).
+        metric, searched = str(config.get("optimized_metric") or ""), OmegaConf.select(config, "hydra.sweeper.params")
+        searching = "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_") or "").lower()
+        unsplit = OmegaConf.select(config, "data.val_size") == 0 and "data.val_size" not in (searched or {})
+        if searching and metric.startswith("val/") and unsplit:
+            sys.exit(
+                f"error: the search maximizes {metric}, but data.val_size=0 leaves no validation split to measure it "
+                "on: set data.val_size (e.g. 5000)"
+            )
         # Run names and TensorBoard's HParams need to know which keys vary (read back by running_sweep_keys).
         os.environ[SWEPT_KEYS] = ",".join(varied_keys(config))
 

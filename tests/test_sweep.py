@@ -108,6 +108,19 @@ def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: 
     assert len(rows) == 2 and all(row["status"].startswith("failed: model: the feature map vanishes") for row in rows)
 
 
+def test_an_optuna_search_without_a_validation_split_is_refused_before_its_trials(paths: list[str]) -> None:
+    """Each trial returns val/acc for the search to maximize: with data.val_size=0 there is none to return."""
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=1", "data.val_size=0"]
+    proc = run("train.py", "-m", *paths, *search, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: the search maximizes val/acc, but data.val_size=0 leaves no validation split to measure it on: set "
+        "data.val_size (e.g. 5000)"
+    ]
+    log_dir = Path(next(p for p in paths if p.startswith("paths.log_dir=")).partition("=")[2])
+    assert not (log_dir / "train" / "multiruns").exists()  # no sweep directory, no trial
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> None:
