@@ -362,7 +362,7 @@ class MNISTDataModule(InMemoryDataModule):
         # Resolved before the settings are saved: a checkpoint holds the numbers it was trained with.
         mean = STATISTICS[dataset][0] if mean is None else mean
         std = STATISTICS[dataset][1] if std is None else std
-        check_settings(batch_size, val_size, shift, erase, flip)
+        check_settings(batch_size, val_size, shift, erase, flip, IMAGE_SIZE)
         if not (is_number(mean) and is_number(std)):
             raise UserError(f"data.mean={mean} and data.std={std} must be numbers")
         check_statistics([mean], [std])
@@ -418,7 +418,9 @@ class MNISTDataModule(InMemoryDataModule):
         return images.data.unsqueeze(1), images.targets
 
 
-def check_settings(batch_size: object, val_size: object, shift: object, erase: object, flip: object) -> None:
+def check_settings(
+    batch_size: object, val_size: object, shift: object, erase: object, flip: object, image_size: int
+) -> None:
     """The settings every InMemoryDataModule shares, refused before any image is read."""
     if not is_whole(batch_size) or batch_size <= 0:
         raise UserError(f"data.batch_size={batch_size} must be a positive number of images")
@@ -426,6 +428,8 @@ def check_settings(batch_size: object, val_size: object, shift: object, erase: o
         raise UserError(f"data.val_size={val_size} must be 0 (no validation split) or a positive number of images")
     if not is_whole(shift) or shift < 0:
         raise UserError(f"data.shift={shift} must be 0 (off) or a whole number of pixels")
+    if shift >= image_size:  # the whole image could leave its frame
+        raise UserError(f"data.shift={shift} must be below the images' {image_size} pixels (the recipes shift 2)")
     if not is_number(erase) or not 0 <= erase <= 1:
         raise UserError(f"data.erase={erase} must be a probability from 0 (off) to 1")
     if not (isinstance(flip, bool) or flip == "alternate"):

@@ -154,7 +154,7 @@ class FolderDataModule(InMemoryDataModule):
             raise UserError(f"data.channels={channels} must be 1 (grey) or 3 (colour), or null (from the images)")
         if not is_whole(image_size) or not 1 <= image_size <= 4096:
             raise UserError(f"data.image_size={image_size} must be a whole number of pixels from 1 to 4096")
-        check_settings(batch_size, val_size, shift, erase, flip)
+        check_settings(batch_size, val_size, shift, erase, flip, image_size)
         for name, value in (("mean", mean), ("std", std)):
             if value is not None and (not isinstance(value, list | tuple) or len(value) != channels):
                 raise UserError(f"data.{name}={value} must be a list of {channels} numbers (one per channel) or null")

@@ -279,6 +279,7 @@ def damaged(tmp_path: Path) -> callable:
         (["optimizer.lr=-0.1"], "error: optimizer.lr=-0.1 must be positive"),
         (["data.batch_size=-5"], "error: data.batch_size=-5 must be a positive number of images"),
         (["data.val_size=-1"], "error: data.val_size=-1 must be 0"),
+        (["data.shift=28"], "error: data.shift=28 must be below the images' 28 pixels"),
         (["data.val_size=1000"], "error: data.val_size=1000 leaves no training images (the set has 1000)"),
         (["model=net3", "model.kernel_size=5", "model.padding=0"], "error: model: the feature map vanishes at conv3"),
         (["model.padding=[1,1,1]"], "error: model.padding=[1, 1, 1] has 3 values but the network has 2 conv layers"),
