@@ -12,7 +12,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -182,9 +185,37 @@ def check_accelerator(cfg: DictConfig) -> None:
         )
 
 
+def check_experiment_choices(cfg: DictConfig) -> None:
+    """One experiment, which chooses its model and optimizer and sets their settings: another `model=` or `optimizer=`
+    on the command line would be that file under the experiment's settings, recorded by its name (experiment=mnist_fast
+    model=net3 built mnist_fast's two-conv network, recorded as net3). Checked only when both are given."""
+    if not (HydraConfig.initialized() and GlobalHydra.instance().is_initialized()):  # composed by a program
+        return
+    hydra = HydraConfig.get()
+    given = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(list(hydra.overrides.task))}
+    if "experiment" not in given:
+        return
+    experiment = given["experiment"].value()
+    if not isinstance(experiment, str):
+        raise UserError(f"experiment={experiment} must name one recipe: each sets a whole run (data, model, optimizer)")
+    chosen = {group: given[group].value() for group in ("model", "optimizer") if group in given}
+    if not chosen:
+        return
+    own = compose(hydra.job.config_name, [f"experiment={experiment}"], return_hydra_config=True)
+    for group, choice in chosen.items():
+        theirs = own.hydra.runtime.choices.get(group)
+        if choice != theirs and compose(hydra.job.config_name, [f"{group}={theirs}"])[group] != own[group]:
+            raise UserError(
+                f"experiment={experiment} chooses {group}={theirs} and sets its settings: {group}={choice} would be "
+                f"{choice}'s file under them, recorded as {choice}. Change its settings instead ({group}.…=…), or "
+                "leave out experiment="
+            )
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """seed, threads and the classifier's settings, which torch and numpy would otherwise refuse with a traceback."""
     check_accelerator(cfg)
+    check_experiment_choices(cfg)
     seed, threads, classifier = cfg.seed, cfg.get("threads"), cfg.get("classifier") or {}
     unknown = set(classifier) - set(build.CLASSIFIER_SETTINGS)
     if unknown:

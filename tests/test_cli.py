@@ -141,6 +141,30 @@ def test_an_unknown_option_lists_the_available_ones(paths: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            ["experiment=mnist_fast", "model=net3"],
+            "error: experiment=mnist_fast chooses model=net2 and sets its settings: model=net3 would be net3's file "
+            "under them, recorded as net3. Change its settings instead (model.…=…), or leave out experiment=",
+        ),
+        (["experiment=fashion_fast", "optimizer=adam"], "error: experiment=fashion_fast chooses optimizer=sgd and"),
+        (["experiment=[mnist_fast,fashion_fast]"], "error: experiment=['mnist_fast', 'fashion_fast'] must name one"),
+    ],
+)
+def test_an_experiment_keeps_the_model_and_optimizer_it_sets(
+    given: list[str], message: str, paths: list[str], tmp_path: Path
+) -> None:
+    """A model= or optimizer= other than the experiment's would take the experiment's settings and be recorded by its
+    own name; a choice the experiment sets nothing of (data=, scheduler=) is the user's to make."""
+    proc = run("train.py", *paths, *given, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
 def test_a_user_error_is_printed_alone_without_a_traceback(tmp_path: Path) -> None:
     """As the script prints it; which settings are refused, and with what message, test_reliability checks."""
     empty = ["paths.data_mirror=null", "data.download=false", f"paths.data_dir={tmp_path / 'empty'}"]
