@@ -140,10 +140,21 @@ class Classifier(L.LightningModule):
         if (logging_step or loss.device.type == "cpu") and not math.isfinite(loss.item()):
             raise UserError(
                 f"training diverged: the loss became {loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}). Lower optimizer.lr (now {self.hparams.optimizer.get('lr')}) or choose "
-                "another optimizer."
+                f"{self.current_epoch}). Lower {self._rates()} or choose another optimizer."
             )
         return loss
+
+    def _rates(self) -> str:
+        """The settings that make the learning rates, as the divergence message names them."""
+        rates = [f"optimizer.lr (now {self.hparams.optimizer.get('lr')})"]
+        for key in ("muon_lr", "max_lr"):
+            group = "optimizer" if key == "muon_lr" else "scheduler"
+            value = (self.hparams.get(group) or {}).get(key)
+            if value is not None:
+                rates.append(f"{group}.{key} (now {value})")
+        if self.hparams.get("norm_lr_scale", 1.0) != 1:
+            rates.append(f"classifier.norm_lr_scale (now {self.hparams.norm_lr_scale})")
+        return ", ".join(rates[:-1]) + f" or {rates[-1]}" if len(rates) > 1 else rates[0]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, self.val_loss, self.val_acc, self.val_confusion)

@@ -365,6 +365,14 @@ def test_a_diverging_loss_fails_the_run_at_once(paths: list[str], tmp_path: Path
     result = read_metrics(tmp_path)
     assert result["status"] == "failed" and "training diverged" in result["error"] and "metrics" not in result
     assert result["steps"] < 8  # stopped within the first epoch of 8 steps, not after it
+    assert result["error"].endswith("Lower optimizer.lr (now 1000000.0) or choose another optimizer.")
+
+
+def test_a_divergence_names_every_setting_that_makes_the_rates(paths: list[str], tmp_path: Path) -> None:
+    given = ["model.batch_norm=true", "classifier.norm_lr_scale=1e30"]
+    with pytest.raises(SystemExit) as stopped:
+        run_here("train.py", tmp_path, *paths, *QUICK, *given)
+    assert "Lower optimizer.lr (now 0.1) or classifier.norm_lr_scale (now 1e+30) or choose" in str(stopped.value)
 
 
 @pytest.mark.parametrize(
