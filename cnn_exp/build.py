@@ -469,15 +469,13 @@ def check_optimizer_and_scheduler(
             raise UserError(f"scheduler.{key}={value}: a length in steps or epochs must be 1 or more")
     group, settings = "optimizer", optimizer
     parameters = [torch.nn.Parameter(torch.zeros(1, 1, 1, 1)), torch.nn.Parameter(torch.zeros(1))]  # a filter, a bias
-    groups: list[dict[str, Any]] = [{"params": parameters[:1]}, {"params": parameters[1:]}]
-    if norm_lr_scale != 1:  # classifier.norm_lr_scale: batch norm's group at the optimizer's lr × the scale
+    groups: Any = parameters  # one group, as the Classifier's parameters are (LBFGS takes no other)
+    if norm_lr_scale != 1:  # classifier.norm_lr_scale: batch norm's own group at the optimizer's lr × the scale
         lr = optimizer.get("lr", default_of(optimizer, "optimizer", "lr"))
-        groups[1]["lr"] = lr * norm_lr_scale if is_number(lr) else lr
+        groups = [{"params": parameters[:1]}, {"params": parameters[1:], "lr": lr * norm_lr_scale}]
     try:
         built = build(optimizer, "optimizer", groups, where="optimizer")
-        for parameter in parameters:
-            parameter.grad = torch.ones_like(parameter)
-        built.step(lambda: torch.zeros(()))
+        _stand_in_step(built, parameters, optimizer, norm_lr_scale)
         if scheduler:
             group, settings = "scheduler", scheduler
             with warnings.catch_warnings():  # a schedule stepped before its optimizer: the order is no matter here
@@ -485,16 +483,28 @@ def check_optimizer_and_scheduler(
                 schedule = build(scheduler, "scheduler", built, where="scheduler")
                 for _ in range(2):
                     schedule.step()
-    except RuntimeError as err:  # a rate or decay beyond what a float32 weight can take
-        if "overflow" not in str(err):
-            raise
-        scaled = f" × classifier.norm_lr_scale={norm_lr_scale}" if norm_lr_scale != 1 else ""
-        raise UserError(f"optimizer ({short(optimizer)}{scaled}): a rate or decay beyond float32's range") from None
     except (ValueError, TypeError, ZeroDivisionError, IndexError) as err:
         zeros = [key for key, value in settings.items() if value == 0 and not isinstance(value, bool)]
         if isinstance(err, ZeroDivisionError) and zeros:
             raise UserError(f"{group}.{zeros[0]}=0: the schedule divides by it as it steps, give 1 or more") from None
         raise UserError(f"{group} ({short(settings)}) is refused by torch: {first_line(err)}") from None
+
+
+def _stand_in_step(
+    optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], settings: Any, norm_lr_scale: float
+) -> None:
+    """One step on the stand-in parameters: a rate or decay beyond what a float32 weight takes overflows only there.
+    Anything else the step may refuse here (capturable=true takes GPU tensors) is the real run's to judge."""
+    for parameter in parameters:
+        parameter.grad = torch.ones_like(parameter)
+    try:
+        optimizer.step(lambda: torch.zeros(()))
+    except RuntimeError as err:
+        if "overflow" in str(err):
+            scaled = f" × classifier.norm_lr_scale={norm_lr_scale}" if norm_lr_scale != 1 else ""
+            raise UserError(f"optimizer ({short(settings)}{scaled}): a rate or decay beyond float32's range") from None
+    except (AssertionError, ValueError, TypeError):
+        pass
 
 
 def what_to_build(settings: Any) -> Any:

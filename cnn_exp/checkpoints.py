@@ -230,8 +230,15 @@ def _check_values(checkpoint: Any, file_bytes: int) -> None:
         elif isinstance(item, Mapping | list | tuple):
             if depth >= MAX_DEPTH:
                 raise UserError(f"it nests values more than {MAX_DEPTH} levels deep (train.py: 6)")
-            children = item.items() if isinstance(item, Mapping) else enumerate(item)
-            stack.extend((child, depth + 1, f"{where}.{key}" if where else str(key)) for key, child in children)
+            children = list(item.items() if isinstance(item, Mapping) else enumerate(item))
+            for key, child in children:
+                # Named by keys that are names or numbers; any other key is a value too (a tuple nesting shared
+                # tuples would make its text, or its walk, exponentially long).
+                name = key if isinstance(key, str | int) else f"<{type(key).__name__} key>"
+                label = f"{where}.{name}" if where else str(name)
+                stack.append((child, depth + 1, label))
+                if isinstance(item, Mapping) and not isinstance(key, str | int):
+                    stack.append((key, depth + 1, label))
     if tensor_bytes > file_bytes + 2**20:
         raise UserError(
             f"its tensors hold {tensor_bytes / 2**20:,.0f} MB of numbers, more than the file's "

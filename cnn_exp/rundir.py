@@ -73,20 +73,30 @@ def release(run_dir: str | Path) -> None:
     _links.pop(str(run_dir), None)
 
 
+# The folders of a run directory that the project writes in by name (a tracker's own folder, wandb/ or mlruns/, is
+# its own: wandb links its logs to ~/.cache there itself).
+OWN_FOLDERS = (".hydra", "checkpoints")
+
+
 def outside_link(run_dir: str | Path) -> str | None:
-    """What is wrong with a link at any depth of the directory that leads outside it (a run writes its files by name:
-    through the link it would write elsewhere); None if there is none. Links within it (Lightning's save_last=link)
-    are left alone."""
-    root = Path(run_dir).resolve()
-    for folder, folders, files in os.walk(root):  # links to folders are listed, not followed
-        for name in folders + files:
-            entry = Path(folder) / name
-            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
-                return (
-                    f"{entry} is a link to {entry.resolve()}, outside the run directory, which a run would write "
-                    "through: replace it with a copy of what it points to, or delete it (a run writes in its own "
-                    "directory only)"
-                )
+    """What is wrong with an entry of the directory (or of OWN_FOLDERS in it) that the run would write through into a
+    file elsewhere: a link that leads outside it, or a file with another name (a hard link); None if there is none.
+    Links within it (Lightning's save_last=link) are left alone."""
+    root = Path(os.path.realpath(run_dir))
+    own = [root / name for name in OWN_FOLDERS]
+    folders = [root, *(folder for folder in own if folder.is_dir() and not folder.is_symlink())]
+    for entry in (entry for folder in folders for entry in folder.iterdir()):
+        target = Path(os.path.realpath(entry))  # no error for a loop of links, unlike Path.resolve
+        if entry.is_symlink() and not target.is_relative_to(root):
+            return (
+                f"{entry} is a link to {target}, outside the run directory, which a run would write through: replace "
+                "it with a copy of what it points to, or delete it (a run writes in its own directory only)"
+            )
+        if not entry.is_symlink() and entry.is_file() and entry.stat().st_nlink > 1:
+            return (
+                f"{entry} is a hard link: the run would write into the file of its other name too. Replace it with a "
+                "copy (cp without -l), or delete it"
+            )
     return None
 
 

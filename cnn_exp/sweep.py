@@ -239,6 +239,8 @@ class SweepSummary(Callback):
                 f"error: {sweep_dir} already holds a sweep's runs (jobs {', '.join(taken)}): choose another "
                 "hydra.sweep.dir (a new sweep never replaces one)"
             )
+        if sweep_dir.is_dir() and (problem := rundir.outside_link(sweep_dir)):  # Hydra writes multirun.yaml there
+            sys.exit(f"error: {problem}")
         # A search maximizes what each trial returns: a validation metric, which a run without a validation split
         # never has (every trial would "succeed" with nothing, and the search end in Optuna's traceback).
         metric, searched = str(config.get("optimized_metric") or ""), OmegaConf.select(config, "hydra.sweeper.params")

@@ -456,16 +456,25 @@ def test_a_run_with_a_link_leading_out_is_not_resumed_through_it(name: str, high
 
 
 def test_links_within_a_run_directory_are_its_own(tmp_path: Path) -> None:
-    """Only a link leading out of the directory is refused, at any depth; one within it (Lightning's save_last=link)
-    is not, nor a run directory reached through a link."""
+    """A link leading out of the directory, or of the folders the project writes in by name, is refused, and a hard
+    link; one within it (Lightning's save_last=link) is not, nor one in a tracker's own folder, nor a loop of links,
+    nor a run directory reached through a link."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "step.ckpt").write_bytes(b"")
     (run_dir / "checkpoints" / "last.ckpt").symlink_to("step.ckpt")
     (tmp_path / "reached").symlink_to(run_dir)
     assert rundir.outside_link(run_dir) is None and rundir.outside_link(tmp_path / "reached") is None
+    (run_dir / "loop").symlink_to("loop")  # a loop of links leads nowhere outside
+    (run_dir / "wandb" / "logs").mkdir(parents=True)  # a tracker's own folder: wandb links its logs to ~/.cache
+    (run_dir / "wandb" / "logs" / "debug-core.log").symlink_to(tmp_path)
+    assert rundir.outside_link(run_dir) is None and rundir.outside_link(tmp_path / "reached") is None
     (run_dir / "checkpoints" / "events").symlink_to(tmp_path)
     assert rundir.outside_link(run_dir).startswith(f"{run_dir / 'checkpoints' / 'events'} is a link to {tmp_path},")
+    (run_dir / "checkpoints" / "events").unlink()
+    (tmp_path / "elsewhere.log").write_text("keep me")
+    (run_dir / "train.log").hardlink_to(tmp_path / "elsewhere.log")  # Hydra appends to train.log by its name
+    assert rundir.outside_link(run_dir).startswith(f"{run_dir / 'train.log'} is a hard link")
 
 
 def _nested(depth: int) -> list:
@@ -550,6 +559,13 @@ def _craft(last: dict[str, Any], case: str, path: Path) -> str:
         if "list" in case:
             return f"ckpt_path={path} refused: it holds more than {checkpoints.MAX_VALUES:,} values"
         return "its tensors hold 1,024 MB of numbers, more than the file's"
+    if case == "a key of tuples referred to 2**20 times":
+        key: Any = (0,)
+        for _ in range(20):
+            key = (key, key)  # shared: a few hundred bytes of pickle, 2**20 paths
+        crafted["notes"] = {key: 1}
+        torch.save(crafted, path)
+        return f"ckpt_path={path} refused: it holds more than {checkpoints.MAX_VALUES:,} values"
     if case == "compressed parts":  # 64 MB of zeros in about 64 KB (1 GB in 1 MB): torch's reader inflates them
         crafted["notes"] = torch.zeros(2**24)
         torch.save(crafted, tmp := path.with_suffix(".tmp"))
@@ -570,7 +586,8 @@ CASES = ["a list", "a tensor", "None", "5 class names", "10 outputs, 5 classes b
          "10 million class names", "pending losses as text", "a pending step of no images",
          "pending steps of 2**62 images", "pending counts on the meta device", "sparse pending counts",
          "a metric state as text", "a weight named by a number", "complex weights", "whole-number weights",
-         "1 GB expanded from one number", "one list referred to 1000**5 times", "compressed parts"]  # fmt: skip
+         "1 GB expanded from one number", "one list referred to 1000**5 times", "compressed parts",
+         "a key of tuples referred to 2**20 times"]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -341,6 +341,8 @@ def test_optimizers_that_refuse_a_second_group_or_name_no_lr(paths: list[str], t
             "optimizer._target_=torch.optim.LBFGS", "~optimizer.momentum", "~optimizer.weight_decay",
             "~optimizer.nesterov",
         )  # fmt: skip
+    lbfgs = {"_target_": "torch.optim.LBFGS"}  # one group, as without norm_lr_scale the parameters are
+    assert len(Classifier(net=NET, optimizer=lbfgs).configure_optimizers().param_groups) == 1
     settings = {"_target_": "torch.optim.Adadelta"}  # torch's lr for it is 1.0: the norm group's is 8 × that
     model = Classifier(net=NET, optimizer=settings, norm_lr_scale=8)
     assert [group["lr"] for group in model.configure_optimizers().param_groups] == [1.0, 8.0]

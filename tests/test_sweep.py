@@ -108,6 +108,18 @@ def test_an_optuna_search_whose_every_trial_fails_still_leaves_its_table(paths: 
     assert len(rows) == 2 and all(row["status"].startswith("failed: model: the feature map vanishes") for row in rows)
 
 
+def test_a_sweep_directory_with_a_link_leading_out_is_refused(paths: list[str], tmp_path: Path) -> None:
+    """Hydra writes multirun.yaml in the sweep directory by its name: through a link it would write elsewhere."""
+    precious, sweep = tmp_path / "precious.yaml", tmp_path / "sweep"
+    precious.write_text("keep me")
+    sweep.mkdir()
+    (sweep / "multirun.yaml").symlink_to(precious)
+    proc = run("train.py", "-m", *paths, f"hydra.sweep.dir={sweep}", "seed=0,1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {sweep / 'multirun.yaml'} is a link to {precious}")
+    assert precious.read_text() == "keep me" and sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"]
+
+
 def test_an_optuna_search_without_a_validation_split_is_refused_before_its_trials(paths: list[str]) -> None:
     """Each trial returns val/acc for the search to maximize: with data.val_size=0 there is none to return."""
     search = ["hparams_search=optuna", "hydra.sweeper.n_trials=1", "data.val_size=0"]
