@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnn_exp import checkpoints
+from cnn_exp import checkpoints, record
+from cnn_exp import run as cnn_run
 from cnn_exp.signals import Interrupted, StopOnSignal
-from tests.conftest import MIRROR, NO_FIGURES, read_metrics, run, start
+from tests.conftest import MIRROR, NO_FIGURES, read_metrics, run, run_here, start
 
 pytestmark = pytest.mark.slow
 
@@ -271,3 +272,23 @@ def test_a_signal_while_the_record_is_written_waits_for_it(tmp_path: Path, caplo
         written.append("the record")
     assert written == ["the record"]
     assert "SIGTERM came after the last batch: the run has finished" in caplog.text
+
+
+def test_a_second_signal_while_a_stopped_run_writes_its_record_leaves_it_whole(
+    paths: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real SIGTERM stops the run at step 3; a second comes as train.py writes the record of the stop: the record
+    says interrupted, with where to resume from, not running."""
+    write = cnn_run._write_record
+
+    def write_signalled(*args: object) -> None:
+        if args[-1]["status"] != record.RUNNING:  # the record of the stop
+            _deliver(signal.SIGTERM)
+        write(*args)
+
+    monkeypatch.setattr(cnn_run, "_write_record", write_signalled)
+    with pytest.raises(SystemExit) as stopped:
+        run_here("train.py", tmp_path, *paths, *RUN, *signal_at(3, "SIGTERM"))
+    assert stopped.value.code == 143
+    result = read_metrics(tmp_path)
+    assert result["status"] == "interrupted" and result["resume"] == f"python train.py resume={tmp_path}"
