@@ -70,7 +70,7 @@ def release(run_dir: str | Path) -> None:
     if lock is not None:
         lock.release()
     _entries.pop(str(run_dir), None)  # a later run of this process there (a sweep's next job) decides anew
-    _links.pop(str(run_dir), None)
+    _links.pop(os.path.realpath(run_dir), None)
 
 
 # The folders of a run directory that the project writes in by name (a tracker's own folder, wandb/ or mlruns/, is
@@ -103,7 +103,7 @@ def outside_link(run_dir: str | Path) -> str | None:
 def check_claimed(run_dir: str | Path) -> None:
     """Refuse to work in a directory another process is working in (a second train.py, or a second resume=), or one
     holding a link that leads outside it (`outside_link`)."""
-    if problem := _links.get(str(run_dir)):
+    if problem := _links.get(os.path.realpath(run_dir)):
         raise UserError(problem)
     if not claim(run_dir):
         if problem := lock_problem(run_dir):
@@ -209,7 +209,8 @@ def discard_unstarted(run_dir: str | Path) -> None:
         _made.discard(key)
 
 
-# Per run directory, once a process: how this process enters it (see `_entry`), and why, where a link refused it.
+# Per run directory, once a process: how this process enters it (see `_entry`); and by where it is, links resolved,
+# why a link refused it.
 _entries: dict[str, str] = {}
 _links: dict[str, str] = {}
 
@@ -234,7 +235,7 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
         else:
             _entries[output_dir] = "refused"
         if _entries[output_dir] in ("new", "resumed") and (problem := outside_link(output_dir)):
-            _entries[output_dir], _links[output_dir] = "refused", problem
+            _entries[output_dir], _links[os.path.realpath(output_dir)] = "refused", problem
     return _entries[output_dir]
 
 
