@@ -8,6 +8,7 @@ directory never overwrites the first one's record, and a refused one writes noth
 taken over.
 """
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -73,26 +74,40 @@ def release(run_dir: str | Path) -> None:
     _links.pop(os.path.realpath(run_dir), None)
 
 
-# The folders of a run directory that the project writes in by name (a tracker's own folder, wandb/ or mlruns/, is
-# its own: wandb links its logs to ~/.cache there itself).
-OWN_FOLDERS = (".hydra", "checkpoints")
+# The folders of a run directory that the project writes in by name, and TensorBoard's run folders in its own (a
+# resume writes its events there); a tracker's own folder (wandb/, mlruns/) is its own: wandb links its logs to
+# ~/.cache there itself.
+OWN_FOLDERS = (".hydra", "checkpoints", "tensorboard")
 
 
 def outside_link(run_dir: str | Path) -> str | None:
-    """What is wrong with an entry of the directory (or of OWN_FOLDERS in it) that the run would write through into a
-    file elsewhere: a link that leads outside it, or a file with another name (a hard link); None if there is none.
-    Links within it (Lightning's save_last=link) are left alone."""
+    """What is wrong with an entry of the directory, of OWN_FOLDERS in it (wherever in it their links lead) or of
+    TensorBoard's run folders, that the run would write through into a file elsewhere: a link that leads outside it,
+    a loop of links, or a file with another name (a hard link); None if there is none. Links within it (Lightning's
+    save_last=link) are left alone."""
     root = Path(os.path.realpath(run_dir))
-    own = [root / name for name in OWN_FOLDERS]
-    folders = [root, *(folder for folder in own if folder.is_dir() and not folder.is_symlink())]
+    folders = [root]
+    for name in OWN_FOLDERS:
+        folder = Path(os.path.realpath(root / name))
+        if folder.is_dir() and folder.is_relative_to(root) and folder != root:
+            folders.append(folder)
+            if name == "tensorboard":
+                runs = {Path(os.path.realpath(entry)) for entry in folder.iterdir()}
+                folders += [run for run in runs if run.is_dir() and run.is_relative_to(root) and run != root]
     for entry in (entry for folder in folders for entry in folder.iterdir()):
-        target = Path(os.path.realpath(entry))  # no error for a loop of links, unlike Path.resolve
-        if entry.is_symlink() and not target.is_relative_to(root):
-            return (
-                f"{entry} is a link to {target}, outside the run directory, which a run would write through: replace "
-                "it with a copy of what it points to, or delete it (a run writes in its own directory only)"
-            )
-        if not entry.is_symlink() and entry.is_file() and entry.stat().st_nlink > 1:
+        if entry.is_symlink():
+            try:
+                target = Path(os.path.realpath(entry, strict=True))
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    return f"{entry} is a loop of links, which a run cannot write through: delete it"
+                target = Path(os.path.realpath(entry))  # a link to nothing yet: writing through it makes its target
+            if not target.is_relative_to(root):
+                return (
+                    f"{entry} is a link to {target}, outside the run directory, which a run would write through: "
+                    "replace it with a copy of what it points to, or delete it (a run writes in its own directory only)"
+                )
+        elif entry.is_file() and entry.stat().st_nlink > 1:
             return (
                 f"{entry} is a hard link: the run would write into the file of its other name too. Replace it with a "
                 "copy (cp without -l), or delete it"

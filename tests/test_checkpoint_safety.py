@@ -456,22 +456,33 @@ def test_a_run_with_a_link_leading_out_is_not_resumed_through_it(name: str, high
 
 
 def test_links_within_a_run_directory_are_its_own(tmp_path: Path) -> None:
-    """A link leading out of the directory, or of the folders the project writes in by name, is refused, and a hard
-    link; one within it (Lightning's save_last=link) is not, nor one in a tracker's own folder, nor a loop of links,
-    nor a run directory reached through a link."""
+    """A link leading out of the directory, of the folders the project writes in by name (wherever in it their links
+    lead) or of TensorBoard's run folders, a loop of links and a hard link are refused; a link within it (Lightning's
+    save_last=link) is not, nor one in a tracker's own folder, nor a run directory reached through a link."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "step.ckpt").write_bytes(b"")
     (run_dir / "checkpoints" / "last.ckpt").symlink_to("step.ckpt")
     (tmp_path / "reached").symlink_to(run_dir)
     assert rundir.outside_link(run_dir) is None and rundir.outside_link(tmp_path / "reached") is None
-    (run_dir / "loop").symlink_to("loop")  # a loop of links leads nowhere outside
     (run_dir / "wandb" / "logs").mkdir(parents=True)  # a tracker's own folder: wandb links its logs to ~/.cache
     (run_dir / "wandb" / "logs" / "debug-core.log").symlink_to(tmp_path)
     assert rundir.outside_link(run_dir) is None and rundir.outside_link(tmp_path / "reached") is None
     (run_dir / "checkpoints" / "events").symlink_to(tmp_path)
     assert rundir.outside_link(run_dir).startswith(f"{run_dir / 'checkpoints' / 'events'} is a link to {tmp_path},")
     (run_dir / "checkpoints" / "events").unlink()
+    # TensorBoard's run folder, reached through a link within the run: a resume writes its events there.
+    (run_dir / "store" / "version_0").mkdir(parents=True)
+    (run_dir / "tensorboard").symlink_to("store")
+    (run_dir / "store" / "version_0" / "hparams.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    assert rundir.outside_link(run_dir).startswith(f"{run_dir / 'store' / 'version_0' / 'hparams.yaml'} is a link")
+    (run_dir / "store" / "version_0" / "hparams.yaml").unlink()
+    (run_dir / ".hydra").symlink_to(".hydra")  # Hydra would fail on it with a traceback
+    assert (
+        rundir.outside_link(run_dir)
+        == f"{run_dir / '.hydra'} is a loop of links, which a run cannot write through: delete it"
+    )
+    (run_dir / ".hydra").unlink()
     (tmp_path / "elsewhere.log").write_text("keep me")
     (run_dir / "train.log").hardlink_to(tmp_path / "elsewhere.log")  # Hydra appends to train.log by its name
     assert rundir.outside_link(run_dir).startswith(f"{run_dir / 'train.log'} is a hard link")
