@@ -49,4 +49,6 @@ def shown(value: object, limit: int = 200) -> str:
     the text reversed, a newline would forge a line of its own), and at most `limit` characters. Rich markup and
     matplotlib's `$` stay literal only where the printer is told so (`markup=False`, `plots.literal`)."""
     text = str(value).translate(_ESCAPES)
+    # The bytes of a file name that is not UTF-8, which Python holds as lone surrogates no printer can encode: \udcff.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 1] + "…"

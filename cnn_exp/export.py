@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from cnn_exp import atomic, build
 from cnn_exp.classifier import views_averaged
-from cnn_exp.errors import UserError
+from cnn_exp.errors import UserError, shown
 from cnn_exp.predict import check_output, from_checkpoint, writing
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> None:
     log.info(
         "wrote %s: ONNX Runtime's logits match PyTorch's on %d test images (largest difference %.1e, "
         "tolerance %.0e absolute + %.0e relative)",
-        path, len(images), difference, TOLERANCE, TOLERANCE,
+        shown(str(path)), len(images), difference, TOLERANCE, TOLERANCE,
     )  # fmt: skip
 
 

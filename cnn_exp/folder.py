@@ -45,6 +45,8 @@ def _list(directory: Path, where: str) -> tuple[list[str], list[tuple[Path, int]
     if not classes:
         raise UserError(f"{where} holds no class folders: put each class's images in a folder of its own there")
     for name in classes:
+        if name != name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"):
+            raise UserError(f"{where}/{shown(name)}: a class name must be text (UTF-8): rename the folder")
         if len(name) > MAX_NAME:
             raise UserError(f"{where}/{shown(name[:40])}…: a class name has at most {MAX_NAME} characters")
     samples = []
@@ -55,7 +57,9 @@ def _list(directory: Path, where: str) -> tuple[list[str], list[tuple[Path, int]
             found += [
                 Path(folder) / file
                 for file in sorted(files)
-                if not file.startswith(".") and has_file_allowed_extension(file, IMG_EXTENSIONS)
+                if not file.startswith(".")
+                and has_file_allowed_extension(file, IMG_EXTENSIONS)
+                and (Path(folder) / file).is_file()  # not a FIFO, which reading would wait on forever
             ]
         if not found:
             raise UserError(
@@ -243,8 +247,13 @@ class FolderDataModule(InMemoryDataModule):
         return [sample for i, sample in enumerate(samples) if (i in test) == (split == "test")]
 
     def _read(self, path: Path) -> torch.Tensor:
-        """One file as uint8 C×H×W (open_image refuses a file Pillow cannot read, naming it)."""
-        return self._pixels(open_image(path))
+        """One file as uint8 C×H×W; a file Pillow cannot read, or whose pixels cannot be used, refused by its name."""
+        try:
+            return self._pixels(open_image(path))
+        except UserError as err:
+            if str(err).startswith(shown(str(path), PATH)):
+                raise
+            raise UserError(f"{shown(str(path), PATH)}: {err}") from None
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         """An image made grey or RGB (transparent parts white) and resized to image_size: uint8 C×H×W."""

@@ -97,7 +97,10 @@ def frame(image: Image.Image, dataset: str, name: str = "image") -> torch.Tensor
     and centred as the dataset did (see the module's docstring). An image with nothing on it is a UserError.
     """
     box, by_mass = FRAMING[dataset]
-    pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    try:  # transparent parts white paper, 16-bit grey scaled, as a folder's images are read
+        pixels = np.asarray(grey(image), dtype=np.float32)
+    except UserError as err:
+        raise UserError(f"{shown(name, PATH)}: {err}") from None
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 127:
         pixels = 255 - pixels

@@ -289,7 +289,8 @@ def _print(predictions: list[Prediction]) -> None:
 
 def write_csv(path: Path, predictions: list[Prediction]) -> None:
     """One row per image: file, predicted class, its probability, and the top classes as `name=p; ...`."""
-    with atomic.replace(path, "w", newline="") as f:
+    # A file name that is not UTF-8 (Python holds its bytes as surrogates) is written as the bytes it was.
+    with atomic.replace(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "predicted", "probability", "top3"])
         for prediction in predictions:

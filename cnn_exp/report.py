@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 
 from cnn_exp import atomic, record
 from cnn_exp.errors import shown
@@ -173,12 +174,24 @@ def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(
         # The templates are named *.html.j2: escaping is chosen by that whole ending (a bare "html" never matches).
         loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html.j2"], default=False),
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, finalize=_without_controls,
     )  # fmt: skip
     environment.filters["cell"] = markdown_cell
     environment.filters["code"] = markdown_code
     environment.filters["log"] = math.log
     return environment
+
+
+# Control characters but the line break and the tab, as `\x1b` text: a class name or a record's text holding an escape
+# sequence would recolour or retitle the terminal that shows report.md (HTML and Markdown are escaped apart).
+_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(32), 127] if chr(code) not in "\n\t"}
+
+
+def _without_controls(value: Any) -> Any:
+    """Every value a template prints, its control characters escaped (markup built by the code stays markup)."""
+    if isinstance(value, markupsafe.Markup):
+        return markupsafe.Markup(str(value).translate(_CONTROLS))
+    return value.translate(_CONTROLS) if isinstance(value, str) else value
 
 
 def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:

@@ -117,3 +117,62 @@ def test_class_names_become_tensorboard_tags_of_word_characters(tmp_path: Path) 
     assert len(tags) == 12, "one per class, even where two names make one tag"
     assert all(re.fullmatch(r"test/class_acc/[\w.-]+", tag) for tag in tags), tags
     assert {"test/class_acc/T-shirt-top", "test/class_acc/Ankle_boot"} <= set(tags)  # as they were named before
+
+
+def test_control_characters_reach_the_lab_report_as_text() -> None:
+    """A class name or a record's text holding an escape sequence would recolour the terminal that shows report.md;
+    line breaks and tabs stay (the network's forward() is shown as written)."""
+    from cnn_exp import report
+
+    template = report._environment().from_string("{{ name }}|{{ code }}")
+    assert template.render(name="\x1b[31mred\x1b]0;title\x07", code="a\n\tb") == "\\x1b[31mred\\x1b]0;title\\x07|a\n\tb"
+
+
+def test_names_that_are_not_utf8_are_refused_or_shown_by_their_bytes(tmp_path: Path) -> None:
+    """Python holds a file name that is not UTF-8 as lone surrogates, which no printer can encode."""
+    from cnn_exp import folder, predict
+    from cnn_exp.errors import UserError, shown
+
+    odd = os.fsdecode(b"x\xff.png")
+    assert shown(odd) == "x\\udcff.png"
+    predictions = [predict.Prediction(Path(odd), torch.zeros(1, 28, 28), [("7", 0.9)])]
+    predict.write_csv(tmp_path / "predictions.csv", predictions)  # the file's own bytes, as it is named
+    assert b"x\xff.png,7,0.9000" in (tmp_path / "predictions.csv").read_bytes()
+    root = tmp_path / "root"
+    for name in (os.fsdecode(b"bad\xfename"), "ok"):
+        (root / name).mkdir(parents=True)
+        Image.new("L", (28, 28)).save(root / name / "a.png")
+    try:
+        folder._list(root, "data.root")
+    except UserError as err:
+        assert str(err) == "data.root/bad\\udcfename: a class name must be text (UTF-8): rename the folder"
+    else:
+        raise AssertionError("a class folder named by bytes that are not UTF-8 was taken")
+
+
+def test_a_fifo_named_like_an_image_is_not_read(tmp_path: Path) -> None:
+    """Reading it would wait forever for a writer."""
+    from cnn_exp import folder
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (28, 28)).save(tmp_path / name / "1.png")
+    os.mkfifo(tmp_path / "a" / "zz.png")
+    classes, samples = folder._list(tmp_path, "data.root")
+    assert classes == ["a", "b"] and [path.name for path, _ in samples] == ["1.png", "1.png"]
+
+
+def test_a_transparent_drawing_is_ink_on_white_paper_and_a_float_image_is_named() -> None:
+    """docs/predict.md: a transparent canvas becomes white paper, as a folder's images are read."""
+    from cnn_exp.errors import UserError
+    from cnn_exp.images import frame
+
+    drawing = Image.new("RGBA", (60, 60), (0, 0, 0, 0))
+    drawing.paste((0, 0, 0, 255), (20, 10, 40, 50))  # black ink on a transparent canvas
+    assert frame(drawing, "MNIST").max() == 1  # not "blank"
+    try:
+        frame(Image.new("F", (28, 28)), "MNIST", name="f.tiff")
+    except UserError as err:
+        assert str(err).startswith("f.tiff: F images (floating-point pixels) are not read")
+    else:
+        raise AssertionError("a floating-point image was read")
