@@ -147,8 +147,7 @@ class Classifier(L.LightningModule):
     def _rates(self) -> str:
         """The settings that make the learning rates, as the divergence message names them."""
         rates = [f"optimizer.lr (now {self.hparams.optimizer.get('lr')})"]
-        for key in ("muon_lr", "max_lr"):
-            group = "optimizer" if key == "muon_lr" else "scheduler"
+        for group, key in (("optimizer", "muon_lr"), ("scheduler", "max_lr")):
             value = (self.hparams.get(group) or {}).get(key)
             if value is not None:
                 rates.append(f"{group}.{key} (now {value})")

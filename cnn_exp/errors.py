@@ -41,6 +41,8 @@ class _Escapes(dict):
 
 
 _ESCAPES = _Escapes()
+# The same for text shown over several lines (the lab report): its line breaks and tabs stay.
+LINES_ESCAPES = _Escapes({ord("\n"): ord("\n"), ord("\t"): ord("\t")})
 
 
 def shown(value: object, limit: int = 200) -> str:

@@ -22,7 +22,7 @@ import jinja2
 import markupsafe
 
 from cnn_exp import atomic, record
-from cnn_exp.errors import shown
+from cnn_exp.errors import LINES_ESCAPES, shown
 from cnn_exp.words import SENTENCES, SWEEP_WORDS, WORDS
 
 log = logging.getLogger(__name__)
@@ -182,16 +182,13 @@ def _environment() -> jinja2.Environment:
     return environment
 
 
-# Control characters but the line break and the tab, as `\x1b` text: a class name or a record's text holding an escape
-# sequence would recolour or retitle the terminal that shows report.md (HTML and Markdown are escaped apart).
-_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(32), 127] if chr(code) not in "\n\t"}
-
-
 def _without_controls(value: Any) -> Any:
-    """Every value a template prints, its control characters escaped (markup built by the code stays markup)."""
+    """Every value a template prints, its control and format characters escaped but line breaks and tabs, as the
+    console shows text read from files (a class name's escape sequence would recolour or retitle the terminal that
+    shows report.md; HTML and Markdown are escaped apart). Markup built by the code stays markup."""
     if isinstance(value, markupsafe.Markup):
-        return markupsafe.Markup(str(value).translate(_CONTROLS))
-    return value.translate(_CONTROLS) if isinstance(value, str) else value
+        return markupsafe.Markup(str(value).translate(LINES_ESCAPES))
+    return value.translate(LINES_ESCAPES) if isinstance(value, str) else value
 
 
 def gather(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
