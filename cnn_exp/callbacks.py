@@ -226,12 +226,19 @@ class ModelCheckpoint(LightningModelCheckpoint):
     ) -> None:
         # Lightning decides after every step whether to save by steps or by time (~10 µs); a checkpoint that saves by
         # neither, under automatic optimization, never does there.
-        if (
+        if not (
             self._every_n_train_steps >= 1
             or self._train_time_interval is not None
             or not pl_module.automatic_optimization
         ):
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        # Not after an epoch's last batch: Lightning resumes such a state in the next epoch, and the epoch's
+        # validation, its epoch-end hooks and last.ckpt, which come after that batch, would never run. The epoch's
+        # end saves last.ckpt a moment later instead (signals.StopOnSignal stops only before a last batch, for the
+        # same reason).
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)

@@ -149,7 +149,7 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
     # Stopped before it saved anything (a signal while it loaded its data): it starts again from its beginning, the
     # checkpoint it was started from included, if any.
     if candidates:
-        saved.ckpt_path = str(max(candidates, key=lambda path: path.stat().st_mtime))
+        saved.ckpt_path = str(_furthest(candidates))
     else:
         log.info("%s saved no checkpoint before it stopped: it starts again from the beginning", run_dir)
     saved.resume = str(run_dir)
@@ -158,6 +158,21 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
         if node and str(node.get("_target_", "")).endswith("CSVLogger"):
             node.version = f"{node.get('version') or ''}resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return saved, saved_record["settings"]
+
+
+def _furthest(paths: list[Path]) -> Path:
+    """The checkpoint that trained furthest, by its own count of steps, not by its file's time: a copy of the run
+    that did not keep the times, or a clock set back, would hand the resume an older state. At the same step,
+    last.ckpt, written after the epoch's validation. Each is read and checked first (a damaged one is named)."""
+    if len(paths) == 1:
+        return paths[0]
+
+    def progress(path: Path) -> tuple[int, bool]:
+        checkpoint = checkpoints.load(path)
+        _check_state(checkpoint, f"ckpt_path={path}")
+        return checkpoint["global_step"], path.name == "last.ckpt"
+
+    return max(paths, key=progress)
 
 
 def keep_edited_config(run_dir: Path) -> None:

@@ -50,6 +50,18 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class SignalInValidation(L.Callback):
+    """Sends its own process a real signal in the validation after training step `step` (an epoch's end), in a run
+    started afresh."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step, self.signal = step, signal
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step == self.step and trainer.ckpt_path is None and not trainer.sanity_checking:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 class SignalInTest(L.Callback):
     """Sends its own process a real signal when the final test starts (training has ended, the test has not), once:
     the file `once` marks that it did, so the resumed run gets past it."""

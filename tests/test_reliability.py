@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -106,6 +107,24 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert {k: again[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")} == {
         k: whole["metrics"][k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")
     }
+
+    # Killed in the validation at an epoch's end (16 steps an epoch; a step checkpoint every 8 steps): the step
+    # checkpoint is not taken at the epoch's last batch, whose validation a resume would skip, and the resume
+    # continues from the checkpoint that trained furthest, whatever the files' times say.
+    every_8 = [o if not o.startswith("callbacks.step_checkpoint") else "callbacks.step_checkpoint.every_n_train_steps=8"
+               for o in RESUMABLE]  # fmt: skip
+    in_validation = tmp_path / "in_validation"
+    proc = run(
+        "train.py", *paths, *every_8, "+callbacks.kill._target_=tests.callbacks.SignalInValidation",
+        "+callbacks.kill.step=32", f"hydra.run.dir={in_validation}", check=False,
+    )  # fmt: skip
+    assert proc.returncode == -9
+    assert checkpoints.load(in_validation / "checkpoints" / "step.ckpt")["global_step"] == 24
+    assert checkpoints.load(in_validation / "checkpoints" / "last.ckpt")["global_step"] == 16
+    os.utime(in_validation / "checkpoints" / "last.ckpt")  # as a copy that did not keep the files' times leaves it
+    proc = run("train.py", f"resume={in_validation}")
+    assert f"resumes{in_validation},fromstep.ckpt" in re.sub(r"\s", "", proc.stdout)  # the header, wrapped
+    assert read_metrics(in_validation)["metrics"] == whole["metrics"]
 
 
 def test_a_moved_run_keeps_ranking_its_own_checkpoints_and_a_new_run_starts_afresh(tmp_path: Path) -> None:
