@@ -37,6 +37,7 @@ from cnn_exp import (
     resume,
     rundir,
     schema,
+    signals,
     sweep,
 )
 from cnn_exp.callbacks import EarlyStopping
@@ -82,12 +83,15 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
         try:
+            if HydraConfig.get().mode == RunMode.MULTIRUN and (signum := signals.held()) is not None:
+                raise Interrupted(signum, before_job=True)  # it came after the last job's training
             return task(cfg)
         except Interrupted as stop:
             print(_stopped_message(stop, cfg.paths.output_dir), file=sys.stderr)
+            sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
             if not record.path(cfg.paths.output_dir).exists():  # stopped before it started: nothing to keep
-                rundir.discard_unstarted(cfg.paths.output_dir)
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                rundir.discard_unstarted(cfg.paths.output_dir, new=sweeping)  # a job not run: the summary says so
+            if sweeping:
                 # The jobs after this one must not start: the summary lists them as not run.
                 sweep.write_stopped(Path(HydraConfig.get().sweep.dir), cfg.get("optimized_metric") or record.OPTIMIZED)
             sys.exit(stop.exit_code)
@@ -111,6 +115,8 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
 
 
 def _stopped_message(stop: Interrupted, output_dir: str) -> str:
+    if stop.before_job:
+        return f"{stop.name}: the sweep stops here; the jobs it did not run are listed as not run in its summary"
     if not any((Path(output_dir) / "checkpoints").glob("*.ckpt")):
         if stop.requeued:
             return f"{stop.name}: stopped before anything was saved; SLURM requeued the job, it starts again"

@@ -131,10 +131,16 @@ def check_claimed(run_dir: str | Path) -> None:
 
 def holds_a_run(run_dir: str | Path) -> bool:
     """Whether a run lives (or lived) here: its record (of train.py or test.py), checkpoints of one, or Hydra's
-    record of one that never got as far as its own."""
+    record of one that never got as far as its own; or a sweep (`holds_a_sweep`), whose summary and report a run
+    would replace."""
     checkpoints, hydra = Path(run_dir) / "checkpoints", Path(run_dir) / ".hydra" / "config.yaml"
-    held = holds_a_run_record(run_dir) or hydra.exists()
+    held = holds_a_run_record(run_dir) or hydra.exists() or holds_a_sweep(run_dir)
     return held or (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
+
+
+def holds_a_sweep(run_dir: str | Path) -> bool:
+    """Whether a sweep ran here: Hydra's record of it (multirun.yaml)."""
+    return os.path.lexists(Path(run_dir) / "multirun.yaml")
 
 
 def holds_a_run_record(run_dir: str | Path) -> bool:
@@ -157,6 +163,8 @@ def check_new(run_dir: str | Path, task: str) -> None:
     if not holds_a_run(run_dir):
         return
     new = f"{run_dir} already holds a run: choose another hydra.run.dir (a new run never replaces one)"
+    if holds_a_sweep(run_dir) and not holds_a_run_record(run_dir):
+        raise UserError(new.replace("a run:", "a sweep:", 1))
     if record.read(run_dir) is not None:
         raise UserError(new + (f", or continue an unfinished one with resume={run_dir}" if task == "train" else ""))
     if holds_a_run_record(run_dir):
@@ -211,14 +219,16 @@ _made: set[Path] = set()
 _BEFORE_START = {".hydra", LOCK, "config.yaml", "train.log", "test.log"}
 
 
-def discard_unstarted(run_dir: str | Path) -> None:
+def discard_unstarted(run_dir: str | Path, new: bool = False) -> None:
     """Remove a directory this process made for a run refused before it started (holding nothing but what Hydra and
     the start wrote), so that a mistake in the command leaves no half-made run behind. A run's own directory, one it
-    was to continue, keeps the record of the refused try (.hydra/resumed-<time>/): how each start went is kept."""
+    was to continue, keeps the record of the refused try (.hydra/resumed-<time>/): how each start went is kept.
+    `new`: the directory is known to be new (a sweep's job: its sweep held no jobs when it started)."""
     key = Path(run_dir).resolve()
     if not key.is_dir():
         return
-    if key in _made and not record.path(key).exists() and {p.name for p in key.iterdir()} <= _BEFORE_START:
+    made = key in _made or (new and holds_lock(key))
+    if made and not record.path(key).exists() and {p.name for p in key.iterdir()} <= _BEFORE_START:
         release(key)
         shutil.rmtree(key, ignore_errors=True)
         _made.discard(key)

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 class Interrupted(BaseException):
     """A run stopped by a signal. Not an Exception: in a sweep it must stop the sweep, not fail one job."""
 
-    def __init__(self, signum: int, requeued: bool = False) -> None:
-        self.signum, self.requeued = signum, requeued
+    def __init__(self, signum: int, requeued: bool = False, before_job: bool = False) -> None:
+        self.signum, self.requeued, self.before_job = signum, requeued, before_job
         super().__init__(signal.Signals(signum).name)
 
     @property
@@ -56,6 +56,31 @@ def slurm_requeue_signal() -> int | None:
     if not SLURMEnvironment.detect():
         return None
     return int(SLURMEnvironment().requeue_signal or signal.SIGUSR1)
+
+
+# A signal that came outside a job of a sweep run in this process (between jobs, or after a job's last batch): the
+# next job stops the sweep as it starts (cnn_exp/run.py), its summary listing the jobs it did not run.
+_held: int | None = None
+
+
+def hold_between_jobs() -> None:
+    """In a sweep whose jobs run in this process: a SIGINT or SIGTERM outside a job's training no longer ends the
+    process where it stands (Ctrl-C a traceback and no summary, SIGTERM at once): it is held for the next job.
+    Each job's `StopOnSignal.handling` replaces this while it runs, and puts it back."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _hold)
+
+
+def _hold(signum: int, frame: FrameType | None) -> None:
+    global _held
+    if _held is None:
+        log.warning("%s received: the sweep stops before its next job", signal.Signals(signum).name)
+    _held = _held or signum
+
+
+def held() -> int | None:
+    """The signal a sweep holds for its next job (`hold_between_jobs`), if one came."""
+    return _held
 
 
 class StopOnSignal(L.Callback):
@@ -88,6 +113,8 @@ class StopOnSignal(L.Callback):
             late = self.received if self.received is not None else self._late
             if late is not None:  # after the last batch: there was nothing left to stop
                 log.warning("%s came after the last batch: the run has finished", signal.Signals(late).name)
+                if any(handler is _hold for handler in previous.values()):  # a job of a sweep: the sweep stops
+                    _hold(late, None)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

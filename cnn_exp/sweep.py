@@ -4,7 +4,9 @@ a picture of the optimized metric against the swept keys; and, when the jobs dif
 
 import csv
 import functools
+import logging
 import os
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -22,9 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from rich.text import Text
 
-from cnn_exp import atomic, record, report, rundir
+from cnn_exp import atomic, record, report, rundir, signals
 from cnn_exp.errors import shown
 from cnn_exp.plots import pixels, side_by_side, sweep_figure, write_png
+
+log = logging.getLogger(__name__)
 
 # The metrics the summary shows, its columns in this order.
 METRICS = [record.VAL_ACC, record.VAL_LOSS, record.TEST_ACC, record.TEST_LOSS]
@@ -40,19 +44,23 @@ def summarize(sweep_dir: Path, metric: str = record.OPTIMIZED) -> tuple[list[dic
     A job's overrides come from Hydra's own record of them, so a job that failed before writing anything is
     listed too; the overrides all jobs share are left out. Returns the rows and the metric they were sorted by.
     """
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()), key=_number)
+    jobs = job_dirs(sweep_dir)
     overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
-    # The overrides every job shares (paths, fixed settings) would repeat on each row: a row shows what it varies.
+    # The overrides every job shares (paths, fixed settings) would repeat on each row: a row shows what it varies,
+    # and every key the sweep varies, even where the jobs that ran so far share its value (a stopped sweep).
+    varied = _recorded_varied_keys(sweep_dir)
     common = set.intersection(*map(set, overrides.values())) if len(jobs) > 1 else set()
+    common = {o for o in common if split_override(o)[0] not in varied}
     rows, scores = [], {}
     for job in jobs:
         result = record.read(job) or {}
         # A metric that was not a finite number (a diverged loss) is recorded as null: it ranks as missing.
         metrics = {name: value for name, value in result.get("metrics", {}).items() if value is not None}
-        scores[job.name] = metrics
+        name = job.relative_to(sweep_dir).as_posix()
+        scores[name] = metrics
         rows.append(
             {
-                "job": job.name,
+                "job": name,
                 "overrides": " ".join(o for o in overrides[job] if o not in common),
                 **{name: metrics.get(name) for name in METRICS},
                 "epochs": result.get("epochs"),
@@ -63,20 +71,43 @@ def summarize(sweep_dir: Path, metric: str = record.OPTIMIZED) -> tuple[list[dic
         )
     if not any(metric in metrics for metrics in scores.values()):
         metric = record.TEST_ACC
-    rows = [_with_keys(row, swept) for row, swept in zip(rows, _swept_values(overrides.values(), common), strict=True)]
+    swept = _swept_values(overrides.values(), common, varied)
+    rows = [_with_keys(row, values) for row, values in zip(rows, swept, strict=True)]
     sign = 1 if metric.endswith("loss") else -1  # best first
     rows.sort(key=lambda row: (metric not in scores[row["job"]], sign * scores[row["job"]].get(metric, 0)))
     return rows, metric
 
 
-def _swept_values(jobs: Any, common: set[str]) -> list[dict[str, str]]:
-    """Each job's value of every key that not all jobs set alike: "" where a job leaves it at its default.
-    A lone job varies nothing."""
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """A sweep's job directories (those holding Hydra's record of a job's overrides), in job order: one level below
+    it by default, deeper where hydra.sweep.subdir says so (lr${optimizer.lr}/${hydra.job.num}). A job's own
+    folders are not searched, nor links."""
+    found = []
+    for root, folders, _ in os.walk(sweep_dir):
+        here = Path(root)
+        if here != sweep_dir and (here / ".hydra" / "overrides.yaml").is_file():
+            found.append(here)
+            folders.clear()
+        folders[:] = [name for name in folders if not name.startswith(".")]
+    return sorted(found, key=lambda job: [_number(part) for part in job.relative_to(sweep_dir).parts])
+
+
+def _swept_values(jobs: Any, common: set[str], varied: list[str]) -> list[dict[str, str]]:
+    """Each job's value of every key the sweep varies (`varied`) and of every other key that not all jobs set alike:
+    "" where a job leaves it at its default. A lone job of a sweep that varies nothing varies nothing."""
     values = [dict(split_override(o) for o in overrides if o not in common) for overrides in jobs]
-    if len(values) < 2:
+    if len(values) < 2 and not varied:
         return [{} for _ in values]
-    keys = list(dict.fromkeys(key for job in values for key in job))
+    keys = list(dict.fromkeys([*varied, *(key for job in values for key in job)]))
     return [{key: job.get(key, "") for key in keys} for job in values]
+
+
+def _recorded_varied_keys(sweep_dir: Path) -> list[str]:
+    """The keys the sweep varies, from Hydra's record of it (multirun.yaml); [] where there is none to read."""
+    try:
+        return varied_keys(OmegaConf.load(sweep_dir / "multirun.yaml"))
+    except Exception:  # no record (a summary of job folders alone), or one that is not Hydra's
+        return []
 
 
 @functools.cache  # a summary is rewritten after every job, from every job's overrides: each is parsed once
@@ -135,7 +166,7 @@ def write(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> str:
 
 def fixed_overrides(sweep_dir: Path) -> list[str]:
     """The overrides every job of the sweep was given alike (the settings it held fixed), where they write left out."""
-    jobs = [p / ".hydra" / "overrides.yaml" for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()]
+    jobs = [job / ".hydra" / "overrides.yaml" for job in job_dirs(sweep_dir)]
     if not jobs:
         return []
     common = set.intersection(*(set(OmegaConf.load(job)) for job in jobs))
@@ -230,17 +261,6 @@ class SweepSummary(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # A new sweep never replaces one: its jobs would be refused in the old jobs' directories, and the summary
-        # would list the old runs as this sweep's. Refused before Hydra writes anything (multirun.yaml included).
-        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir") or ""))
-        taken = sorted(p.name for p in sweep_dir.iterdir() if rundir.holds_a_run(p)) if sweep_dir.is_dir() else []
-        if str(sweep_dir) not in ("", ".") and taken:
-            sys.exit(
-                f"error: {sweep_dir} already holds a sweep's runs (jobs {', '.join(taken)}): choose another "
-                "hydra.sweep.dir (a new sweep never replaces one)"
-            )
-        if sweep_dir.is_dir() and (problem := rundir.outside_link(sweep_dir)):  # Hydra writes multirun.yaml there
-            sys.exit(f"error: {problem}")
         # A search maximizes what each trial returns: a validation metric, which a run without a validation split
         # never has (every trial would "succeed" with nothing, and the search end in Optuna's traceback).
         metric, searched = str(config.get("optimized_metric") or ""), OmegaConf.select(config, "hydra.sweeper.params")
@@ -251,8 +271,38 @@ class SweepSummary(Callback):
                 f"error: the search maximizes {metric}, but data.val_size=0 leaves no validation split to measure it "
                 "on: set data.val_size (e.g. 5000)"
             )
+        # A new sweep never replaces one: its jobs would be refused in the old jobs' directories, and the summary
+        # would list the old runs as this sweep's. Refused before Hydra writes anything (multirun.yaml included).
+        # Nor does it share its directory with a sweep or run still going (two sweeps' jobs would be refused in each
+        # other's directories, each summary listing the other's): its lock is held while the sweep runs.
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir") or ""))
+        if str(sweep_dir) not in ("", "."):
+            if sweep_dir.is_dir() and (problem := rundir.outside_link(sweep_dir)):  # Hydra writes multirun.yaml there
+                sys.exit(f"error: {problem}")
+            try:
+                claimed = rundir.claim(sweep_dir)
+            except OSError as err:  # a file there, or on the way there
+                sys.exit(f"error: hydra.sweep.dir={sweep_dir} cannot be a directory: {err.strerror or err}")
+            if not claimed:
+                in_use = f"{sweep_dir} is in use by another process (a sweep or run still going): wait for it to end"
+                sys.exit(f"error: {rundir.lock_problem(sweep_dir) or in_use + ', or choose another hydra.sweep.dir'}")
+            if taken := [job.relative_to(sweep_dir).as_posix() for job in job_dirs(sweep_dir)]:
+                sys.exit(
+                    f"error: {sweep_dir} already holds a sweep's runs (jobs {', '.join(taken)}): choose another "
+                    "hydra.sweep.dir (a new sweep never replaces one)"
+                )
+            if rundir.holds_a_run(sweep_dir):
+                held = "a sweep" if rundir.holds_a_sweep(sweep_dir) else "a run"
+                sys.exit(
+                    f"error: {sweep_dir} already holds {held}: choose another hydra.sweep.dir (a new sweep never "
+                    "replaces one)"
+                )
         # Run names and TensorBoard's HParams need to know which keys vary (read back by running_sweep_keys).
         os.environ[SWEPT_KEYS] = ",".join(varied_keys(config))
+        # Jobs run in this process: a signal between them stops the sweep at the next one, with its summary. (Other
+        # launchers run them in processes of their own, which stop as a single run does: docs/sweeps.md.)
+        if str(OmegaConf.select(config, "hydra.launcher._target_") or "").endswith(".BasicLauncher"):
+            signals.hold_between_jobs()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
@@ -260,6 +310,8 @@ class SweepSummary(Callback):
             write(sweep_dir, *summarize(sweep_dir, config.get("optimized_metric") or record.OPTIMIZED))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if (signum := signals.held()) is not None:
+            log.warning("%s came after the last job: the sweep has finished", signal.Signals(signum).name)
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
@@ -298,8 +350,9 @@ def sweep_table(rows: list[dict[str, Any]], metric: str, keys: list[str], sweep_
     )
 
 
-def _number(job: Path) -> tuple[int, str]:
-    return (int(job.name), "") if job.name.isdigit() else (sys.maxsize, job.name)
+def _number(name: str) -> tuple[int, str]:
+    """A job folder's name as it sorts: Hydra's job numbers in order, other names after them."""
+    return (int(name), "") if name.isdigit() else (sys.maxsize, name)
 
 
 def _status(result: dict[str, Any]) -> str:
@@ -343,7 +396,9 @@ def _planned(sweep_dir: Path) -> list[list[str]]:
         hydra = OmegaConf.load(sweep_dir / "multirun.yaml").hydra
         if not str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return []
-        overrides = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+        # As the basic sweeper combines them: its params (a config's sweep) first, then the command line's.
+        params = [f"{key}={value}" for key, value in (hydra.sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *hydra.overrides.task])
     except Exception:  # no record of the sweep, or one Hydra cannot read: list only the jobs that ran
         return []
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 
 class ShardRecorder(L.Callback):
@@ -72,6 +74,28 @@ class SignalInTest(L.Callback):
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if not self.once.exists():
             self.once.touch()
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class SignalAfterTest(L.Callback):
+    """Sends its own process a real signal once the final test's last batch is done (while its report is drawn)."""
+
+    def __init__(self, signal: str = "SIGTERM") -> None:
+        self.signal = signal
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class SignalAfterFirstJob(Callback):
+    """Hydra callback (`+hydra.callbacks.<name>._target_=...`): sends its own process a real signal as a sweep's
+    first job ends, between it and the next."""
+
+    def __init__(self, signal: str = "SIGTERM") -> None:
+        self.signal = signal
+
+    def on_job_end(self, config: DictConfig, job_return: object, **kwargs: object) -> None:
+        if config.hydra.job.num == 0:
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 

@@ -1,6 +1,8 @@
 """Sweeps (-m): one directory per job, a summary table best first, failed jobs listed, HParams in TensorBoard."""
 
 import csv
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,79 @@ def test_a_new_sweep_never_replaces_one(paths: list[str], tmp_path: Path) -> Non
     )
     after = {path: path.read_bytes() for path in sweep.rglob("*") if path.is_file() and path.name != ".lock"}
     assert after == before  # multirun.yaml, the jobs' records and the summary as they were
+
+
+@pytest.mark.slow
+def test_a_sweep_directory_in_use_or_holding_a_run_is_refused(paths: list[str], trained: Path, tmp_path: Path) -> None:
+    """A second sweep started into the directory of one still going is refused whole (their jobs would be refused
+    in each other's directories, each summary listing the other's); so is a sweep into a run's directory, and a run
+    into a sweep's: either would replace the other's summary and report."""
+    sweep = tmp_path / "sweep"
+    command = ["-m", *paths, *QUICK, *NO_FIGURES, "test=false"]
+    first = start("train.py", *command, "seed=0,1,2,3", f"hydra.sweep.dir={sweep}")
+    deadline = time.monotonic() + 120
+    while not (sweep / "multirun.yaml").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc = run("train.py", *command, "optimizer.lr=0.5", f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {sweep} is in use by another process (a sweep or run still going): wait for it to end, or choose "
+        "another hydra.sweep.dir"
+    )
+    assert first.wait(timeout=300) == 0
+    assert sorted(row["overrides"] for row in read_summary(sweep)) == [f"seed={s}" for s in range(4)]
+
+    proc = run("train.py", *paths, *QUICK, f"hydra.run.dir={sweep}", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {sweep} already holds a sweep: choose another hydra.run.dir (a new run never replaces one)"
+    )
+    assert not record.path(sweep).exists()
+
+    copy = shutil.copytree(trained, tmp_path / "run", symlinks=True)
+    before = {path: path.read_bytes() for path in copy.rglob("*") if path.is_file() and path.name != ".lock"}
+    proc = run("train.py", *command, "seed=0,1", f"hydra.sweep.dir={copy}", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {copy} already holds a run: choose another hydra.sweep.dir (a new sweep never replaces one)"
+    )
+    after = {path: path.read_bytes() for path in copy.rglob("*") if path.is_file() and path.name != ".lock"}
+    assert after == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["after a job's last test batch", "between two jobs"])
+def test_a_signal_outside_a_jobs_training_stops_the_sweep_with_its_summary(
+    when: str, paths: list[str], tmp_path: Path
+) -> None:
+    """A SIGTERM while a job draws its test report (its training done), or between two jobs, stops the sweep before
+    its next job, as one during training does: exit 143, the summary listing the jobs it did not run."""
+    sweep = tmp_path / "sweep"
+    if when.startswith("after"):
+        signal_at = "+callbacks.kill._target_=tests.callbacks.SignalAfterTest"
+    else:
+        signal_at = "+hydra.callbacks.kill._target_=tests.callbacks.SignalAfterFirstJob"
+    command = ["-m", *paths, *QUICK, *NO_FIGURES, "++trainer.limit_train_batches=2", "seed=0,1,2", signal_at]
+    proc = run("train.py", *command, f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = read_summary(sweep)
+    assert [(row["job"], row["seed"], row["status"]) for row in rows] == [
+        ("0", "0", "ok"),
+        ("-", "1", "not run: the sweep was stopped"),
+        ("-", "2", "not run: the sweep was stopped"),
+    ]
+    assert not (sweep / "1").exists()  # the job it stopped before leaves no directory
+    assert "SIGTERM: the sweep stops here" in proc.stderr
+
+
+@pytest.mark.slow
+def test_jobs_below_the_sweep_directory_at_any_depth_are_summarized(paths: list[str], tmp_path: Path) -> None:
+    """hydra.sweep.subdir may put the jobs deeper than one level: each is still listed, and a failed one fails the
+    sweep."""
+    sweep = tmp_path / "sweep"
+    command = ["-m", *paths, *QUICK, *NO_FIGURES, "++trainer.limit_train_batches=2", "optimizer.lr=0.1,1e6"]
+    subdir = "hydra.sweep.subdir=lr${optimizer.lr}/${hydra.job.num}"
+    proc = run("train.py", *command, subdir, f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1 and "error: 1 of 2 jobs failed (jobs lr1000000.0/1)" in proc.stderr
+    rows = {row["job"]: row for row in read_summary(sweep)}
+    assert rows["lr0.1/0"]["status"] == "ok" and rows["lr1000000.0/1"]["status"].startswith("failed: training diverged")
+    proc = run("train.py", *command, f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1 and "already holds a sweep's runs (jobs lr0.1/0, lr1000000.0/1)" in proc.stderr
