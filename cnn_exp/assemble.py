@@ -23,11 +23,12 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import build
 from cnn_exp.classifier import Classifier
-from cnn_exp.errors import UserError, is_number, is_whole, plain
+from cnn_exp.errors import UserError, first_line, is_number, is_whole, plain
 from cnn_exp.signals import StopOnSignal, slurm_requeue_signal
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,9 @@ def model_and_data(cfg: DictConfig) -> tuple[Classifier, L.LightningDataModule]:
     model; their class counts must agree (else the first validation fails, an epoch in)."""
     target = str(cfg.data.get("_target_"))
     build.trusted_class("data", target, "data._target_")  # conf/ and the user's config directory name DataModules
-    try:
-        datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
-    except InstantiationException as err:  # a DataModule of one's own refusing its settings: its own words, one line
-        cause = err.__cause__ if isinstance(err.__cause__, UserError) else err.__cause__ or err
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise UserError(
-            f"data._target_={target} cannot be built from data's settings: {build.first_line(cause)}"
-        ) from None
+    # A DataModule of one's own refusing its settings: its own words, one line.
+    where = f"data._target_={target} cannot be built from data's settings"
+    datamodule: L.LightningDataModule = instantiated(cfg.data, where, _convert_="all")
     build.check_datamodule(datamodule, f"data._target_={target}")
     model = Classifier(
         net=build.with_data_shape(plain(cfg.model), datamodule),
@@ -59,6 +54,7 @@ def model_and_data(cfg: DictConfig) -> tuple[Classifier, L.LightningDataModule]:
             f"the data has {len(datamodule.classes)} classes, but the network has "
             f"model.num_classes={model.net.num_classes} outputs: give them the same number (null: the data's)"
         )
+    build.check_forward(model.net, f"model._target_={cfg.model.get('_target_')}")
     return model, datamodule
 
 
@@ -68,8 +64,9 @@ def trainer(cfg: DictConfig, stopper: StopOnSignal) -> L.Trainer:
     loggers = instantiate_each(cfg.get("logger"), "logger")
     stopper.save = cfg.trainer.get("enable_checkpointing") is not False
     profiled = bool(cfg.trainer.get("profiler"))
-    built = instantiate(
+    built = instantiated(
         cfg.trainer,
+        "trainer",
         callbacks=[*callbacks(cfg, loggers), stopper],
         logger=loggers or False,
         plugins=plugins(cfg),
@@ -292,7 +289,24 @@ def instantiate_each(group: DictConfig | None, name: str) -> list[Any]:
                 f"{name}.{key} sets {', '.join(map(str, node))} but names no _target_: the {name} config chosen "
                 f"does not define {key}. Drop it with ~{name}.{key}, or choose a {name} config that has it."
             )
-    return [instantiate(node) for node in (group or {}).values() if node]
+    return [instantiated(node, f"{name}.{key}") for key, node in (group or {}).items() if node]
+
+
+def instantiated(node: Any, where: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, where an object that cannot be imported or refuses its settings (a value Lightning's
+    Trainer does not take, a logger whose package is not installed, a class name mistyped) is one UserError naming
+    `where`, in the error's own words; Hydra would print its own lines and the run directory would be left behind."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, UserError):
+            raise cause from None
+        if not isinstance(
+            cause, ImportError | ValueError | TypeError | MisconfigurationException | InstantiationException
+        ):
+            raise  # an error inside a class of one's own: its traceback is what finds it
+        raise UserError(f"{where}: {first_line(cause)}") from None
 
 
 # Lightning's switches for its own defaults turn ours off too (Lightning would refuse the pair with a traceback).

@@ -9,6 +9,7 @@ checks a checkpoint's settings with `check_model_settings` and `check_arguments`
 """
 
 import inspect
+import logging
 import os
 import types
 import typing
@@ -23,7 +24,7 @@ from hydra.types import RunMode
 from hydra.utils import get_class
 
 from cnn_exp.data import MNISTDataModule
-from cnn_exp.errors import UserError, is_number, is_whole, plain
+from cnn_exp.errors import UserError, first_line, is_number, is_whole, plain
 from cnn_exp.folder import FolderDataModule
 from cnn_exp.muon import ConvMuon
 from cnn_exp.net import ConvNet
@@ -124,12 +125,24 @@ def trusted_class(group: str, target: Any, where: str) -> type:
             f"config of this run names: conf/{group}/, your config directory)"
         )
     try:
-        cls = get_class(target)
+        cls = class_at(target)
     except Exception as err:  # a module that is gone, or fails as it is imported
         raise UserError(f"{where}={target} cannot be imported: {first_line(err)}") from None
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise UserError(f"{where}={target} is not {kind} class")
     return cls
+
+
+def class_at(target: str) -> Any:
+    """hydra.utils.get_class, without the ERROR record it logs before it raises (the console would print it as a
+    second, longer error line): the caller says what failed, once."""
+    hydra_log = logging.getLogger("hydra.utils")
+    level = hydra_log.level
+    hydra_log.setLevel(logging.CRITICAL)
+    try:
+        return get_class(target)
+    finally:
+        hydra_log.setLevel(level)
 
 
 def dotted(cls: type) -> str:
@@ -140,7 +153,7 @@ def dotted(cls: type) -> str:
 def _canonical(target: str) -> str | None:
     """Where the class that trusted input names is defined (it may name it where it is re-exported)."""
     try:
-        return dotted(get_class(target))
+        return dotted(class_at(target))
     except Exception:  # a name that does not import is no class to compare with
         return None
 
@@ -228,6 +241,29 @@ def check_model(net: torch.nn.Module, target: str, where: str) -> None:
         raise UserError(f"{where}._target_={target}: input_shape={shape!r} must be three whole numbers C, H, W")
     if not is_whole(classes) or classes < 2:
         raise UserError(f"{where}._target_={target}: num_classes={classes!r} must be a whole number of at least 2")
+
+
+def check_forward(net: torch.nn.Module, where: str) -> None:
+    """One forward pass of two blank images of the network's input_shape, in eval mode and without gradients (no
+    state changes, no random number drawn): refuse a network whose forward() fails on them, or gives anything but
+    one row of num_classes scores per image, before training; else the first batch fails deep inside the loss, the
+    metrics or the TensorBoard graph."""
+    shape = "×".join(map(str, net.input_shape))
+    training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            scores = net(torch.zeros(2, *net.input_shape))
+    except Exception as err:
+        raise UserError(f"{where}: forward() fails on images of its input_shape {shape}: {first_line(err)}") from None
+    finally:
+        net.train(training)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (2, net.num_classes):
+        given = f"a tensor of shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else kind(scores)
+        raise UserError(
+            f"{where}: forward() must give one row of num_classes={net.num_classes} class scores per image "
+            f"(2 × {net.num_classes} for 2 images), but gives {given}"
+        )
 
 
 def checked_class(settings: Any, group: str, where: str) -> type:
@@ -535,7 +571,3 @@ def short(settings: Mapping[str, Any] | None) -> str:
         return "none"
     values = ", ".join(f"{key}={value}" for key, value in settings.items() if not key.startswith("_"))
     return f"{str(settings.get('_target_', '')).rsplit('.', 1)[-1]} {values}".strip()
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -22,7 +22,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.migration import migrate_checkpoint
 
 from cnn_exp import atomic, build, precision
-from cnn_exp.errors import UserError, is_number
+from cnn_exp.errors import UserError, first_line, is_number
 
 log = logging.getLogger(__name__)
 
@@ -376,10 +376,6 @@ def shape(value: Any) -> str:
 def is_scalar(value: Any) -> bool:
     """A number, or a tensor holding one (Lightning keeps scores as tensors)."""
     return is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex())
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,15 @@ class UserError(Exception):
     """Its message names the thing to fix; entry points print it alone, without a traceback."""
 
 
+def first_line(err: BaseException) -> str:
+    """An error's own words in one line: its first, and the next where the first only introduces it (Hydra's
+    "Error loading 'x':" before the ModuleNotFoundError that says why)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def is_whole(value: object) -> bool:
     """An int from a config, and not a bool: YAML's true/false would otherwise pass as 1/0."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -62,7 +61,7 @@ def _callback_classes(cfg: DictConfig) -> list[type]:
     classes = []
     for node in (cfg.get("callbacks") or {}).values():
         try:
-            classes.append(get_class(str(node["_target_"])))
+            classes.append(build.class_at(str(node["_target_"])))
         except Exception:  # not a callback's config, or no such class: assemble.trainer says so, in its words
             continue
     return classes

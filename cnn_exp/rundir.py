@@ -211,7 +211,8 @@ def _run_dir(resume: str | None, new: str) -> str:
     return chosen
 
 
-# The run directories this process chose anew (none existed): a run refused before it starts may leave none behind.
+# The run directories this process chose anew (none existed, or an empty one): a run refused before it starts may
+# leave none behind.
 _made: set[Path] = set()
 
 
@@ -247,6 +248,9 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
     continue: nothing is written into it, and the task fails with one line), or "rank-N" (a DDP rank's, in rank
     zero's directory). The directory's lock is taken now (`claim`)."""
     if output_dir not in _entries:
+        # A given hydra.run.dir that Hydra has just made (it makes it before this is asked) is empty: the run's own.
+        if rank_zero_only.rank == 0 and (not os.path.lexists(output_dir) or _empty(output_dir)):
+            _made.add(Path(output_dir).resolve())
         if rank_zero_only.rank != 0:
             _entries[output_dir] = f"rank-{rank_zero_only.rank}"
         elif not claim(output_dir):
@@ -262,6 +266,13 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
         if _entries[output_dir] in ("new", "resumed") and (problem := outside_link(output_dir)):
             _entries[output_dir], _links[os.path.realpath(output_dir)] = "refused", problem
     return _entries[output_dir]
+
+
+def _empty(folder: str) -> bool:
+    try:
+        return os.path.isdir(folder) and not os.path.islink(folder) and not any(os.scandir(folder))
+    except OSError:
+        return False
 
 
 def entry(output_dir: str | Path, task: str, resume: str | None = None) -> str:

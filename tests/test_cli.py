@@ -175,6 +175,20 @@ def test_a_user_error_is_printed_alone_without_a_traceback(tmp_path: Path) -> No
     assert_no_result(tmp_path / "run", line)
 
 
+def test_a_refused_command_leaves_no_directory_where_hydra_run_dir_named_a_new_one(
+    paths: list[str], tmp_path: Path
+) -> None:
+    """Refused before it starts, a run leaves nothing in the directory Hydra made for it: the same command, mended,
+    then runs there (it would be refused as a run that never got as far as its metrics.json)."""
+    for refused in ("optimizer.lr=0", "trainer.precision=17"):
+        proc = run("train.py", *paths, *QUICK, refused, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and not (tmp_path / "run").exists()
+    kept = tmp_path / "mine"
+    (kept / "notes").mkdir(parents=True)  # a folder of the user's own, not empty: nothing of it is removed
+    proc = run("train.py", *paths, *QUICK, "optimizer.lr=0", f"hydra.run.dir={kept}", check=False)
+    assert proc.returncode == 1 and (kept / "notes").is_dir()
+
+
 def test_test_py_refuses_a_missing_or_broken_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"error: ckpt_path=.*no such file"):
         run_here("test.py", tmp_path / "run", f"ckpt_path={tmp_path / 'nope.ckpt'}")

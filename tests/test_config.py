@@ -6,18 +6,20 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import build
+from cnn_exp import assemble, build
 from cnn_exp.assemble import BATCH_HOOKS, Unprofiled, model_and_data, skip_absent_batch_hooks
 from cnn_exp.assemble import callbacks as _callbacks
 from cnn_exp.assemble import instantiate_each as _instantiate_each
 from cnn_exp.assemble import trainer as _trainer
 from cnn_exp.classifier import Classifier
+from cnn_exp.errors import UserError
 from cnn_exp.errors import plain as plain_values
 from cnn_exp.signals import StopOnSignal
 from tests.conftest import MNIST_SHAPE, ROOT, make_image_folder
@@ -278,3 +280,26 @@ def test_command_line_overrides_reach_the_objects(config) -> None:
     assert model.net.conv1.padding == (2, 2) and model.net.conv3.padding == (1, 1)
     assert model.configure_optimizers().param_groups[0]["lr"] == 0.003
     assert instantiate(cfg.data).hparams.dataset == "FashionMNIST"
+
+
+def test_an_object_the_config_builds_that_refuses_its_settings_is_one_error_line() -> None:
+    """The Trainer, a logger or a callback that cannot be imported or refuses a value: one UserError naming the
+    config key, in the error's own words (Hydra would print its own lines); an error inside a class stays an error."""
+    with pytest.raises(UserError, match=r"^trainer: Precision 17 is invalid\. Allowed precision values"):
+        assemble.instantiated(OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "precision": 17}), "trainer")
+    with pytest.raises(UserError, match=r"^logger\.mine: Error loading 'nowhere\.Logger': ModuleNotFoundError"):
+        assemble.instantiated(OmegaConf.create({"_target_": "nowhere.Logger"}), "logger.mine")
+    with pytest.raises(UserError, match=r"^callbacks\.stop: .*missing 1 required positional argument: 'monitor'"):
+        assemble.instantiated(
+            OmegaConf.create({"_target_": "lightning.pytorch.callbacks.EarlyStopping"}), "callbacks.stop"
+        )
+    with pytest.raises(InstantiationException):  # a bug in a class: its traceback finds it
+        assemble.instantiated(OmegaConf.create({"_target_": "builtins.open", "file": "/nonexistent/x"}), "callbacks.x")
+
+
+def test_the_network_a_run_builds_is_checked_by_one_forward_pass(config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_and_data hands the built network to build.check_forward (tests/test_extend.py: what that refuses)."""
+    checked = []
+    monkeypatch.setattr(build, "check_forward", lambda net, where: checked.append((net, where)))
+    model, _ = model_and_data(config("model=net3"))
+    assert checked == [(model.net, "model._target_=cnn_exp.net.ConvNet")]

@@ -3,6 +3,7 @@ predicted and exported with no edit under cnn_exp/; and a checkpoint that names 
 before its module is imported."""
 
 import copy
+import logging
 import os
 import shutil
 import signal
@@ -154,3 +155,52 @@ def test_a_datamodule_without_the_interface_is_refused_naming_what_it_lacks() ->
     build.check_datamodule(shaped, "data._target_=x.Bare")  # now it offers what train.py needs
     with pytest.raises(UserError, match=r"does not offer load_image .*; normalize"):
         build.check_datamodule(shaped, "data._target_=x.Bare", build.PREDICT_INTERFACE)
+
+
+class Scores(torch.nn.Module):
+    """A network of one's own whose output the test chooses: `out` scores per image, or a tuple of them."""
+
+    def __init__(self, out: int = 10, in_channels: int = 1, as_tuple: bool = False) -> None:
+        super().__init__()
+        self.input_shape, self.num_classes, self.as_tuple = (1, 28, 28), 10, as_tuple
+        self.conv, self.drop = torch.nn.Conv2d(in_channels, 2, 3), torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(2 * 26 * 26, out)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple:
+        scores = self.fc(self.drop(self.conv(images)).flatten(1))
+        return (scores, None) if self.as_tuple else scores
+
+
+def test_a_network_that_does_not_give_a_row_of_class_scores_per_image_is_refused_before_training() -> None:
+    """One forward pass of two blank images (eval mode, no gradients, no random number drawn) before the run
+    starts: else the first batch fails deep inside the loss, the metrics or the TensorBoard graph."""
+    net = Scores()
+    rng = torch.get_rng_state()
+    build.check_forward(net, "model._target_=mine.Scores")
+    assert net.training and torch.equal(torch.get_rng_state(), rng)
+    expected = r"model\._target_=mine\.Scores: forward\(\) must give one row of num_classes=10 class scores per image"
+    with pytest.raises(UserError, match=expected + r" \(2 × 10 for 2 images\), but gives a tensor of shape \(2, 12\)"):
+        build.check_forward(Scores(out=12), "model._target_=mine.Scores")
+    with pytest.raises(UserError, match=expected + r".*, but gives a tuple"):
+        build.check_forward(Scores(as_tuple=True), "model._target_=mine.Scores")
+    with pytest.raises(UserError, match=r"forward\(\) fails on images of its input_shape 1×28×28: .*3 channels"):
+        build.check_forward(Scores(in_channels=3), "model._target_=mine.Scores")
+
+
+def test_a_class_that_cannot_be_imported_is_named_once_with_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hydra's import error says why on its second line, and its get_class logs an ERROR record first (printed as a
+    second error line): the one message says why, alone."""
+    monkeypatch.syspath_prepend(str(EXTEND))
+    build.trust("model", "mynets.ResNetlett")
+    try:
+        with pytest.raises(UserError) as refused:
+            build.trusted_class("model", "mynets.ResNetlett", "model._target_")
+    finally:
+        build._trusted["model"].discard("mynets.ResNetlett")
+    assert str(refused.value) == (
+        "model._target_=mynets.ResNetlett cannot be imported: Error loading 'mynets.ResNetlett': "
+        "ModuleNotFoundError(\"No module named 'mynets.ResNetlett'; 'mynets' is not a package\")"
+    )
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
