@@ -20,9 +20,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class
 
+from cnn_exp import sweep
 from cnn_exp.data import MNISTDataModule
 from cnn_exp.errors import UserError, first_line, is_number, is_whole, plain
 from cnn_exp.folder import FolderDataModule
@@ -175,15 +177,25 @@ def _configured(group: str) -> set[str]:
     if not GlobalHydra.instance().is_initialized():
         return set()
     loader, targets = GlobalHydra.instance().config_loader(), set()
-    for option in loader.get_group_options(group):
+    # A config directory added on the command line with hydra.searchpath=[...] (--config-dir is in the loader's own).
+    searched = [o for o in _hydra_overrides() if sweep.split_override(o)[0] == "hydra.searchpath"]
+    for option in loader.get_group_options(group, overrides=searched):
         try:
             composed = loader.load_configuration(
-                config_name=None, overrides=[f"+{group}={option}"], run_mode=RunMode.RUN
+                config_name=None, overrides=[*searched, f"+{group}={option}"], run_mode=RunMode.RUN
             )
             targets.add(str(composed[group]._target_))
         except Exception:  # an option that does not compose alone names nothing here
             continue
     return targets
+
+
+def _hydra_overrides() -> list[str]:
+    """The hydra.* overrides of the running app's command line ([] outside one)."""
+    try:
+        return list(HydraConfig.get().overrides.hydra)
+    except ValueError:  # no HydraConfig: not inside a Hydra app
+        return []
 
 
 def check_datamodule(datamodule: Any, named: str, interface: dict[str, str] = DATA_INTERFACE) -> None:

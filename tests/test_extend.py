@@ -72,6 +72,11 @@ def test_a_network_and_data_of_ones_own_train_resume_test_predict_and_export(tmp
     alone = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert alone.returncode == 1 and "Traceback" not in alone.stderr
     assert "hyper_parameters.net._target_=mynets.ResNetlet is not a class this project builds" in alone.stderr
+    # With them on it by Hydra's hydra.searchpath instead of --config-dir: the same test.
+    searched = [*command[:-1], f"hydra.searchpath=[file://{repo / 'conf'}]", f"hydra.run.dir={tmp_path / 's'}"]
+    tested = subprocess.run(searched, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert read_metrics(tmp_path / "s")["metrics"]["test/acc"] == result["metrics"]["test/acc"]
 
     # A checkpoint naming a model class that no config names: refused before its module is imported (a DataModule
     # class: test_a_checkpoint_naming_a_datamodule_no_config_names_is_refused_before_its_module_is_imported).
