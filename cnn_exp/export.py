@@ -42,11 +42,13 @@ def run(cfg: DictConfig) -> None:
     check_output(path)
     data = {"data_dir": cfg.paths.data_dir, "mirror": cfg.paths.data_mirror}
     model, datamodule = from_checkpoint(cfg.ckpt_path, **data)
+    checked_on = "test images"
     try:
         images = test_images(datamodule, CHECKED)
     except UserError as err:  # its data is elsewhere (a folder of one's own): the check runs on random images
         log.warning("checking the export on random images, not test images: %s", err)
         images = torch.randn(CHECKED, *datamodule.input_shape, generator=torch.Generator().manual_seed(0))
+        checked_on = "random images"
     flip, shift = model.hparams.flip_average, model.hparams.get("shift_average", 0)
     net = (ViewsAveraged(model.net, flip, shift) if flip or shift else model.net).eval()
     shape = "×".join(map(str, datamodule.input_shape))
@@ -65,9 +67,9 @@ def run(cfg: DictConfig) -> None:
     with writing(path), atomic.replace(path, "wb") as f:
         f.write(onnx_model)
     log.info(
-        "wrote %s: ONNX Runtime's logits match PyTorch's on %d test images (largest difference %.1e, "
+        "wrote %s: ONNX Runtime's logits match PyTorch's on %d %s (largest difference %.1e, "
         "tolerance %.0e absolute + %.0e relative)",
-        shown(str(path)), len(images), difference, TOLERANCE, TOLERANCE,
+        shown(str(path)), len(images), checked_on, difference, TOLERANCE, TOLERANCE,
     )  # fmt: skip
 
 

@@ -235,13 +235,24 @@ def test_test_py_predicts_a_folder_and_a_bad_file_is_one_error_line(
 
 
 @pytest.mark.slow
-def test_export_writes_an_onnx_model_that_matches_pytorch(network: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_export_writes_an_onnx_model_that_matches_pytorch(
+    network: Path, data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import onnxruntime
 
     with pytest.raises(UserError, match="the one format is onnx"):
         export.run(config(tmp_path, f"ckpt_path={network}", "export=tflite"))
     data = [f"paths.data_dir={data_dir}", f"paths.data_mirror={MIRROR}"]
-    export.run(config(tmp_path, f"ckpt_path={network}", "export=onnx", *data))
+    with caplog.at_level(logging.INFO, logger="cnn_exp.export"):
+        export.run(config(tmp_path, f"ckpt_path={network}", "export=onnx", *data))
+    assert "ONNX Runtime's logits match PyTorch's on 100 test images" in caplog.text
+    # Without its test images the check runs on random ones, and says so.
+    caplog.clear()
+    missing = [f"paths.data_dir={tmp_path / 'none'}", "paths.data_mirror=null"]
+    with caplog.at_level(logging.INFO, logger="cnn_exp.export"):
+        export.run(config(tmp_path / "random", f"ckpt_path={network}", "export=onnx", *missing))
+    assert "checking the export on random images, not test images" in caplog.text
+    assert "match PyTorch's on 100 random images" in caplog.text and "test images (largest" not in caplog.text
 
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
     metadata = session.get_modelmeta().custom_metadata_map
