@@ -144,7 +144,7 @@ def print_run_header(cfg: DictConfig, output_dir: Path) -> None:
     if rank_zero_only.rank != 0:
         return
     hydra = HydraConfig.get()
-    choices = {group: choice for group, choice in hydra.runtime.choices.items() if not group.startswith("hydra")}
+    choices = {group: choice for group, choice in _choices(cfg).items() if not group.startswith("hydra")}
     chosen = [f"{group}={choices.pop(group)}" for group in GROUPS if choices.get(group) is not None]
     chosen += [f"{group}={choice}" for group, choice in choices.items() if choice is not None and group != "paths"]
     values = key_settings(cfg)
@@ -162,6 +162,18 @@ def print_run_header(cfg: DictConfig, output_dir: Path) -> None:
         table.add_row(name, Text(value or "none"))  # Text: an override such as callbacks=[a,b] is not markup
     table.add_row("run", Text.assemble(str(output_dir), ("\nconfig.yaml there holds the full config", "dim")))
     show(table)
+
+
+def _choices(cfg: DictConfig) -> dict[str, Any]:
+    """The config groups' choices of the run: a resumed run's own, from Hydra's record of its start (the resume
+    command chooses none: it would show the defaults), else this command's."""
+    if cfg.get("resume"):
+        try:
+            choices = OmegaConf.load(Path(cfg.resume) / ".hydra" / "hydra.yaml").hydra.runtime.choices
+            return {shown(group): None if choice is None else shown(choice) for group, choice in choices.items()}
+        except Exception:  # no record, or not Hydra's: this command's choices, as for a new run
+            pass
+    return dict(HydraConfig.get().runtime.choices)
 
 
 # The order in which the header names the config groups chosen; any others follow.

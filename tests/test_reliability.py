@@ -123,7 +123,8 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(paths: list
     assert checkpoints.load(in_validation / "checkpoints" / "last.ckpt")["global_step"] == 16
     os.utime(in_validation / "checkpoints" / "last.ckpt")  # as a copy that did not keep the files' times leaves it
     proc = run("train.py", f"resume={in_validation}")
-    assert f"resumes{in_validation},fromstep.ckpt" in re.sub(r"\s", "", proc.stdout)  # the header, wrapped
+    header = re.sub(r"\s", "", proc.stdout)  # wrapped to the terminal
+    assert f"resumes{in_validation},fromstep.ckpt" in header and "chosendata=fashionmodel=net2" in header
     assert read_metrics(in_validation)["metrics"] == whole["metrics"]
 
 
