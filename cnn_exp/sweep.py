@@ -39,7 +39,8 @@ SWEPT_KEYS = "CNN_EXP_SWEPT_KEYS"
 
 
 def summarize(sweep_dir: Path, metric: str = record.OPTIMIZED) -> tuple[list[dict[str, Any]], str]:
-    """Rows for every job directory of a sweep, sorted by `metric` (test/acc when no job has it), failures last.
+    """Rows for every job directory of a sweep, sorted by `metric` (by test/acc when no job has `metric` and some
+    have that), failures last.
 
     A job's overrides come from Hydra's own record of them, so a job that failed before writing anything is
     listed too; the overrides all jobs share are left out. Returns the rows and the metric they were sorted by.
@@ -69,8 +70,8 @@ def summarize(sweep_dir: Path, metric: str = record.OPTIMIZED) -> tuple[list[dic
                 "run_dir": str(job),
             }
         )
-    if not any(metric in metrics for metrics in scores.values()):
-        metric = record.TEST_ACC
+    if not any(metric in metrics for metrics in scores.values()) and any(record.TEST_ACC in m for m in scores.values()):
+        metric = record.TEST_ACC  # jobs without a validation split: sorted by what they were tested on
     swept = _swept_values(overrides.values(), common, varied)
     rows = [_with_keys(row, values) for row, values in zip(rows, swept, strict=True)]
     sign = 1 if metric.endswith("loss") else -1  # best first

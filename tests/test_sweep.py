@@ -152,8 +152,8 @@ def test_parallel_launchers_run_every_job(launcher: str, paths: list[str]) -> No
 
 def test_the_summary_names_how_each_job_ended_and_sorts_by_any_metric(tmp_path: Path) -> None:
     results = {
-        "0": {"status": "finished", "metrics": {"val/loss": 0.5, "val/acc": 0.8, "train/loss": 0.4}},
-        "1": {"status": "finished", "metrics": {"val/loss": 0.3, "val/acc": 0.9, "train/loss": 0.6}},
+        "0": {"status": "finished", "metrics": {"val/loss": 0.5, "val/acc": 0.8, "train/loss": 0.4, "test/acc": 0.7}},
+        "1": {"status": "finished", "metrics": {"val/loss": 0.3, "val/acc": 0.9, "train/loss": 0.6, "test/acc": 0.6}},
         "2": {"status": "running"},  # killed with the sweep
         "3": {"status": "interrupted"},
         "4": None,  # stopped before writing metrics.json
@@ -174,6 +174,10 @@ def test_the_summary_names_how_each_job_ended_and_sorts_by_any_metric(tmp_path: 
     # A metric no job has (a test.py sweep has only test metrics): the rows are sorted by test/acc instead.
     rows, metric = summarize(tmp_path, "val/f1")
     assert metric == "test/acc" and [row["job"] for row in rows] == ["0", "1", "2", "3", "4"]
+    # No job has either (a search whose every trial failed): the sweep's own metric stays named.
+    for job in ("0", "1"):
+        record.write(tmp_path / job, {"status": "failed", "error": "diverged"})
+    assert summarize(tmp_path, "val/acc")[1] == "val/acc"
 
 
 def test_a_test_py_sweep_over_checkpoints_is_summarized_and_fails_for_a_missing_one(
