@@ -162,16 +162,27 @@ def resumed_run(cfg: DictConfig, requeued: bool = False) -> tuple[DictConfig, di
 def _furthest(paths: list[Path]) -> Path:
     """The checkpoint that trained furthest, by its own count of steps, not by its file's time: a copy of the run
     that did not keep the times, or a clock set back, would hand the resume an older state. At the same step,
-    last.ckpt, written after the epoch's validation. Each is read and checked first (a damaged one is named)."""
+    last.ckpt, written after the epoch's validation. One without a training state (Lightning's save_weights_only)
+    cannot be continued from: passed over for one that can, with a warning. Each is read and checked first (a
+    damaged or crafted one is refused, named)."""
     if len(paths) == 1:
         return paths[0]
-
-    def progress(path: Path) -> tuple[int, bool]:
+    progress, stateful = {}, []
+    for path in paths:
         checkpoint = checkpoints.load(path)
-        _check_state(checkpoint, f"ckpt_path={path}")
-        return checkpoint["global_step"], path.name == "last.ckpt"
-
-    return max(paths, key=progress)
+        step = checkpoint.get("global_step")
+        progress[path] = (step if is_whole(step) else -1, path.name == "last.ckpt")
+        try:
+            _check_state(checkpoint, f"ckpt_path={path}")
+            stateful.append(path)
+        except UserError:
+            continue
+    furthest = max(paths, key=progress.__getitem__)
+    if furthest in stateful or not stateful:
+        return furthest  # (without any state to continue from, training_state says why)
+    chosen = max(stateful, key=progress.__getitem__)
+    log.warning("%s holds no training state to continue from (weights only): continuing from %s", furthest, chosen)
+    return chosen
 
 
 def keep_edited_config(run_dir: Path) -> None:

@@ -50,7 +50,7 @@ def summarize(sweep_dir: Path, metric: str = record.OPTIMIZED) -> tuple[list[dic
     # The overrides every job shares (paths, fixed settings) would repeat on each row: a row shows what it varies,
     # and every key the sweep varies, even where the jobs that ran so far share its value (a stopped sweep).
     varied = _recorded_varied_keys(sweep_dir)
-    common = set.intersection(*map(set, overrides.values())) if len(jobs) > 1 else set()
+    common = set.intersection(*map(set, overrides.values())) if len(jobs) > 1 or (jobs and varied) else set()
     common = {o for o in common if split_override(o)[0] not in varied}
     rows, scores = [], {}
     for job in jobs:

@@ -8,7 +8,6 @@ import collections
 import contextlib
 import copy
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -420,16 +419,26 @@ def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_training(ca
 
 @pytest.mark.slow
 def test_weights_only_are_refused_before_training_and_the_run_stays_as_it_was(high_lr: Path, tmp_path: Path) -> None:
-    """step.ckpt, written with Lightning's save_weights_only=true, is the newest file: resume= would continue it."""
+    """step.ckpt, written with Lightning's save_weights_only=true, holds no training state: a resume continues from
+    last.ckpt, even where step.ckpt counts more steps, and is refused where step.ckpt is all there is."""
     resumed = unfinished(high_lr, tmp_path / "run")
     step = resumed / "checkpoints" / "step.ckpt"
-    assert "optimizer_states" not in checkpoints.load(step)  # Lightning's own weights-only file
-    os.utime(step)  # the newest: resume= takes it
-    record = (resumed / "metrics.json").read_text()
-    proc = run("train.py", f"resume={resumed}", check=False)
+    weights = checkpoints.load(step)
+    assert "optimizer_states" not in weights  # Lightning's own weights-only file
+    torch.save(weights | {"global_step": 99}, step)  # further than last.ckpt's 16 steps, by its count
+    proc = run("train.py", f"resume={resumed}")
+    assert f"{step} holds no training state to continue from (weights only): continuing from" in proc.stdout
+    assert read_metrics(resumed)["status"] == "finished" and read_metrics(resumed)["steps"] == 24
+
+    alone = unfinished(high_lr, tmp_path / "alone")
+    (alone / "checkpoints" / "last.ckpt").unlink()
+    (alone / "checkpoints" / "best-epoch00.ckpt").unlink(missing_ok=True)
+    record = (alone / "metrics.json").read_text()
+    proc = run("train.py", f"resume={alone}", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    step = alone / "checkpoints" / "step.ckpt"
     assert f"error: ckpt_path={step} holds weights only (saved with save_weights_only=true)" in proc.stderr
-    assert (resumed / "metrics.json").read_text() == record
+    assert (alone / "metrics.json").read_text() == record
 
 
 @pytest.mark.slow
