@@ -54,7 +54,9 @@ def model_and_data(cfg: DictConfig) -> tuple[Classifier, L.LightningDataModule]:
             f"the data has {len(datamodule.classes)} classes, but the network has "
             f"model.num_classes={model.net.num_classes} outputs: give them the same number (null: the data's)"
         )
-    build.check_forward(model.net, f"model._target_={cfg.model.get('_target_')}")
+    # On the GPU Lightning will train on: a network of one's own may need it.
+    on_gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    build.check_forward(model.net, f"model._target_={cfg.model.get('_target_')}", "cuda" if on_gpu else "cpu")
     return model, datamodule
 
 

@@ -8,6 +8,7 @@ would call whatever a `_target_` names, at any depth. The Classifier builds thro
 checks a checkpoint's settings with `check_model_settings` and `check_arguments` before anything in it is used.
 """
 
+import copy
 import inspect
 import logging
 import os
@@ -255,21 +256,20 @@ def check_model(net: torch.nn.Module, target: str, where: str) -> None:
         raise UserError(f"{where}._target_={target}: num_classes={classes!r} must be a whole number of at least 2")
 
 
-def check_forward(net: torch.nn.Module, where: str) -> None:
-    """One forward pass of two blank images of the network's input_shape, in eval mode and without gradients (no
-    state changes, no random number drawn): refuse a network whose forward() fails on them, or gives anything but
-    one row of num_classes scores per image, before training; else the first batch fails deep inside the loss, the
-    metrics or the TensorBoard graph."""
+def check_forward(net: torch.nn.Module, where: str, device: str = "cpu") -> None:
+    """One forward pass of two blank images of the network's input_shape, on a copy of it, in eval mode, without
+    gradients, on the device it will train on, its random numbers drawn from a fork of torch's generators (the
+    network itself, and the run's random streams, as they were): refuse a network whose forward() fails on them, or
+    gives anything but one row of num_classes scores per image, before training; else the first batch fails deep
+    inside the loss, the metrics or the TensorBoard graph."""
     shape = "×".join(map(str, net.input_shape))
-    training = net.training
-    net.eval()
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     try:
-        with torch.no_grad():
-            scores = net(torch.zeros(2, *net.input_shape))
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            probe = copy.deepcopy(net).to(device).eval()
+            scores = probe(torch.zeros(2, *net.input_shape, device=device))
     except Exception as err:
         raise UserError(f"{where}: forward() fails on images of its input_shape {shape}: {first_line(err)}") from None
-    finally:
-        net.train(training)
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (2, net.num_classes):
         given = f"a tensor of shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else kind(scores)
         raise UserError(

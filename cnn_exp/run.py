@@ -50,9 +50,10 @@ log = logging.getLogger(__name__)
 
 
 def setup() -> None:
-    """What Hydra needs before it composes a config of this project: the resolvers conf/ uses and the schemas its
-    options extend; and the garbage collector on, with what the imports made frozen. train.py and test.py call it on
-    import (a launcher's worker processes import them too)."""
+    """What Hydra needs before it composes a config of this project: whether a run directory the command line names
+    exists yet, the resolvers conf/ uses and the schemas its options extend; and the garbage collector on, with what
+    the imports made frozen. train.py and test.py call it on import (a launcher's worker processes import them too)."""
+    rundir.note_given_run_dir(sys.argv[1:])
     rundir.register_resolvers()
     precision.register_resolver()
     console.register_help_resolver()
@@ -116,7 +117,7 @@ def reports_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConf
 
 def _stopped_message(stop: Interrupted, output_dir: str) -> str:
     if stop.before_job:
-        return f"{stop.name}: the sweep stops here; the jobs it did not run are listed as not run in its summary"
+        return f"{stop.name}: the sweep stops before this job; its summary lists the jobs it ran, and those it did not"
     if not any((Path(output_dir) / "checkpoints").glob("*.ckpt")):
         if stop.requeued:
             return f"{stop.name}: stopped before anything was saved; SLURM requeued the job, it starts again"

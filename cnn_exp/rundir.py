@@ -139,8 +139,10 @@ def holds_a_run(run_dir: str | Path) -> bool:
 
 
 def holds_a_sweep(run_dir: str | Path) -> bool:
-    """Whether a sweep ran here: Hydra's record of it (multirun.yaml)."""
-    return os.path.lexists(Path(run_dir) / "multirun.yaml")
+    """Whether a sweep ran here: Hydra's record of it (multirun.yaml, which an Optuna search does not write), its
+    summary, or Optuna's results."""
+    names = ("multirun.yaml", "summary.csv", "optimization_results.yaml")
+    return any(os.path.lexists(Path(run_dir) / name) for name in names)
 
 
 def holds_a_run_record(run_dir: str | Path) -> bool:
@@ -211,13 +213,23 @@ def _run_dir(resume: str | None, new: str) -> str:
     return chosen
 
 
-# The run directories this process chose anew (none existed, or an empty one): a run refused before it starts may
-# leave none behind.
+# The run directories this process chose anew (none existed): a run refused before it starts may leave none behind.
 _made: set[Path] = set()
 
 
 # What Hydra and a run write in its directory before it starts; anything else there is kept.
 _BEFORE_START = {".hydra", LOCK, "config.yaml", "train.log", "test.log"}
+
+
+def note_given_run_dir(args: list[str]) -> None:
+    """Called before Hydra makes the run directory a command line names (`hydra.run.dir=DIR`, no interpolation):
+    one that does not exist yet is made for this run, and removed if the run is refused before it starts; one that
+    exists, even empty, is the user's (`discard_unstarted`)."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        value = value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
+        if key.lstrip("+") == "hydra.run.dir" and value and "${" not in value and not os.path.lexists(value):
+            _made.add(Path(value).resolve())
 
 
 def discard_unstarted(run_dir: str | Path, new: bool = False) -> None:
@@ -226,7 +238,7 @@ def discard_unstarted(run_dir: str | Path, new: bool = False) -> None:
     was to continue, keeps the record of the refused try (.hydra/resumed-<time>/): how each start went is kept.
     `new`: the directory is known to be new (a sweep's job: its sweep held no jobs when it started)."""
     key = Path(run_dir).resolve()
-    if not key.is_dir():
+    if not key.is_dir() or key == Path.cwd().resolve() or key in Path.cwd().resolve().parents:
         return
     made = key in _made or (new and holds_lock(key))
     if made and not record.path(key).exists() and {p.name for p in key.iterdir()} <= _BEFORE_START:
@@ -248,8 +260,7 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
     continue: nothing is written into it, and the task fails with one line), or "rank-N" (a DDP rank's, in rank
     zero's directory). The directory's lock is taken now (`claim`)."""
     if output_dir not in _entries:
-        # A given hydra.run.dir that Hydra has just made (it makes it before this is asked) is empty: the run's own.
-        if rank_zero_only.rank == 0 and (not os.path.lexists(output_dir) or _empty(output_dir)):
+        if rank_zero_only.rank == 0 and not os.path.lexists(output_dir):
             _made.add(Path(output_dir).resolve())
         if rank_zero_only.rank != 0:
             _entries[output_dir] = f"rank-{rank_zero_only.rank}"
@@ -266,13 +277,6 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
         if _entries[output_dir] in ("new", "resumed") and (problem := outside_link(output_dir)):
             _entries[output_dir], _links[os.path.realpath(output_dir)] = "refused", problem
     return _entries[output_dir]
-
-
-def _empty(folder: str) -> bool:
-    try:
-        return os.path.isdir(folder) and not os.path.islink(folder) and not any(os.scandir(folder))
-    except OSError:
-        return False
 
 
 def entry(output_dir: str | Path, task: str, resume: str | None = None) -> str:

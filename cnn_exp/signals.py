@@ -17,8 +17,10 @@ Lightning's handler does.
 """
 
 import logging
+import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,16 +68,41 @@ _held: int | None = None
 def hold_between_jobs() -> None:
     """In a sweep whose jobs run in this process: a SIGINT or SIGTERM outside a job's training no longer ends the
     process where it stands (Ctrl-C a traceback and no summary, SIGTERM at once): it is held for the next job.
-    Each job's `StopOnSignal.handling` replaces this while it runs, and puts it back."""
+    Each job's `StopOnSignal.handling` replaces this while it runs, and puts it back. A second signal stops the
+    process at once, as Python and the system would have."""
     for signum in (signal.SIGTERM, signal.SIGINT):
+        _before.setdefault(signum, signal.getsignal(signum))
         signal.signal(signum, _hold)
+
+
+def stop_holding() -> int | None:
+    """The sweep has ended: the handlers as they were before it, and the signal it held, if any (taken)."""
+    global _held
+    for signum, handler in _before.items():
+        signal.signal(signum, handler)
+    _before.clear()
+    held, _held = _held, None
+    return held
+
+
+# The handlers `hold_between_jobs` replaced.
+_before: dict[int, Any] = {}
 
 
 def _hold(signum: int, frame: FrameType | None) -> None:
     global _held
-    if _held is None:
-        log.warning("%s received: the sweep stops before its next job", signal.Signals(signum).name)
-    _held = _held or signum
+    if _held is not None:  # the second: at once
+        for held_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(held_signal, signal.SIG_DFL if held_signal == signal.SIGTERM else signal.default_int_handler)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        return
+    _held = signum
+    # On the console too: a sweep's job writes its lines to its own log.
+    print(
+        f"{signal.Signals(signum).name} received: the sweep stops before its next job (again: at once)", file=sys.stderr
+    )
 
 
 def held() -> int | None:
@@ -113,8 +140,8 @@ class StopOnSignal(L.Callback):
             late = self.received if self.received is not None else self._late
             if late is not None:  # after the last batch: there was nothing left to stop
                 log.warning("%s came after the last batch: the run has finished", signal.Signals(late).name)
-                if any(handler is _hold for handler in previous.values()):  # a job of a sweep: the sweep stops
-                    _hold(late, None)
+                if any(handler is _hold for handler in previous.values()) and _held is None:  # a sweep's job
+                    _hold(late, None)  # the sweep stops before its next job
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -311,7 +311,7 @@ class SweepSummary(Callback):
             write(sweep_dir, *summarize(sweep_dir, config.get("optimized_metric") or record.OPTIMIZED))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if (signum := signals.held()) is not None:
+        if (signum := signals.stop_holding()) is not None:
             log.warning("%s came after the last job: the sweep has finished", signal.Signals(signum).name)
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():

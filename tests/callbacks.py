@@ -88,15 +88,16 @@ class SignalAfterTest(L.Callback):
 
 
 class SignalAfterFirstJob(Callback):
-    """Hydra callback (`+hydra.callbacks.<name>._target_=...`): sends its own process a real signal as a sweep's
-    first job ends, between it and the next."""
+    """Hydra callback (`+hydra.callbacks.<name>._target_=...`): sends its own process a real signal `times` times as
+    a sweep's first job ends, between it and the next."""
 
-    def __init__(self, signal: str = "SIGTERM") -> None:
-        self.signal = signal
+    def __init__(self, signal: str = "SIGTERM", times: int = 1) -> None:
+        self.signal, self.times = signal, times
 
     def on_job_end(self, config: DictConfig, job_return: object, **kwargs: object) -> None:
         if config.hydra.job.num == 0:
-            os.kill(os.getpid(), getattr(signal, self.signal))
+            for _ in range(self.times):
+                os.kill(os.getpid(), getattr(signal, self.signal))
 
 
 class BlowUpWeights(L.Callback):

@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cnn_exp import rundir
+from cnn_exp.errors import UserError
 from tests.conftest import MIRROR, NO_FIGURES, QUICK, ROOT, TRAINED, assert_no_result, read_metrics, run, run_here
 
 METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
@@ -187,6 +190,22 @@ def test_a_refused_command_leaves_no_directory_where_hydra_run_dir_named_a_new_o
     (kept / "notes").mkdir(parents=True)  # a folder of the user's own, not empty: nothing of it is removed
     proc = run("train.py", *paths, *QUICK, "optimizer.lr=0", f"hydra.run.dir={kept}", check=False)
     assert proc.returncode == 1 and (kept / "notes").is_dir()
+    (tmp_path / "empty").mkdir()  # the user's too, though empty
+    proc = run("train.py", *paths, *QUICK, "optimizer.lr=0", f"hydra.run.dir={tmp_path / 'empty'}", check=False)
+    assert proc.returncode == 1 and (tmp_path / "empty").is_dir()
+
+
+def test_a_directory_that_holds_a_sweep_takes_no_run(tmp_path: Path) -> None:
+    """Hydra's basic sweeper records a sweep in multirun.yaml, an Optuna search does not: its summary and results
+    say a sweep lives there too."""
+    for name in ("multirun.yaml", "summary.csv", "optimization_results.yaml"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x").touch()
+        assert rundir.holds_a_sweep(tmp_path) and rundir.holds_a_run(tmp_path)
+        with pytest.raises(UserError, match=r"already holds a sweep: choose another hydra\.run\.dir"):
+            rundir.check_new(tmp_path, "train")
+        shutil.rmtree(tmp_path / name)
+    assert not rundir.holds_a_sweep(tmp_path)
 
 
 def test_test_py_refuses_a_missing_or_broken_checkpoint(tmp_path: Path) -> None:

@@ -300,6 +300,7 @@ def test_an_object_the_config_builds_that_refuses_its_settings_is_one_error_line
 def test_the_network_a_run_builds_is_checked_by_one_forward_pass(config, monkeypatch: pytest.MonkeyPatch) -> None:
     """model_and_data hands the built network to build.check_forward (tests/test_extend.py: what that refuses)."""
     checked = []
-    monkeypatch.setattr(build, "check_forward", lambda net, where: checked.append((net, where)))
+    monkeypatch.setattr(build, "check_forward", lambda net, where, device: checked.append((net, where, device)))
     model, _ = model_and_data(config("model=net3"))
-    assert checked == [(model.net, "model._target_=cnn_exp.net.ConvNet")]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert checked == [(model.net, "model._target_=cnn_exp.net.ConvNet", device)]

@@ -170,19 +170,21 @@ class Scores(torch.nn.Module):
         self.input_shape, self.num_classes, self.as_tuple = (1, 28, 28), 10, as_tuple
         self.conv, self.drop = torch.nn.Conv2d(in_channels, 2, 3), torch.nn.Dropout(0.5)
         self.fc = torch.nn.Linear(2 * 26 * 26, out)
+        self.register_buffer("calls", torch.zeros(()))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple:
-        scores = self.fc(self.drop(self.conv(images)).flatten(1))
+        self.calls += 1  # side effects of a forward pass of one's own: a count, and random numbers drawn
+        scores = self.fc(self.drop(self.conv(images)).flatten(1)) + 0 * torch.rand(1)
         return (scores, None) if self.as_tuple else scores
 
 
 def test_a_network_that_does_not_give_a_row_of_class_scores_per_image_is_refused_before_training() -> None:
-    """One forward pass of two blank images (eval mode, no gradients, no random number drawn) before the run
-    starts: else the first batch fails deep inside the loss, the metrics or the TensorBoard graph."""
+    """One forward pass of two blank images on a copy of the network, its random numbers from a fork of torch's,
+    before the run starts: else the first batch fails deep inside the loss, the metrics or the TensorBoard graph."""
     net = Scores()
     rng = torch.get_rng_state()
     build.check_forward(net, "model._target_=mine.Scores")
-    assert net.training and torch.equal(torch.get_rng_state(), rng)
+    assert net.training and net.calls == 0 and torch.equal(torch.get_rng_state(), rng)
     expected = r"model\._target_=mine\.Scores: forward\(\) must give one row of num_classes=10 class scores per image"
     with pytest.raises(UserError, match=expected + r" \(2 × 10 for 2 images\), but gives a tensor of shape \(2, 12\)"):
         build.check_forward(Scores(out=12), "model._target_=mine.Scores")

@@ -268,7 +268,13 @@ def test_a_signal_outside_a_jobs_training_stops_the_sweep_with_its_summary(
         ("-", "2", "not run: the sweep was stopped"),
     ]
     assert not (sweep / "1").exists()  # the job it stopped before leaves no directory
-    assert "SIGTERM: the sweep stops here" in proc.stderr
+    assert "SIGTERM: the sweep stops before this job" in proc.stderr
+
+    if when == "between two jobs":  # a second signal stops it at once, as the system would
+        proc = run(
+            "train.py", *command, "+hydra.callbacks.kill.times=2", f"hydra.sweep.dir={tmp_path / 'twice'}", check=False
+        )
+        assert proc.returncode == -15 and not (tmp_path / "twice" / "1").exists()
 
 
 @pytest.mark.slow
