@@ -16,19 +16,17 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_exp import build
 from cnn_exp.classifier import Classifier
-from cnn_exp.errors import UserError, first_line, is_number, is_whole, plain
+from cnn_exp.errors import UserError, is_number, is_whole, plain
 from cnn_exp.signals import StopOnSignal, slurm_requeue_signal
 
 log = logging.getLogger(__name__)
@@ -41,7 +39,7 @@ def model_and_data(cfg: DictConfig) -> tuple[Classifier, L.LightningDataModule]:
     build.trusted_class("data", target, "data._target_")  # conf/ and the user's config directory name DataModules
     # A DataModule of one's own refusing its settings: its own words, one line.
     where = f"data._target_={target} cannot be built from data's settings"
-    datamodule: L.LightningDataModule = instantiated(cfg.data, where, _convert_="all")
+    datamodule: L.LightningDataModule = build.instantiated(cfg.data, where, _convert_="all")
     build.check_datamodule(datamodule, f"data._target_={target}")
     model = Classifier(
         net=build.with_data_shape(plain(cfg.model), datamodule),
@@ -66,7 +64,7 @@ def trainer(cfg: DictConfig, stopper: StopOnSignal) -> L.Trainer:
     loggers = instantiate_each(cfg.get("logger"), "logger")
     stopper.save = cfg.trainer.get("enable_checkpointing") is not False
     profiled = bool(cfg.trainer.get("profiler"))
-    built = instantiated(
+    built = build.instantiated(
         cfg.trainer,
         "trainer",
         callbacks=[*callbacks(cfg, loggers), stopper],
@@ -291,24 +289,7 @@ def instantiate_each(group: DictConfig | None, name: str) -> list[Any]:
                 f"{name}.{key} sets {', '.join(map(str, node))} but names no _target_: the {name} config chosen "
                 f"does not define {key}. Drop it with ~{name}.{key}, or choose a {name} config that has it."
             )
-    return [instantiated(node, f"{name}.{key}") for key, node in (group or {}).items() if node]
-
-
-def instantiated(node: Any, where: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, where an object that cannot be imported or refuses its settings (a value Lightning's
-    Trainer does not take, a logger whose package is not installed, a class name mistyped) is one UserError naming
-    `where`, in the error's own words; Hydra would print its own lines and the run directory would be left behind."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, UserError):
-            raise cause from None
-        if not isinstance(
-            cause, ImportError | ValueError | TypeError | MisconfigurationException | InstantiationException
-        ):
-            raise  # an error inside a class of one's own: its traceback is what finds it
-        raise UserError(f"{where}: {first_line(cause)}") from None
+    return [build.instantiated(node, f"{name}.{key}") for key, node in (group or {}).items() if node]
 
 
 # Lightning's switches for its own defaults turn ours off too (Lightning would refuse the pair with a traceback).

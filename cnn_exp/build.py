@@ -22,8 +22,10 @@ import lightning as L
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from cnn_exp import sweep
 from cnn_exp.data import MNISTDataModule
@@ -146,6 +148,23 @@ def class_at(target: str) -> Any:
         return get_class(target)
     finally:
         hydra_log.setLevel(level)
+
+
+def instantiated(node: Any, where: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, where an object that cannot be imported or refuses its settings (a value Lightning's
+    Trainer does not take, a logger whose package is not installed, a class name mistyped) is one UserError naming
+    `where`, in the error's own words; Hydra would print its own lines and the run directory would be left behind."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, UserError):
+            raise cause from None
+        if not isinstance(
+            cause, ImportError | ValueError | TypeError | MisconfigurationException | InstantiationException
+        ):
+            raise  # an error inside a class of one's own: its traceback is what finds it
+        raise UserError(f"{where}: {first_line(cause)}") from None
 
 
 def dotted(cls: type) -> str:

@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from PIL import Image
@@ -226,8 +225,8 @@ def run(cfg: DictConfig) -> None:
         log.warning("skipped %s", reason)
 
     # One device and process: predicting a few images needs no more, and the files keep their order.
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=[], devices=1, num_nodes=1, strategy="auto",
+    trainer: L.Trainer = build.instantiated(
+        cfg.trainer, "trainer", logger=False, callbacks=[], devices=1, num_nodes=1, strategy="auto",
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
     seen = torch.stack(framed)

@@ -19,7 +19,6 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -275,7 +274,7 @@ def test(cfg: DictConfig) -> float:
     # In the precision the checkpoint trained in unless one is given: then its test gives the run's own test metrics.
     chosen = cfg.trainer.get("precision") or model.trained_precision or precision.FP32
     callbacks = assemble.callbacks(cfg, loggers=[])
-    trainer: L.Trainer = instantiate(cfg.trainer, precision=chosen, logger=False, callbacks=callbacks)
+    trainer: L.Trainer = build.instantiated(cfg.trainer, "trainer", precision=chosen, logger=False, callbacks=callbacks)
     with open_dict(cfg):
         cfg.trainer.precision = str(trainer.precision)  # as it runs here: Lightning may replace one (16-mixed on a CPU)
     trainer.test(model, datamodule=datamodule, verbose=False)

@@ -124,8 +124,8 @@ def check_claimed(run_dir: str | Path) -> None:
         if problem := lock_problem(run_dir):
             raise UserError(problem)
         raise UserError(
-            f"{run_dir} is in use by another process (a run, or a resume= of it, still going): wait for it to end, "
-            "or choose another directory"
+            f"{run_dir} is in use by another process (a run, a sweep, or a resume= of a run, still going): wait for it "
+            "to end, or choose another directory"
         )
 
 
@@ -209,12 +209,21 @@ def _run_dir(resume: str | None, new: str) -> str:
     job = slurm_job()
     chosen = str(Path(new).parent / f"slurm-{job}") if job else new
     if not Path(chosen).exists():
-        _made.add(Path(chosen).resolve())
+        _mark_made(chosen)
     return chosen
 
 
 # The run directories this process chose anew (none existed): a run refused before it starts may leave none behind.
-_made: set[Path] = set()
+# Each with the topmost of its folders that did not exist either (Hydra makes them all).
+_made: dict[Path, Path] = {}
+
+
+def _mark_made(run_dir: str | Path) -> None:
+    key = Path(run_dir).resolve()
+    top = key
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    _made.setdefault(key, top)
 
 
 # What Hydra and a run write in its directory before it starts; anything else there is kept.
@@ -229,7 +238,7 @@ def note_given_run_dir(args: list[str]) -> None:
         key, _, value = arg.partition("=")
         value = value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
         if key.lstrip("+") == "hydra.run.dir" and value and "${" not in value and not os.path.lexists(value):
-            _made.add(Path(value).resolve())
+            _mark_made(value)
 
 
 def discard_unstarted(run_dir: str | Path, new: bool = False) -> None:
@@ -244,7 +253,14 @@ def discard_unstarted(run_dir: str | Path, new: bool = False) -> None:
     if made and not record.path(key).exists() and {p.name for p in key.iterdir()} <= _BEFORE_START:
         release(key)
         shutil.rmtree(key, ignore_errors=True)
-        _made.discard(key)
+        top = _made.pop(key, key)
+        for parent in key.parents:  # the folders made for it on the way, while they are empty
+            if parent != top and top not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty: something else lives there now
+                break
 
 
 # Per run directory, once a process: how this process enters it (see `_entry`); and by where it is, links resolved,
@@ -261,7 +277,7 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
     zero's directory). The directory's lock is taken now (`claim`)."""
     if output_dir not in _entries:
         if rank_zero_only.rank == 0 and not os.path.lexists(output_dir):
-            _made.add(Path(output_dir).resolve())
+            _mark_made(output_dir)
         if rank_zero_only.rank != 0:
             _entries[output_dir] = f"rank-{rank_zero_only.rank}"
         elif not claim(output_dir):

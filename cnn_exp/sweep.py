@@ -104,11 +104,16 @@ def _swept_values(jobs: Any, common: set[str], varied: list[str]) -> list[dict[s
 
 
 def _recorded_varied_keys(sweep_dir: Path) -> list[str]:
-    """The keys the sweep varies, from Hydra's record of it (multirun.yaml); [] where there is none to read."""
+    """The keys the sweep varies, from Hydra's record of it (multirun.yaml), or in the sweep's own process from what
+    it found as it started (an Optuna search writes no multirun.yaml); [] where neither says."""
     try:
         return varied_keys(OmegaConf.load(sweep_dir / "multirun.yaml"))
-    except Exception:  # no record (a summary of job folders alone), or one that is not Hydra's
-        return []
+    except Exception:  # no record (a summary of job folders alone, an Optuna search), or one that is not Hydra's
+        return _running.get(sweep_dir.resolve(), [])
+
+
+# The sweep this process runs: its directory and the keys it varies (SweepSummary.on_multirun_start).
+_running: dict[Path, list[str]] = {}
 
 
 @functools.cache  # a summary is rewritten after every job, from every job's overrides: each is parsed once
@@ -300,6 +305,8 @@ class SweepSummary(Callback):
                 )
         # Run names and TensorBoard's HParams need to know which keys vary (read back by running_sweep_keys).
         os.environ[SWEPT_KEYS] = ",".join(varied_keys(config))
+        if str(sweep_dir) not in ("", "."):
+            _running[sweep_dir.resolve()] = varied_keys(config)
         # Jobs run in this process: a signal between them stops the sweep at the next one, with its summary. (Other
         # launchers run them in processes of their own, which stop as a single run does: docs/sweeps.md.)
         if str(OmegaConf.select(config, "hydra.launcher._target_") or "").endswith(".BasicLauncher"):
@@ -400,6 +407,6 @@ def _planned(sweep_dir: Path) -> list[list[str]]:
         # As the basic sweeper combines them: its params (a config's sweep) first, then the command line's.
         params = [f"{key}={value}" for key, value in (hydra.sweeper.get("params") or {}).items()]
         overrides = OverridesParser.create().parse_overrides([*params, *hydra.overrides.task])
-    except Exception:  # no record of the sweep, or one Hydra cannot read: list only the jobs that ran
-        return []
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except Exception:  # no record of the sweep, one Hydra cannot read, or one it expands only with its config loader
+        return []  # (glob(...) of a config group's options): list only the jobs that ran

@@ -184,8 +184,11 @@ def test_a_refused_command_leaves_no_directory_where_hydra_run_dir_named_a_new_o
     """Refused before it starts, a run leaves nothing in the directory Hydra made for it: the same command, mended,
     then runs there (it would be refused as a run that never got as far as its metrics.json)."""
     for refused in ("optimizer.lr=0", "trainer.precision=17"):
-        proc = run("train.py", *paths, *QUICK, refused, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+        proc = run("train.py", *paths, *QUICK, refused, f"hydra.run.dir={tmp_path / 'run' / 'deeper'}", check=False)
         assert proc.returncode == 1 and proc.stderr.startswith("error: ") and not (tmp_path / "run").exists()
+    # The default directory, outputs/train/runs/<time> below a paths.log_dir that did not exist: none of it left.
+    proc = run("train.py", *paths, *QUICK, "optimizer.lr=0", f"paths.log_dir={tmp_path / 'logs'}", check=False)
+    assert proc.returncode == 1 and not (tmp_path / "logs").exists()
     kept = tmp_path / "mine"
     (kept / "notes").mkdir(parents=True)  # a folder of the user's own, not empty: nothing of it is removed
     proc = run("train.py", *paths, *QUICK, "optimizer.lr=0", f"hydra.run.dir={kept}", check=False)
@@ -206,6 +209,12 @@ def test_a_directory_that_holds_a_sweep_takes_no_run(tmp_path: Path) -> None:
             rundir.check_new(tmp_path, "train")
         shutil.rmtree(tmp_path / name)
     assert not rundir.holds_a_sweep(tmp_path)
+
+
+def test_test_py_refuses_a_trainer_setting_lightning_refuses_in_one_line(trained: Path, tmp_path: Path) -> None:
+    last = trained / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit, match=r"^error: trainer: Precision 17 is invalid\. Allowed precision values"):
+        run_here("test.py", tmp_path / "run", f"ckpt_path={last}", "trainer.precision=17")
 
 
 def test_test_py_refuses_a_missing_or_broken_checkpoint(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_exp import assemble, build
+from cnn_exp import build
 from cnn_exp.assemble import BATCH_HOOKS, Unprofiled, model_and_data, skip_absent_batch_hooks
 from cnn_exp.assemble import callbacks as _callbacks
 from cnn_exp.assemble import instantiate_each as _instantiate_each
@@ -286,15 +286,15 @@ def test_an_object_the_config_builds_that_refuses_its_settings_is_one_error_line
     """The Trainer, a logger or a callback that cannot be imported or refuses a value: one UserError naming the
     config key, in the error's own words (Hydra would print its own lines); an error inside a class stays an error."""
     with pytest.raises(UserError, match=r"^trainer: Precision 17 is invalid\. Allowed precision values"):
-        assemble.instantiated(OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "precision": 17}), "trainer")
+        build.instantiated(OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "precision": 17}), "trainer")
     with pytest.raises(UserError, match=r"^logger\.mine: Error loading 'nowhere\.Logger': ModuleNotFoundError"):
-        assemble.instantiated(OmegaConf.create({"_target_": "nowhere.Logger"}), "logger.mine")
+        build.instantiated(OmegaConf.create({"_target_": "nowhere.Logger"}), "logger.mine")
     with pytest.raises(UserError, match=r"^callbacks\.stop: .*missing 1 required positional argument: 'monitor'"):
-        assemble.instantiated(
+        build.instantiated(
             OmegaConf.create({"_target_": "lightning.pytorch.callbacks.EarlyStopping"}), "callbacks.stop"
         )
     with pytest.raises(InstantiationException):  # a bug in a class: its traceback finds it
-        assemble.instantiated(OmegaConf.create({"_target_": "builtins.open", "file": "/nonexistent/x"}), "callbacks.x")
+        build.instantiated(OmegaConf.create({"_target_": "builtins.open", "file": "/nonexistent/x"}), "callbacks.x")
 
 
 def test_the_network_a_run_builds_is_checked_by_one_forward_pass(config, monkeypatch: pytest.MonkeyPatch) -> None:

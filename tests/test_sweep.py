@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnn_exp import record
-from cnn_exp.sweep import summarize
+from cnn_exp.sweep import summarize, write_stopped
 from tests.conftest import NO_FIGURES, QUICK, read_metrics, run, start
 
 COLUMNS = ["job", "overrides", "val/acc", "val/loss", "test/acc", "test/loss", "epochs", "wall_time_s", "status"]
@@ -96,6 +96,8 @@ def test_an_optuna_search_runs_its_trials_on_validation_and_reports_the_best(pat
     assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
     assert all(row["test/acc"] == "" for row in rows)  # trials are compared on validation only
     assert all("optimizer.lr=" in row["overrides"] for row in rows)  # each trial drew its own values
+    # A column for every key of the search space, though Optuna writes no multirun.yaml to read them from.
+    assert {"optimizer", "optimizer.lr", "model.padding", "data.batch_size"} <= set(rows[0])
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.best_value == max(float(row["val/acc"]) for row in rows) == float(rows[0]["val/acc"])
 
@@ -290,3 +292,15 @@ def test_jobs_below_the_sweep_directory_at_any_depth_are_summarized(paths: list[
     assert rows["lr0.1/0"]["status"] == "ok" and rows["lr1000000.0/1"]["status"].startswith("failed: training diverged")
     proc = run("train.py", *command, f"hydra.sweep.dir={sweep}", check=False)
     assert proc.returncode == 1 and "already holds a sweep's runs (jobs lr0.1/0, lr1000000.0/1)" in proc.stderr
+
+
+def test_a_stopped_sweep_of_a_groups_glob_lists_the_jobs_it_ran(tmp_path: Path) -> None:
+    """Hydra expands glob(...) of a config group's options only with its config loader: the summary of a stopped
+    sweep lists the jobs that ran, as for an Optuna search, rather than failing the job that stops it."""
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- model=net2\n")
+    record.write(tmp_path / "0", {"status": "interrupted", "signal": "SIGTERM"})
+    hydra = {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}}
+    OmegaConf.save({"hydra": hydra | {"overrides": {"task": ["model=glob(net*)"]}}}, tmp_path / "multirun.yaml")
+    write_stopped(tmp_path, "val/acc")
+    assert [(row["job"], row["status"]) for row in read_summary(tmp_path)] == [("0", "interrupted by SIGTERM")]
