@@ -178,6 +178,7 @@ def test_a_user_error_is_printed_alone_without_a_traceback(tmp_path: Path) -> No
     assert_no_result(tmp_path / "run", line)
 
 
+@pytest.mark.slow
 def test_a_refused_command_leaves_no_directory_where_hydra_run_dir_named_a_new_one(
     paths: list[str], tmp_path: Path
 ) -> None:
@@ -211,6 +212,7 @@ def test_a_directory_that_holds_a_sweep_takes_no_run(tmp_path: Path) -> None:
     assert not rundir.holds_a_sweep(tmp_path)
 
 
+@pytest.mark.slow
 def test_test_py_refuses_a_trainer_setting_lightning_refuses_in_one_line(trained: Path, tmp_path: Path) -> None:
     last = trained / "checkpoints" / "last.ckpt"
     with pytest.raises(SystemExit, match=r"^error: trainer: Precision 17 is invalid\. Allowed precision values"):
