@@ -103,9 +103,14 @@ def load_once(path: str | Path) -> dict[str, Any]:
     """`load`, and the checked checkpoint kept for the next `load` of the same unchanged file (Lightning's restore
     through SafeCheckpointIO), which then neither reads nor checks it again. One file is kept, and handed out once."""
     checkpoint = load(path)
+    keep(path, checkpoint)
+    return checkpoint
+
+
+def keep(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Keep `checkpoint`, just read from `path` by `load`, for the next `load` of the same unchanged file."""
     _checked.clear()
     _checked[_identity(Path(path))] = checkpoint
-    return checkpoint
 
 
 # The one checkpoint `load_once` keeps, by the identity of its file when it was read.

@@ -163,13 +163,13 @@ def _furthest(paths: list[Path]) -> Path:
     """The checkpoint that trained furthest, by its own count of steps, not by its file's time: a copy of the run
     that did not keep the times, or a clock set back, would hand the resume an older state. At the same step,
     last.ckpt, written after the epoch's validation. One without a training state (Lightning's save_weights_only)
-    cannot be continued from: passed over for one that can, with a warning. Each is read and checked first (a
+    cannot be continued from: passed over for one that can, with a warning. Each is read and checked once (a
     damaged or crafted one is refused, named)."""
     if len(paths) == 1:
         return paths[0]
-    progress, stateful = {}, []
+    progress, stateful, read = {}, [], {}
     for path in paths:
-        checkpoint = checkpoints.load(path)
+        checkpoint = read[path] = checkpoints.load(path)
         step = checkpoint.get("global_step")
         progress[path] = (step if is_whole(step) else -1, path.name == "last.ckpt")
         try:
@@ -178,10 +178,10 @@ def _furthest(paths: list[Path]) -> Path:
         except UserError:
             continue
     furthest = max(paths, key=progress.__getitem__)
-    if furthest in stateful or not stateful:
-        return furthest  # (without any state to continue from, training_state says why)
-    chosen = max(stateful, key=progress.__getitem__)
-    log.warning("%s holds no training state to continue from (weights only): continuing from %s", furthest, chosen)
+    chosen = furthest if furthest in stateful or not stateful else max(stateful, key=progress.__getitem__)
+    if chosen != furthest:  # (without any state to continue from, training_state says why)
+        log.warning("%s holds no training state to continue from (weights only): continuing from %s", furthest, chosen)
+    checkpoints.keep(chosen, read[chosen])  # for training_state, which then reads it no more
     return chosen
 
 

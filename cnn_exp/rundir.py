@@ -276,8 +276,6 @@ def _entry(output_dir: str, task: str, resume: str | None) -> str:
     continue: nothing is written into it, and the task fails with one line), or "rank-N" (a DDP rank's, in rank
     zero's directory). The directory's lock is taken now (`claim`)."""
     if output_dir not in _entries:
-        if rank_zero_only.rank == 0 and not os.path.lexists(output_dir):
-            _mark_made(output_dir)
         if rank_zero_only.rank != 0:
             _entries[output_dir] = f"rank-{rank_zero_only.rank}"
         elif not claim(output_dir):

@@ -304,9 +304,10 @@ class SweepSummary(Callback):
                     "replaces one)"
                 )
         # Run names and TensorBoard's HParams need to know which keys vary (read back by running_sweep_keys).
-        os.environ[SWEPT_KEYS] = ",".join(varied_keys(config))
+        keys = varied_keys(config)
+        os.environ[SWEPT_KEYS] = ",".join(keys)
         if str(sweep_dir) not in ("", "."):
-            _running[sweep_dir.resolve()] = varied_keys(config)
+            _running[sweep_dir.resolve()] = keys
         # Jobs run in this process: a signal between them stops the sweep at the next one, with its summary. (Other
         # launchers run them in processes of their own, which stop as a single run does: docs/sweeps.md.)
         if str(OmegaConf.select(config, "hydra.launcher._target_") or "").endswith(".BasicLauncher"):
